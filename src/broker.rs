@@ -1,0 +1,490 @@
+//! The use case: verify → decide → mint → audit → answer. Both transports (gRPC and
+//! HTTP) call exactly this; no decision logic lives in handlers.
+
+use crate::audit::AuditEntry;
+use crate::clock::SharedClock;
+use crate::config::{Config, TargetConfig, TargetKind};
+use crate::identity::{IdentityError, Verifier, WorkloadIdentity};
+use crate::keys::KeyRing;
+use crate::mint::{Credential, JwtMinter, MintContext, MintError, Minter};
+use crate::policy::{Denied, Policy, Request, TargetLimits};
+use crate::store::{Store, StoreError};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Request limits, checked before anything else.
+pub mod limits {
+    /// Longest target name.
+    pub const TARGET_LEN: usize = 128;
+    /// Most scopes in one request.
+    pub const SCOPES: usize = 64;
+    /// Longest scope.
+    pub const SCOPE_LEN: usize = 256;
+    /// Most context entries.
+    pub const CONTEXT_ENTRIES: usize = 32;
+    /// Longest context key.
+    pub const CONTEXT_KEY_LEN: usize = 64;
+    /// Longest context value.
+    pub const CONTEXT_VALUE_LEN: usize = 1024;
+    /// Total context size.
+    pub const CONTEXT_TOTAL: usize = 8 * 1024;
+    /// Longest TTL anyone may ask for (caps clamp it further).
+    pub const TTL_SECS: u64 = 366 * 24 * 3600;
+}
+
+/// A mint request in domain form.
+#[derive(Debug, Clone, Default)]
+pub struct MintRequest {
+    /// Target name.
+    pub target: String,
+    /// Scopes wanted; empty means all granted.
+    pub scopes: Vec<String>,
+    /// TTL wanted.
+    pub ttl: Option<Duration>,
+    /// Context recorded in the audit record.
+    pub context: BTreeMap<String, String>,
+}
+
+impl MintRequest {
+    /// Checks the request's shape. Fails with a message naming the field.
+    pub fn validate(&self) -> Result<(), BrokerError> {
+        let bad = |m: String| Err(BrokerError::InvalidRequest(m));
+        if self.target.is_empty() {
+            return bad("target is required".into());
+        }
+        if self.target.len() > limits::TARGET_LEN || self.target.chars().any(|c| c.is_control() || c.is_whitespace()) {
+            return bad("target is not a valid name".into());
+        }
+        if self.scopes.len() > limits::SCOPES {
+            return bad(format!("at most {} scopes", limits::SCOPES));
+        }
+        for s in &self.scopes {
+            if s.is_empty() || s.len() > limits::SCOPE_LEN || s.chars().any(|c| c.is_control() || c.is_whitespace()) {
+                return bad("scope is not valid (1-256 characters, no whitespace)".into());
+            }
+        }
+        if let Some(t) = self.ttl {
+            if t.is_zero() {
+                return bad("ttl must be positive".into());
+            }
+            if t.as_secs() > limits::TTL_SECS {
+                return bad("ttl is too large".into());
+            }
+        }
+        if self.context.len() > limits::CONTEXT_ENTRIES {
+            return bad(format!("at most {} context entries", limits::CONTEXT_ENTRIES));
+        }
+        let mut total = 0;
+        for (k, v) in &self.context {
+            if k.is_empty() || k.len() > limits::CONTEXT_KEY_LEN || v.len() > limits::CONTEXT_VALUE_LEN {
+                return bad(format!(
+                    "context keys are 1-{} bytes, values at most {} bytes",
+                    limits::CONTEXT_KEY_LEN,
+                    limits::CONTEXT_VALUE_LEN
+                ));
+            }
+            total += k.len() + v.len();
+        }
+        if total > limits::CONTEXT_TOTAL {
+            return bad(format!("context larger than {} bytes", limits::CONTEXT_TOTAL));
+        }
+        Ok(())
+    }
+}
+
+/// A lease on an issued credential.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lease {
+    /// Lease id (also the credential's `jti`).
+    pub id: String,
+    /// Target.
+    pub target: String,
+    /// Scopes granted.
+    pub scopes: Vec<String>,
+    /// Issue time (seconds).
+    pub issued_at: i64,
+    /// Expiry (seconds).
+    pub expires_at: i64,
+    /// Whether it can be renewed.
+    pub renewable: bool,
+}
+
+/// What Mint returns.
+#[derive(Debug)]
+pub struct Minted {
+    /// The credential.
+    pub credential: Credential,
+    /// Its lease.
+    pub lease: Lease,
+    /// Where its audit record landed.
+    pub audit_seq: i64,
+}
+
+/// What Explain returns.
+#[derive(Debug, Clone)]
+pub struct Explained {
+    /// Whether Mint would succeed.
+    pub allowed: bool,
+    /// Deciding rule.
+    pub rule: String,
+    /// Scopes Mint would grant.
+    pub scopes: Vec<String>,
+    /// TTL cap that applies.
+    pub max_ttl: Duration,
+    /// One line per rule considered.
+    pub trace: Vec<String>,
+    /// The caller's normalised identity.
+    pub identity: Vec<(&'static str, String)>,
+    /// Why not, when not allowed.
+    pub reason: String,
+}
+
+/// Why a request failed. Each variant maps to exactly one gRPC status (see
+/// `transport::status`).
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    /// The caller could not be identified.
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
+    /// Policy said no.
+    #[error(transparent)]
+    Denied(#[from] Denied),
+    /// The request is malformed.
+    #[error("invalid request: {0}")]
+    InvalidRequest(String),
+    /// No such target.
+    #[error("unknown target {0}")]
+    UnknownTarget(String),
+    /// Minting failed.
+    #[error(transparent)]
+    Mint(#[from] MintError),
+    /// The audit record could not be committed: nothing was issued.
+    #[error("audit store unavailable; no credential issued")]
+    Audit(#[source] StoreError),
+}
+
+impl BrokerError {
+    /// Short stable code for logs and audit.
+    pub fn code(&self) -> &'static str {
+        match self {
+            BrokerError::Identity(e) => e.code(),
+            BrokerError::Denied(Denied::DenyRule { .. }) => "deny_rule",
+            BrokerError::Denied(Denied::NoRuleMatched { .. }) => "no_rule",
+            BrokerError::Denied(Denied::ScopeNotGranted { .. }) => "scope_not_granted",
+            BrokerError::Denied(Denied::RoleNotGranted(_)) => "role_not_granted",
+            BrokerError::InvalidRequest(_) => "invalid_request",
+            BrokerError::UnknownTarget(_) => "unknown_target",
+            BrokerError::Mint(MintError::MissingClaim(_)) => "missing_claim",
+            BrokerError::Mint(MintError::Signing(_)) => "signing",
+            BrokerError::Mint(MintError::Upstream { .. }) => "upstream",
+            BrokerError::Audit(_) => "audit_unavailable",
+        }
+    }
+}
+
+struct Target {
+    cfg: TargetConfig,
+    minter: Arc<dyn Minter>,
+}
+
+/// The broker.
+pub struct Broker {
+    verifier: Verifier,
+    policy: Policy,
+    targets: HashMap<String, Target>,
+    store: Arc<dyn Store>,
+    keys: Arc<KeyRing>,
+    clock: SharedClock,
+    issuer_url: String,
+}
+
+impl std::fmt::Debug for Broker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Broker").field("targets", &self.targets.keys().collect::<Vec<_>>()).finish_non_exhaustive()
+    }
+}
+
+impl Broker {
+    /// Builds the broker from checked config, an open store and a loaded key ring.
+    pub fn new(cfg: &Config, store: Arc<dyn Store>, keys: Arc<KeyRing>, clock: SharedClock) -> Broker {
+        let targets = cfg
+            .targets
+            .iter()
+            .map(|t| {
+                let minter: Arc<dyn Minter> = match &t.kind {
+                    TargetKind::Jwt(j) => Arc::new(JwtMinter::new(&t.name, j.clone(), &cfg.server.issuer_url, keys.clone())),
+                };
+                (t.name.clone(), Target { cfg: t.clone(), minter })
+            })
+            .collect();
+        Broker {
+            verifier: Verifier::new(&cfg.issuers, clock.clone()),
+            policy: cfg.policy.clone(),
+            targets,
+            store,
+            keys,
+            clock,
+            issuer_url: cfg.server.issuer_url.clone(),
+        }
+    }
+
+    /// The identity verifier (for background refresh and readiness).
+    pub fn verifier(&self) -> &Verifier {
+        &self.verifier
+    }
+
+    /// The key ring (for the JWKS endpoint).
+    pub fn keys(&self) -> &Arc<KeyRing> {
+        &self.keys
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    /// The `iss` of minted tokens.
+    pub fn issuer_url(&self) -> &str {
+        &self.issuer_url
+    }
+
+    fn entry(&self, action: &str, request_id: &str, token: Option<&str>, target: &str, scopes: &[String]) -> AuditEntry {
+        AuditEntry {
+            time_ms: self.clock.now_ms(),
+            request_id: request_id.to_string(),
+            action: action.to_string(),
+            outcome: "denied".into(),
+            token_fingerprint: token.map(crate::jose::sha256_hex),
+            target: (!target.is_empty()).then(|| truncate(target, limits::TARGET_LEN)),
+            requested_scopes: scopes.iter().take(limits::SCOPES).map(|s| truncate(s, limits::SCOPE_LEN)).collect(),
+            claims: serde_json::Value::Null,
+            ..AuditEntry::default()
+        }
+    }
+
+    async fn identify(&self, token: Option<&str>, entry: &mut AuditEntry) -> Result<WorkloadIdentity, BrokerError> {
+        let token = token.ok_or(IdentityError::Missing)?;
+        let id = self.verifier.verify(token).await?;
+        entry.issuer = Some(id.issuer_name.clone());
+        entry.identity_key = Some(id.key.clone());
+        entry.subject = Some(id.subject.clone());
+        entry.repository = id.repository.clone();
+        entry.git_ref = id.git_ref.clone();
+        entry.environment = id.environment.clone();
+        entry.pipeline = id.pipeline.clone();
+        entry.claims = serde_json::Value::Object((*id.claims).clone());
+        Ok(id)
+    }
+
+    fn target(&self, name: &str) -> Result<&Target, BrokerError> {
+        self.targets.get(name).ok_or_else(|| BrokerError::UnknownTarget(name.to_string()))
+    }
+
+    /// Records a failure and returns it, or the audit failure if even that cannot be
+    /// recorded.
+    async fn fail<T>(&self, mut entry: AuditEntry, err: BrokerError, started: Instant) -> Result<T, BrokerError> {
+        entry.outcome = match err {
+            BrokerError::Mint(_) => "error".into(),
+            _ => "denied".into(),
+        };
+        entry.reason = Some(err.to_string());
+        log_decision(&entry, started, Some(err.code()));
+        match self.store.append(entry).await {
+            Ok(_) => Err(err),
+            Err(e) => Err(BrokerError::Audit(e)),
+        }
+    }
+
+    /// Verify → decide → mint → audit. The credential is returned only after its audit
+    /// record is committed; if the record cannot be committed, the caller gets
+    /// [`BrokerError::Audit`] and the credential is dropped.
+    pub async fn mint(&self, token: Option<&str>, req: MintRequest, request_id: &str) -> Result<Minted, BrokerError> {
+        let started = Instant::now();
+        let mut entry = self.entry("mint", request_id, token, &req.target, &req.scopes);
+        if let Err(e) = req.validate() {
+            return self.fail(entry, e, started).await;
+        }
+        entry.context = req.context.clone();
+        let identity = match self.identify(token, &mut entry).await {
+            Ok(i) => i,
+            Err(e) => return self.fail(entry, e, started).await,
+        };
+        let target = match self.target(&req.target) {
+            Ok(t) => t,
+            Err(e) => return self.fail(entry, e, started).await,
+        };
+        let limits = TargetLimits {
+            default_ttl: target.cfg.default_ttl,
+            max_ttl: target.cfg.max_ttl,
+        };
+        let decision = self.policy.decide(
+            &identity.issuer_name,
+            &identity.claims,
+            limits,
+            Request {
+                target: &req.target,
+                scopes: &req.scopes,
+                ttl: req.ttl,
+            },
+        );
+        let allowed = match decision {
+            Ok(a) => a,
+            Err(d) => return self.fail(entry, d.into(), started).await,
+        };
+        entry.rule = Some(allowed.rule.clone());
+        entry.granted_scopes = allowed.scopes.clone();
+        entry.ttl_secs = Some(allowed.ttl.as_secs() as i64);
+
+        let now = self.clock.now();
+        let lease_id = uuid::Uuid::new_v4().to_string();
+        let ctx = MintContext {
+            identity: &identity,
+            scopes: &allowed.scopes,
+            ttl: allowed.ttl,
+            now,
+            lease_id: &lease_id,
+        };
+        let credential = match target.minter.mint(&ctx).await {
+            Ok(c) => c,
+            Err(e) => return self.fail(entry, e.into(), started).await,
+        };
+        entry.outcome = "allowed".into();
+        entry.lease_id = Some(lease_id.clone());
+        entry.credential_jti = Some(credential.id.clone());
+        entry.credential_fingerprint = credential.fingerprint();
+        log_decision(&entry, started, None);
+        let appended = self.store.append(entry).await.map_err(BrokerError::Audit)?;
+        Ok(Minted {
+            lease: Lease {
+                id: lease_id,
+                target: req.target,
+                scopes: allowed.scopes,
+                issued_at: now,
+                expires_at: credential.expires_at,
+                renewable: target.minter.renewable(),
+            },
+            credential,
+            audit_seq: appended.seq,
+        })
+    }
+
+    /// What Mint would decide, with a trace; mints nothing. The explanation is audited.
+    pub async fn explain(&self, token: Option<&str>, target: &str, scopes: &[String], request_id: &str) -> Result<Explained, BrokerError> {
+        let started = Instant::now();
+        let mut entry = self.entry("explain", request_id, token, target, scopes);
+        let probe = MintRequest {
+            target: target.to_string(),
+            scopes: scopes.to_vec(),
+            ..MintRequest::default()
+        };
+        if let Err(e) = probe.validate() {
+            return self.fail(entry, e, started).await;
+        }
+        let identity = match self.identify(token, &mut entry).await {
+            Ok(i) => i,
+            Err(e) => return self.fail(entry, e, started).await,
+        };
+        let t = match self.target(target) {
+            Ok(t) => t,
+            Err(e) => return self.fail(entry, e, started).await,
+        };
+        let limits = TargetLimits {
+            default_ttl: t.cfg.default_ttl,
+            max_ttl: t.cfg.max_ttl,
+        };
+        let ex = self.policy.explain(&identity.issuer_name, &identity.claims, limits, Request { target, scopes, ttl: None });
+        let out = match &ex.decision {
+            Ok(a) => Explained {
+                allowed: true,
+                rule: a.rule.clone(),
+                scopes: a.scopes.clone(),
+                max_ttl: a.max_ttl,
+                trace: ex.trace.clone(),
+                identity: identity.fields(),
+                reason: String::new(),
+            },
+            Err(d) => Explained {
+                allowed: false,
+                rule: match d {
+                    Denied::DenyRule { rule } => rule.clone(),
+                    _ => String::new(),
+                },
+                scopes: Vec::new(),
+                max_ttl: Duration::ZERO,
+                trace: ex.trace.clone(),
+                identity: identity.fields(),
+                reason: d.to_string(),
+            },
+        };
+        entry.outcome = if out.allowed { "allowed" } else { "denied" }.into();
+        entry.rule = (!out.rule.is_empty()).then(|| out.rule.clone());
+        entry.granted_scopes = out.scopes.clone();
+        entry.reason = (!out.reason.is_empty()).then(|| out.reason.clone());
+        log_decision(&entry, started, None);
+        self.store.append(entry).await.map_err(BrokerError::Audit)?;
+        Ok(out)
+    }
+}
+
+fn truncate(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_string();
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s[..end].to_string()
+}
+
+fn log_decision(e: &AuditEntry, started: Instant, code: Option<&str>) {
+    tracing::info!(
+        request_id = %e.request_id,
+        action = %e.action,
+        issuer = e.issuer.as_deref().unwrap_or("-"),
+        identity_key = e.identity_key.as_deref().unwrap_or("-"),
+        target = e.target.as_deref().unwrap_or("-"),
+        outcome = %e.outcome,
+        code = code.unwrap_or("-"),
+        reason = e.reason.as_deref().unwrap_or("-"),
+        latency_us = started.elapsed().as_micros() as u64,
+        "decision"
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_validation_names_the_field() {
+        let ok = MintRequest {
+            target: "t".into(),
+            ..Default::default()
+        };
+        assert!(ok.validate().is_ok());
+        let cases = [
+            MintRequest::default(),
+            MintRequest { target: "a b".into(), ..ok.clone() },
+            MintRequest { target: "x".repeat(200), ..ok.clone() },
+            MintRequest { scopes: vec!["".into()], ..ok.clone() },
+            MintRequest { scopes: vec!["a b".into()], ..ok.clone() },
+            MintRequest { scopes: vec!["s".into(); 65], ..ok.clone() },
+            MintRequest { ttl: Some(Duration::ZERO), ..ok.clone() },
+            MintRequest { ttl: Some(Duration::from_secs(limits::TTL_SECS + 1)), ..ok.clone() },
+            MintRequest { context: (0..33).map(|i| (format!("k{i}"), "v".into())).collect(), ..ok.clone() },
+            MintRequest { context: [("k".to_string(), "v".repeat(2000))].into(), ..ok.clone() },
+            MintRequest { context: (0..20).map(|i| (format!("k{i}"), "v".repeat(1000))).collect(), ..ok.clone() },
+        ];
+        for c in cases {
+            assert!(matches!(c.validate(), Err(BrokerError::InvalidRequest(_))), "{c:?}");
+        }
+    }
+
+    #[test]
+    fn truncate_respects_char_boundaries() {
+        assert_eq!(truncate("héllo", 2), "h");
+        assert_eq!(truncate("abc", 5), "abc");
+    }
+}

@@ -1,0 +1,153 @@
+//! `latchkey dev`: a development broker in one command. Starts a built-in issuer that
+//! issues Bitbucket-shaped tokens, writes an example config, master key and SQLite store
+//! under a state directory, and prints a ready token and the exact `mint` command.
+
+use crate::config::Config;
+use crate::devissuer::{DevIssuer, DEV_REPOSITORY};
+use crate::jose::Alg;
+use crate::keys::MasterKey;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+/// Arguments.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// gRPC listener.
+    #[arg(long, default_value = "127.0.0.1:7443")]
+    pub grpc_addr: SocketAddr,
+    /// HTTP listener (discovery, JWKS).
+    #[arg(long, default_value = "127.0.0.1:7480")]
+    pub http_addr: SocketAddr,
+    /// The development issuer's listener.
+    #[arg(long, default_value = "127.0.0.1:7481")]
+    pub issuer_addr: SocketAddr,
+    /// Where the config, master key and database go.
+    #[arg(long, default_value = ".latchkey-dev")]
+    pub state_dir: PathBuf,
+}
+
+/// The example configuration `dev` writes.
+pub fn example_config(issuer_url: &str, audience: &str, grpc: SocketAddr, http: SocketAddr, state_dir: &Path) -> String {
+    format!(
+        r#"# Written by `latchkey dev`. A starting point for a real config: replace the issuer with
+# your Bitbucket workspace's, and the repository UUID with yours.
+[server]
+grpc_addr = "{grpc}"
+http_addr = "{http}"
+issuer_url = "http://{http}"
+
+[store]
+path = "{db}"
+master_key_file = "{key}"
+
+[[issuers]]
+name = "dev"
+preset = "bitbucket"
+issuer = "{issuer_url}"
+audiences = ["{audience}"]
+jwks_refresh = "1m"
+
+[[targets]]
+name = "orders-api"
+kind = "jwt"
+audience = "https://orders.example.com"
+algorithm = "ES256"
+default_ttl = "5m"
+max_ttl = "1h"
+subject = "bb:{{repositoryUuid}}"
+claims = {{ branch = "{{branchName}}" }}
+
+[[rules]]
+name = "orders-main-and-release"
+issuer = "dev"
+claims = {{ repositoryUuid = "{repo}", branchName = ["main", {{ glob = "release/*" }}] }}
+grants = [{{ target = "orders-api", scopes = ["orders:read", "orders:write"], max_ttl = "15m" }}]
+
+[[rules]]
+name = "no-experimental-branches"
+issuer = "dev"
+effect = "deny"
+claims = {{ branchName = {{ glob = "experimental/*" }} }}
+"#,
+        db = state_dir.join("latchkey.db").display(),
+        key = state_dir.join("master.key").display(),
+        repo = DEV_REPOSITORY,
+    )
+}
+
+/// Runs until SIGINT/SIGTERM.
+pub async fn run(args: Args) -> anyhow::Result<i32> {
+    std::fs::create_dir_all(&args.state_dir)?;
+    let key_file = args.state_dir.join("master.key");
+    if !key_file.exists() {
+        write_private(&key_file, MasterKey::generate().to_base64().expose())?;
+    }
+    let issuer = DevIssuer::spawn(args.issuer_addr, Alg::RS256).await?;
+    let cfg_path = args.state_dir.join("latchkey.toml");
+    std::fs::write(
+        &cfg_path,
+        example_config(issuer.issuer_url(), &issuer.audience(), args.grpc_addr, args.http_addr, &args.state_dir),
+    )?;
+    let cfg = match Config::load(&cfg_path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return Ok(super::EXIT_CONFIG);
+        }
+    };
+    let master = MasterKey::load(Some(&key_file))?;
+    let token = issuer.sign(&issuer.bitbucket_claims("main"));
+    let exe = std::env::current_exe().map(|p| p.display().to_string()).unwrap_or_else(|_| "latchkey".into());
+    println!(
+        r#"latchkey dev: broker on grpc://{grpc} and http://{http}, dev issuer on {iss}
+config:  {cfg}
+A Bitbucket-shaped identity token for branch main (valid 1h):
+
+export LATCHKEY_TOKEN={token}
+
+Try:
+  {exe} mint --server http://{grpc} --target orders-api
+  {exe} explain --server http://{grpc} --target orders-api
+Fresh tokens (JSON body overrides claims, e.g. a branch):
+  curl -s -X POST {iss}/token -H 'content-type: application/json' -d '{{"branchName":"release/1.0"}}'
+Minted tokens verify against http://{http}/.well-known/jwks.json
+"#,
+        grpc = args.grpc_addr,
+        http = args.http_addr,
+        iss = issuer.issuer_url(),
+        cfg = cfg_path.display(),
+    );
+    super::serve::serve_until_signal(&cfg, &master).await
+}
+
+fn write_private(path: &Path, contents: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(0o600);
+    }
+    let mut f = opts.open(path)?;
+    f.write_all(contents.as_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn example_config_passes_check_config() {
+        let text = example_config(
+            "http://127.0.0.1:7481",
+            "ari:cloud:bitbucket::workspace/x",
+            "127.0.0.1:7443".parse().unwrap(),
+            "127.0.0.1:7480".parse().unwrap(),
+            Path::new("/tmp/x"),
+        );
+        let cfg = Config::parse(&text, "dev.toml").unwrap();
+        assert_eq!(cfg.targets.len(), 1);
+        assert_eq!(cfg.policy.rules().len(), 2);
+    }
+}

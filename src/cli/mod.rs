@@ -1,0 +1,107 @@
+//! The `latchkey` command line: one file per subcommand.
+
+pub mod check_config;
+pub mod client;
+pub mod dev;
+pub mod explain;
+pub mod mint;
+pub mod policy_test;
+pub mod serve;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use std::path::PathBuf;
+
+/// Exit status for configuration errors (EX_USAGE).
+pub const EXIT_CONFIG: i32 = 64;
+
+/// Latchkey: short-lived credentials for CI jobs and workloads, from the identity token
+/// their platform already gives them.
+#[derive(Debug, Parser)]
+#[command(name = "latchkey", version, about)]
+pub struct Cli {
+    /// Log format on stderr.
+    #[arg(long, value_enum, global = true, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+    /// The subcommand.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the broker from a configuration file.
+    Serve(serve::Args),
+    /// Run a development broker with a built-in issuer and an example config.
+    Dev(dev::Args),
+    /// Get a credential from a broker.
+    Mint(mint::Args),
+    /// Ask a broker what Mint would decide for this token, without minting.
+    Explain(explain::Args),
+    /// Validate a configuration file without starting anything.
+    CheckConfig(check_config::Args),
+    /// Policy tools.
+    Policy {
+        /// What to do.
+        #[command(subcommand)]
+        command: PolicyCommand,
+    },
+    /// Print a new random master key (base64) for LATCHKEY_MASTER_KEY or a key file.
+    Keygen,
+}
+
+/// `latchkey policy …`
+#[derive(Debug, Subcommand)]
+pub enum PolicyCommand {
+    /// Decide offline for a claims file: prints the decision and the trace.
+    Test(policy_test::Args),
+}
+
+/// Where the caller's identity token comes from.
+#[derive(Debug, Clone, clap::Args)]
+pub struct TokenArgs {
+    /// Read the identity token from this file.
+    #[arg(long)]
+    pub token_file: Option<PathBuf>,
+    /// Read the identity token from this environment variable [default:
+    /// BITBUCKET_STEP_OIDC_TOKEN, then LATCHKEY_TOKEN].
+    #[arg(long)]
+    pub token_env: Option<String>,
+}
+
+impl TokenArgs {
+    /// The token. Fails with a message saying where it looked.
+    pub fn read(&self) -> Result<crate::secret::SecretString, String> {
+        if let Some(f) = &self.token_file {
+            let t = std::fs::read_to_string(f).map_err(|e| format!("cannot read token file {}: {}", f.display(), e.kind()))?;
+            return non_empty(t, &f.display().to_string());
+        }
+        let vars: Vec<String> = match &self.token_env {
+            Some(v) => vec![v.clone()],
+            None => vec!["BITBUCKET_STEP_OIDC_TOKEN".into(), "LATCHKEY_TOKEN".into()],
+        };
+        for v in &vars {
+            if let Ok(t) = std::env::var(v) {
+                return non_empty(t, v);
+            }
+        }
+        Err(format!("no identity token: set {} or pass --token-file", vars.join(" or ")))
+    }
+}
+
+fn non_empty(t: String, origin: &str) -> Result<crate::secret::SecretString, String> {
+    let t = crate::secret::Secret::new(t.trim().to_string());
+    if t.expose().is_empty() {
+        return Err(format!("identity token from {origin} is empty"));
+    }
+    Ok(t)
+}

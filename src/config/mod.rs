@@ -1,0 +1,594 @@
+//! Configuration: one TOML file, parsed into a raw serde mirror ([`raw`], unknown keys
+//! refused), then checked into [`Config`]. Every error names the file, the key and the
+//! reason. Secrets are never in the file itself: the master key comes from the
+//! environment or a key file named here.
+
+mod raw;
+
+use crate::identity::Preset;
+use crate::jose::Alg;
+use crate::mint::Template;
+use crate::policy::{ClaimPath, Effect, Grant, Matcher, Policy, Role, Rule};
+use raw::*;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// A configuration problem: where and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// The file (or `<inline>`).
+    pub file: String,
+    /// The key, as a TOML path (`rules[0].grants[1].target`), or `line N` for syntax errors.
+    pub key: String,
+    /// What is wrong.
+    pub reason: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}: {}", self.file, self.key, self.reason)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// The checked configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Where it was read from.
+    pub source: String,
+    /// Listeners and the broker's own issuer URL.
+    pub server: ServerConfig,
+    /// The embedded store.
+    pub store: StoreConfig,
+    /// Logging defaults (the CLI may override).
+    pub log: LogConfig,
+    /// Trusted identity token issuers.
+    pub issuers: Vec<IssuerConfig>,
+    /// Targets credentials are minted for.
+    pub targets: Vec<TargetConfig>,
+    /// The compiled policy.
+    pub policy: Policy,
+}
+
+/// Listener settings.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// gRPC listener.
+    pub grpc_addr: SocketAddr,
+    /// HTTP listener (discovery, JWKS).
+    pub http_addr: SocketAddr,
+    /// The `iss` of tokens Latchkey signs, without a trailing slash.
+    pub issuer_url: String,
+    /// TLS for the listeners.
+    pub tls: Option<TlsConfig>,
+}
+
+/// TLS files.
+#[derive(Debug, Clone)]
+pub struct TlsConfig {
+    /// PEM certificate chain.
+    pub cert_file: PathBuf,
+    /// PEM private key.
+    pub key_file: PathBuf,
+    /// PEM CA bundle; when set, clients must present a certificate it signed.
+    pub client_ca_file: Option<PathBuf>,
+}
+
+/// Store settings.
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    /// SQLite database file.
+    pub path: PathBuf,
+    /// File holding the base64 master key (else `LATCHKEY_MASTER_KEY`).
+    pub master_key_file: Option<PathBuf>,
+    /// How long a commit waits on a lock held elsewhere before failing closed.
+    pub busy_timeout: Duration,
+}
+
+/// Log settings.
+#[derive(Debug, Clone, Default)]
+pub struct LogConfig {
+    /// `text` or `json`.
+    pub json: bool,
+    /// An `EnvFilter` directive.
+    pub level: Option<String>,
+}
+
+/// One trusted issuer of workload identity tokens.
+#[derive(Debug, Clone)]
+pub struct IssuerConfig {
+    /// Name used by rules.
+    pub name: String,
+    /// Platform preset (claim normalisation).
+    pub preset: Preset,
+    /// Exact `iss` value.
+    pub issuer: String,
+    /// Accepted audiences (a token must carry one).
+    pub audiences: Vec<String>,
+    /// JWKS URL; when absent it comes from OIDC discovery.
+    pub jwks_url: Option<String>,
+    /// Clock leeway for `exp`, `nbf`, `iat`.
+    pub leeway: Duration,
+    /// Refuse tokens issued longer ago than this.
+    pub max_token_age: Option<Duration>,
+    /// Signature algorithms accepted from this issuer.
+    pub algorithms: Vec<Alg>,
+    /// Background JWKS refresh period.
+    pub jwks_refresh: Duration,
+    /// Minimum time between refreshes triggered by an unknown `kid`.
+    pub jwks_cooldown: Duration,
+    /// How long the last good key set keeps serving while the issuer is unreachable.
+    pub jwks_max_staleness: Duration,
+}
+
+/// One target.
+#[derive(Debug, Clone)]
+pub struct TargetConfig {
+    /// Name requested by callers.
+    pub name: String,
+    /// TTL when the request names none.
+    pub default_ttl: Duration,
+    /// Hard TTL cap.
+    pub max_ttl: Duration,
+    /// Kind-specific settings.
+    pub kind: TargetKind,
+}
+
+/// Kind-specific target settings.
+#[derive(Debug, Clone)]
+pub enum TargetKind {
+    /// A JWT signed by the broker's key ring.
+    Jwt(JwtTargetConfig),
+}
+
+impl TargetKind {
+    /// The kind's name as written in config.
+    pub fn name(&self) -> &'static str {
+        match self {
+            TargetKind::Jwt(_) => "jwt",
+        }
+    }
+}
+
+/// Settings of a `jwt` target.
+#[derive(Debug, Clone)]
+pub struct JwtTargetConfig {
+    /// `aud` of minted tokens.
+    pub audience: String,
+    /// Signing algorithm.
+    pub algorithm: Alg,
+    /// `sub` template; `None` means the caller's stable identity key.
+    pub subject: Option<Template>,
+    /// Extra claims, templated.
+    pub claims: Vec<(String, Template)>,
+}
+
+const RESERVED_CLAIMS: &[&str] = &["iss", "sub", "aud", "exp", "nbf", "iat", "jti", "scope", "act"];
+const MAX_TTL_CEILING: Duration = Duration::from_secs(24 * 3600);
+
+impl Config {
+    /// Reads and checks a file. Fails with the file, key and reason.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: file.clone(),
+            key: "(file)".into(),
+            reason: format!("cannot read: {e}"),
+        })?;
+        Config::parse(&text, &file)
+    }
+
+    /// Parses and checks TOML text; `file` names it in errors.
+    pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| syntax_error(text, file, &e))?;
+        Checker { file }.check(raw)
+    }
+
+    /// The target of that name.
+    pub fn target(&self, name: &str) -> Option<&TargetConfig> {
+        self.targets.iter().find(|t| t.name == name)
+    }
+}
+
+fn syntax_error(text: &str, file: &str, e: &toml::de::Error) -> ConfigError {
+    let key = match e.span() {
+        Some(span) => {
+            let line_no = text[..span.start.min(text.len())].matches('\n').count() + 1;
+            let line = text.lines().nth(line_no - 1).unwrap_or("").trim();
+            match line.split_once('=') {
+                Some((k, _)) if !line.starts_with('[') => format!("line {line_no}, key `{}`", k.trim()),
+                _ => format!("line {line_no}, `{line}`"),
+            }
+        }
+        None => "(document)".into(),
+    };
+    ConfigError {
+        file: file.into(),
+        key,
+        reason: e.message().trim().to_string(),
+    }
+}
+
+struct Checker<'a> {
+    file: &'a str,
+}
+
+impl Checker<'_> {
+    fn err(&self, key: impl Into<String>, reason: impl Into<String>) -> ConfigError {
+        ConfigError {
+            file: self.file.into(),
+            key: key.into(),
+            reason: reason.into(),
+        }
+    }
+
+    fn check(&self, raw: RawConfig) -> Result<Config, ConfigError> {
+        let server = self.server(raw.server)?;
+        let store = StoreConfig {
+            path: PathBuf::from(raw.store.path.unwrap_or_else(|| "latchkey.db".into())),
+            master_key_file: raw.store.master_key_file.map(PathBuf::from),
+            busy_timeout: raw.store.busy_timeout.map(|d| d.0).unwrap_or(Duration::from_secs(5)),
+        };
+        if store.busy_timeout > Duration::from_secs(60) {
+            return Err(self.err("store.busy_timeout", "must be at most 60s (requests wait this long before failing closed)"));
+        }
+        if store.path.as_os_str().is_empty() {
+            return Err(self.err("store.path", "must not be empty"));
+        }
+        let log = LogConfig {
+            json: match raw.log.format.as_deref() {
+                None | Some("text") => false,
+                Some("json") => true,
+                Some(other) => return Err(self.err("log.format", format!("unknown format {other:?}; use \"text\" or \"json\""))),
+            },
+            level: raw.log.level,
+        };
+        let mut issuers = Vec::new();
+        for (i, ri) in raw.issuers.into_iter().enumerate() {
+            let key = format!("issuers[{i}]");
+            let issuer = self.issuer(&key, ri)?;
+            if issuers.iter().any(|x: &IssuerConfig| x.name == issuer.name) {
+                return Err(self.err(format!("{key}.name"), format!("duplicate issuer name {:?}", issuer.name)));
+            }
+            if issuers.iter().any(|x: &IssuerConfig| x.issuer == issuer.issuer) {
+                return Err(self.err(format!("{key}.issuer"), "another issuer entry has the same issuer URL"));
+            }
+            issuers.push(issuer);
+        }
+        let mut targets: Vec<TargetConfig> = Vec::new();
+        for (i, rt) in raw.targets.into_iter().enumerate() {
+            let key = format!("targets[{i}]");
+            let t = self.target(&key, rt)?;
+            if targets.iter().any(|x| x.name == t.name) {
+                return Err(self.err(format!("{key}.name"), format!("duplicate target name {:?}", t.name)));
+            }
+            targets.push(t);
+        }
+        let mut rules: Vec<Rule> = Vec::new();
+        for (i, rr) in raw.rules.into_iter().enumerate() {
+            let key = format!("rules[{i}]");
+            let r = self.rule(&key, rr, &issuers, &targets)?;
+            if rules.iter().any(|x| x.name == r.name) {
+                return Err(self.err(format!("{key}.name"), format!("duplicate rule name {:?}", r.name)));
+            }
+            rules.push(r);
+        }
+        Ok(Config {
+            source: self.file.into(),
+            server,
+            store,
+            log,
+            issuers,
+            targets,
+            policy: Policy::new(rules),
+        })
+    }
+
+    fn server(&self, s: RawServer) -> Result<ServerConfig, ConfigError> {
+        let grpc_addr: SocketAddr = s
+            .grpc_addr
+            .parse()
+            .map_err(|_| self.err("server.grpc_addr", format!("{:?} is not an address like 127.0.0.1:7443", s.grpc_addr)))?;
+        let http_addr: SocketAddr = s
+            .http_addr
+            .parse()
+            .map_err(|_| self.err("server.http_addr", format!("{:?} is not an address like 127.0.0.1:7480", s.http_addr)))?;
+        if grpc_addr == http_addr && grpc_addr.port() != 0 {
+            return Err(self.err("server.http_addr", "must differ from server.grpc_addr"));
+        }
+        let issuer_url = self.url("server.issuer_url", &s.issuer_url, true)?;
+        let tls = s.tls.map(|t| TlsConfig {
+            cert_file: t.cert_file.into(),
+            key_file: t.key_file.into(),
+            client_ca_file: t.client_ca_file.map(PathBuf::from),
+        });
+        if let Some(t) = &tls {
+            for (k, p) in [("server.tls.cert_file", Some(&t.cert_file)), ("server.tls.key_file", Some(&t.key_file)), ("server.tls.client_ca_file", t.client_ca_file.as_ref())] {
+                if let Some(p) = p {
+                    if !p.is_file() {
+                        return Err(self.err(k, format!("{} is not a readable file", p.display())));
+                    }
+                }
+            }
+        }
+        if tls.is_none() && !s.allow_plaintext {
+            for (k, a) in [("server.grpc_addr", grpc_addr), ("server.http_addr", http_addr)] {
+                if !a.ip().is_loopback() {
+                    return Err(self.err(k, format!("{a} is not loopback and [server.tls] is not configured; configure TLS or set server.allow_plaintext = true behind a TLS-terminating proxy")));
+                }
+            }
+        }
+        Ok(ServerConfig {
+            grpc_addr,
+            http_addr,
+            issuer_url,
+            tls,
+        })
+    }
+
+    /// An absolute http(s) URL; plain http only to a loopback host.
+    fn url(&self, key: &str, s: &str, allow_path: bool) -> Result<String, ConfigError> {
+        let u = reqwest::Url::parse(s).map_err(|e| self.err(key, format!("{s:?} is not a URL ({e})")))?;
+        let loopback = matches!(u.host_str(), Some("localhost") | Some("127.0.0.1") | Some("[::1]"))
+            || u.host_str().map(|h| h.starts_with("127.")).unwrap_or(false);
+        match u.scheme() {
+            "https" => {}
+            "http" if loopback => {}
+            "http" => return Err(self.err(key, format!("{s:?} must use https (plain http is allowed only for loopback hosts)"))),
+            other => return Err(self.err(key, format!("scheme {other:?} is not http(s)"))),
+        }
+        if u.query().is_some() || u.fragment().is_some() || !u.username().is_empty() || u.password().is_some() {
+            return Err(self.err(key, "must not carry credentials, a query or a fragment"));
+        }
+        if !allow_path && u.path() != "/" {
+            return Err(self.err(key, "must not have a path"));
+        }
+        Ok(s.trim_end_matches('/').to_string())
+    }
+
+    fn issuer(&self, key: &str, r: RawIssuer) -> Result<IssuerConfig, ConfigError> {
+        self.name(&format!("{key}.name"), &r.name)?;
+        let preset = match r.preset.as_deref() {
+            None => Preset::Generic,
+            Some(p) => Preset::parse(p).ok_or_else(|| {
+                self.err(format!("{key}.preset"), format!("unknown preset {p:?}; use bitbucket, github, gitlab, kubernetes or generic"))
+            })?,
+        };
+        // The `iss` claim must equal this string exactly, so it is kept as written (but
+        // checked as a URL).
+        self.url(&format!("{key}.issuer"), &r.issuer, true)?;
+        if r.audiences.is_empty() {
+            return Err(self.err(format!("{key}.audiences"), "required: list the audiences this broker accepts (a token must carry one)"));
+        }
+        for (j, a) in r.audiences.iter().enumerate() {
+            if a.trim().is_empty() {
+                return Err(self.err(format!("{key}.audiences[{j}]"), "must not be empty"));
+            }
+            if preset == Preset::Kubernetes && a.contains("kubernetes.default.svc") {
+                return Err(self.err(format!("{key}.audiences[{j}]"), "the API server's own audience accepts every default service-account token; use a dedicated audience"));
+            }
+        }
+        let jwks_url = match r.jwks_url {
+            Some(u) => Some(self.url(&format!("{key}.jwks_url"), &u, true)?),
+            None => None,
+        };
+        let leeway = r.leeway.map(|d| d.0).unwrap_or(Duration::from_secs(30));
+        if leeway > Duration::from_secs(300) {
+            return Err(self.err(format!("{key}.leeway"), "must be at most 5m"));
+        }
+        let algorithms = match r.algorithms {
+            None => vec![Alg::RS256, Alg::RS384, Alg::RS512, Alg::PS256, Alg::ES256, Alg::ES384, Alg::EdDSA],
+            Some(list) => {
+                if list.is_empty() {
+                    return Err(self.err(format!("{key}.algorithms"), "must not be empty"));
+                }
+                let mut out = Vec::new();
+                for (j, a) in list.iter().enumerate() {
+                    out.push(Alg::parse(a).ok_or_else(|| {
+                        self.err(format!("{key}.algorithms[{j}]"), format!("{a:?} is not accepted (asymmetric algorithms only: RS256/384/512, PS256/384/512, ES256, ES384, EdDSA)"))
+                    })?);
+                }
+                out
+            }
+        };
+        let jwks_refresh = r.jwks_refresh.map(|d| d.0).unwrap_or(Duration::from_secs(300));
+        let jwks_cooldown = r.jwks_cooldown.map(|d| d.0).unwrap_or(Duration::from_secs(30));
+        let jwks_max_staleness = r.jwks_max_staleness.map(|d| d.0).unwrap_or(Duration::from_secs(24 * 3600));
+        if jwks_refresh < Duration::from_secs(1) {
+            return Err(self.err(format!("{key}.jwks_refresh"), "must be at least 1s"));
+        }
+        if jwks_max_staleness < jwks_refresh {
+            return Err(self.err(format!("{key}.jwks_max_staleness"), "must be at least jwks_refresh"));
+        }
+        Ok(IssuerConfig {
+            name: r.name,
+            preset,
+            issuer: r.issuer,
+            audiences: r.audiences,
+            jwks_url,
+            leeway,
+            max_token_age: r.max_token_age.map(|d| d.0),
+            algorithms,
+            jwks_refresh,
+            jwks_cooldown,
+            jwks_max_staleness,
+        })
+    }
+
+    fn name(&self, key: &str, name: &str) -> Result<(), ConfigError> {
+        let ok = !name.is_empty()
+            && name.len() <= 64
+            && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+        if ok {
+            Ok(())
+        } else {
+            Err(self.err(key, format!("{name:?} must be 1-64 characters of letters, digits, '-', '_' or '.'")))
+        }
+    }
+
+    fn target(&self, key: &str, r: RawTarget) -> Result<TargetConfig, ConfigError> {
+        self.name(&format!("{key}.name"), &r.name)?;
+        let max_ttl = r.max_ttl.map(|d| d.0).unwrap_or(Duration::from_secs(3600));
+        let default_ttl = r.default_ttl.map(|d| d.0).unwrap_or(max_ttl.min(Duration::from_secs(900)));
+        if max_ttl < Duration::from_secs(1) || max_ttl > MAX_TTL_CEILING {
+            return Err(self.err(format!("{key}.max_ttl"), "must be between 1s and 24h"));
+        }
+        if default_ttl < Duration::from_secs(1) || default_ttl > max_ttl {
+            return Err(self.err(format!("{key}.default_ttl"), "must be at least 1s and at most max_ttl"));
+        }
+        let kind = match r.kind.as_str() {
+            "jwt" => {
+                let audience = match r.audience {
+                    Some(a) if !a.trim().is_empty() => a,
+                    _ => return Err(self.err(format!("{key}.audience"), "required for kind \"jwt\"")),
+                };
+                let algorithm = match r.algorithm.as_deref() {
+                    None => Alg::ES256,
+                    Some(a @ ("ES256" | "EdDSA" | "RS256")) => Alg::parse(a).unwrap_or(Alg::ES256),
+                    Some(other) => return Err(self.err(format!("{key}.algorithm"), format!("{other:?} is not supported; use ES256, EdDSA or RS256"))),
+                };
+                let subject = match r.subject {
+                    Some(s) => Some(Template::parse(&s).map_err(|e| self.err(format!("{key}.subject"), e))?),
+                    None => None,
+                };
+                let mut claims = Vec::new();
+                for (name, tpl) in r.claims {
+                    if RESERVED_CLAIMS.contains(&name.as_str()) {
+                        return Err(self.err(format!("{key}.claims.{name}"), "is set by the broker and cannot be overridden"));
+                    }
+                    let t = Template::parse(&tpl).map_err(|e| self.err(format!("{key}.claims.{name}"), e))?;
+                    claims.push((name, t));
+                }
+                TargetKind::Jwt(JwtTargetConfig {
+                    audience,
+                    algorithm,
+                    subject,
+                    claims,
+                })
+            }
+            other => {
+                return Err(self.err(format!("{key}.kind"), format!("unknown kind {other:?}; supported: jwt")));
+            }
+        };
+        Ok(TargetConfig {
+            name: r.name,
+            default_ttl,
+            max_ttl,
+            kind,
+        })
+    }
+
+    fn rule(&self, key: &str, r: RawRule, issuers: &[IssuerConfig], targets: &[TargetConfig]) -> Result<Rule, ConfigError> {
+        self.name(&format!("{key}.name"), &r.name)?;
+        if !issuers.iter().any(|i| i.name == r.issuer) {
+            return Err(self.err(format!("{key}.issuer"), format!("no issuer named {:?}", r.issuer)));
+        }
+        let effect = match r.effect.as_deref() {
+            None | Some("allow") => Effect::Allow,
+            Some("deny") => Effect::Deny,
+            Some(other) => return Err(self.err(format!("{key}.effect"), format!("{other:?} is not \"allow\" or \"deny\""))),
+        };
+        let mut claims = Vec::new();
+        for (claim, v) in &r.claims {
+            let ck = format!("{key}.claims.{claim}");
+            let path = ClaimPath::parse(claim).map_err(|e| self.err(&ck, e.to_string()))?;
+            claims.push((path, self.matcher(&ck, v)?));
+        }
+        let mut grants = Vec::new();
+        for (j, g) in r.grants.into_iter().enumerate() {
+            let gk = format!("{key}.grants[{j}]");
+            let Some(t) = targets.iter().find(|t| t.name == g.target) else {
+                return Err(self.err(format!("{gk}.target"), format!("no target named {:?}", g.target)));
+            };
+            for (s, scope) in g.scopes.iter().enumerate() {
+                if scope.is_empty() || scope.len() > 256 || scope.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                    return Err(self.err(format!("{gk}.scopes[{s}]"), "a scope is 1-256 characters with no whitespace"));
+                }
+            }
+            if let Some(cap) = g.max_ttl {
+                if cap.0 > t.max_ttl {
+                    return Err(self.err(format!("{gk}.max_ttl"), format!("{} exceeds target {}'s max_ttl {}", humantime::format_duration(cap.0), t.name, humantime::format_duration(t.max_ttl))));
+                }
+                if cap.0 < Duration::from_secs(1) {
+                    return Err(self.err(format!("{gk}.max_ttl"), "must be at least 1s"));
+                }
+            }
+            grants.push(Grant {
+                target: g.target,
+                scopes: g.scopes,
+                max_ttl: g.max_ttl.map(|d| d.0),
+            });
+        }
+        for (j, t) in r.targets.iter().enumerate() {
+            if !targets.iter().any(|x| &x.name == t) {
+                return Err(self.err(format!("{key}.targets[{j}]"), format!("no target named {t:?}")));
+            }
+        }
+        let mut roles = Vec::new();
+        for (j, role) in r.roles.iter().enumerate() {
+            roles.push(Role::parse(role).ok_or_else(|| {
+                self.err(format!("{key}.roles[{j}]"), format!("unknown role {role:?}; use rotator, auditor, admin or introspect"))
+            })?);
+        }
+        match effect {
+            Effect::Allow => {
+                if !r.targets.is_empty() {
+                    return Err(self.err(format!("{key}.targets"), "only deny rules list targets; allow rules use grants"));
+                }
+                if grants.is_empty() && roles.is_empty() {
+                    return Err(self.err(format!("{key}.grants"), "an allow rule must grant at least one target or role"));
+                }
+            }
+            Effect::Deny => {
+                if !grants.is_empty() {
+                    return Err(self.err(format!("{key}.grants"), "deny rules do not grant; list refused targets in `targets` (empty refuses everything)"));
+                }
+                if !roles.is_empty() {
+                    return Err(self.err(format!("{key}.roles"), "deny rules do not grant roles"));
+                }
+            }
+        }
+        Ok(Rule {
+            name: r.name,
+            issuer: r.issuer,
+            effect,
+            claims,
+            grants,
+            deny_targets: r.targets,
+            roles,
+        })
+    }
+
+    fn matcher(&self, key: &str, v: &toml::Value) -> Result<Matcher, ConfigError> {
+        match v {
+            toml::Value::String(s) => Ok(Matcher::Exact(s.clone())),
+            toml::Value::Array(items) => {
+                let mut out = Vec::new();
+                for (i, item) in items.iter().enumerate() {
+                    out.push(self.matcher(&format!("{key}[{i}]"), item)?);
+                }
+                Matcher::any_of(out).map_err(|e| self.err(key, e.to_string()))
+            }
+            toml::Value::Table(t) if t.len() == 1 => {
+                let (op, arg) = t.iter().next().expect("len checked");
+                let text = |a: &toml::Value| {
+                    a.as_str().map(str::to_string).ok_or_else(|| self.err(format!("{key}.{op}"), "must be a string"))
+                };
+                match op.as_str() {
+                    "glob" => Matcher::glob(&text(arg)?).map_err(|e| self.err(format!("{key}.glob"), e.to_string())),
+                    "regex" => Matcher::regex(&text(arg)?).map_err(|e| self.err(format!("{key}.regex"), e.to_string())),
+                    "not" => Ok(Matcher::Not(Box::new(self.matcher(&format!("{key}.not"), arg)?))),
+                    other => Err(self.err(format!("{key}.{other}"), "unknown matcher; use glob, regex or not")),
+                }
+            }
+            toml::Value::Table(_) => Err(self.err(key, "a matcher table has exactly one of glob, regex, not")),
+            other => Err(self.err(key, format!("a {} is not a matcher (claims are compared as strings: quote it)", other.type_str()))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

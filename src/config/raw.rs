@@ -1,0 +1,129 @@
+//! The raw serde mirror of the TOML file. Unknown keys are errors everywhere.
+
+use serde::{Deserialize, Deserializer};
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+/// A duration written like `"15m"`, `"1h30m"`, `"30s"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Dur(pub Duration);
+
+impl<'de> Deserialize<'de> for Dur {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        humantime::parse_duration(s.trim())
+            .map(Dur)
+            .map_err(|e| serde::de::Error::custom(format!("invalid duration {s:?} ({e}); write e.g. \"15m\"")))
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    pub server: RawServer,
+    #[serde(default)]
+    pub store: RawStore,
+    #[serde(default)]
+    pub log: RawLog,
+    #[serde(default)]
+    pub issuers: Vec<RawIssuer>,
+    #[serde(default)]
+    pub targets: Vec<RawTarget>,
+    #[serde(default)]
+    pub rules: Vec<RawRule>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawServer {
+    pub grpc_addr: String,
+    pub http_addr: String,
+    pub issuer_url: String,
+    pub tls: Option<RawTls>,
+    #[serde(default)]
+    pub allow_plaintext: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTls {
+    pub cert_file: String,
+    pub key_file: String,
+    pub client_ca_file: Option<String>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawStore {
+    pub path: Option<String>,
+    pub master_key_file: Option<String>,
+    pub busy_timeout: Option<Dur>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawLog {
+    pub format: Option<String>,
+    pub level: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawIssuer {
+    pub name: String,
+    #[serde(default)]
+    pub preset: Option<String>,
+    pub issuer: String,
+    #[serde(default)]
+    pub audiences: Vec<String>,
+    pub jwks_url: Option<String>,
+    pub leeway: Option<Dur>,
+    pub max_token_age: Option<Dur>,
+    pub algorithms: Option<Vec<String>>,
+    pub jwks_refresh: Option<Dur>,
+    pub jwks_cooldown: Option<Dur>,
+    pub jwks_max_staleness: Option<Dur>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTarget {
+    pub name: String,
+    pub kind: String,
+    pub default_ttl: Option<Dur>,
+    pub max_ttl: Option<Dur>,
+    // kind = "jwt"
+    pub audience: Option<String>,
+    pub algorithm: Option<String>,
+    pub subject: Option<String>,
+    #[serde(default)]
+    pub claims: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRule {
+    pub name: String,
+    pub issuer: String,
+    pub effect: Option<String>,
+    #[serde(default)]
+    pub claims: BTreeMap<String, toml::Value>,
+    #[serde(default)]
+    pub grants: Vec<RawGrant>,
+    #[serde(default)]
+    pub targets: Vec<String>,
+    #[serde(default)]
+    pub roles: Vec<String>,
+    /// Free text for humans; not used by the broker.
+    #[allow(dead_code)]
+    pub description: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawGrant {
+    pub target: String,
+    #[serde(default)]
+    pub scopes: Vec<String>,
+    pub max_ttl: Option<Dur>,
+}

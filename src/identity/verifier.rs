@@ -1,0 +1,206 @@
+//! The verifier: token in, [`WorkloadIdentity`] out, or a precise [`IdentityError`].
+
+use super::jwks::{IssuerKeys, KeyStatus};
+use super::jwt::{self, sanitize};
+use super::{IdentityError, WorkloadIdentity};
+use crate::clock::SharedClock;
+use crate::config::IssuerConfig;
+use crate::jose::{sha256_hex, Alg};
+use serde_json::{Map, Value};
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+struct Issuer {
+    cfg: Arc<IssuerConfig>,
+    keys: Arc<IssuerKeys>,
+}
+
+/// Verifies workload identity tokens from the configured issuers.
+pub struct Verifier {
+    by_iss: HashMap<String, Issuer>,
+    clock: SharedClock,
+}
+
+impl std::fmt::Debug for Verifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Verifier").field("issuers", &self.by_iss.keys().collect::<Vec<_>>()).finish()
+    }
+}
+
+/// The HTTP client used for discovery and JWKS: bounded timeouts, no redirects (a
+/// redirect could send the broker to an address the issuer does not own).
+pub fn http_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(5))
+        .timeout(Duration::from_secs(10))
+        .redirect(reqwest::redirect::Policy::none())
+        .user_agent(concat!("latchkey/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .unwrap_or_default()
+}
+
+impl Verifier {
+    /// A verifier for these issuers. Nothing is fetched until [`Verifier::spawn_refreshers`]
+    /// or the first token.
+    pub fn new(issuers: &[IssuerConfig], clock: SharedClock) -> Verifier {
+        let http = http_client();
+        let by_iss = issuers
+            .iter()
+            .map(|c| {
+                let cfg = Arc::new(c.clone());
+                let keys = Arc::new(IssuerKeys::new(cfg.clone(), http.clone(), clock.clone()));
+                (c.issuer.clone(), Issuer { cfg, keys })
+            })
+            .collect();
+        Verifier { by_iss, clock }
+    }
+
+    /// Starts one background refresher per issuer (the first run fetches at once).
+    pub fn spawn_refreshers(&self) -> Vec<tokio::task::JoinHandle<()>> {
+        self.by_iss.values().map(|i| tokio::spawn(i.keys.clone().run())).collect()
+    }
+
+    /// Key-cache status per issuer name.
+    pub fn status(&self) -> Vec<(String, KeyStatus)> {
+        let mut v: Vec<_> = self.by_iss.values().map(|i| (i.cfg.name.clone(), i.keys.status())).collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    }
+
+    /// Verifies a token: size, structure, header, issuer, key, algorithm, signature, then
+    /// `exp`/`nbf`/`iat`/`aud`, then the preset's required claims. Fails with the first
+    /// check that does not hold.
+    pub async fn verify(&self, token: &str) -> Result<WorkloadIdentity, IdentityError> {
+        let parsed = jwt::parse(token)?;
+        let iss = match parsed.claims.get("iss") {
+            Some(Value::String(s)) => s.as_str(),
+            _ => return Err(IdentityError::Claim("iss")),
+        };
+        let issuer = self.by_iss.get(iss).ok_or(IdentityError::UnknownIssuer)?;
+        let cfg = &issuer.cfg;
+
+        let alg = Alg::parse(&parsed.alg)
+            .ok_or_else(|| IdentityError::Algorithm(format!("{} not supported", sanitize(&parsed.alg))))?;
+        if !cfg.algorithms.contains(&alg) {
+            return Err(IdentityError::Algorithm(format!("{alg} not allowed for this issuer")));
+        }
+        let key = issuer.keys.key_for(parsed.kid.as_deref(), alg.family()).await?;
+        match key.alg {
+            Some(pinned) if pinned != alg => {
+                return Err(IdentityError::Algorithm(format!("{alg} does not match the key's {pinned}")));
+            }
+            None if key.family != alg.family() => {
+                return Err(IdentityError::Algorithm(format!("{alg} does not fit the key type")));
+            }
+            _ => {}
+        }
+        if !key.verify(alg, parsed.signing_input, &parsed.signature) {
+            return Err(IdentityError::BadSignature);
+        }
+
+        check_claims(&parsed.claims, cfg, self.clock.now())?;
+        cfg.preset.normalise(&cfg.name, parsed.claims, sha256_hex(token))
+    }
+}
+
+fn num(claims: &Map<String, Value>, name: &'static str) -> Result<Option<i64>, IdentityError> {
+    match claims.get(name) {
+        None => Ok(None),
+        Some(Value::Number(n)) => n
+            .as_i64()
+            .or_else(|| n.as_f64().filter(|f| f.is_finite()).map(|f| f as i64))
+            .map(Some)
+            .ok_or(IdentityError::Claim(name)),
+        Some(_) => Err(IdentityError::Claim(name)),
+    }
+}
+
+fn check_claims(claims: &Map<String, Value>, cfg: &IssuerConfig, now: i64) -> Result<(), IdentityError> {
+    let leeway = cfg.leeway.as_secs() as i64;
+    let exp = num(claims, "exp")?.ok_or(IdentityError::Claim("exp"))?;
+    if now >= exp.saturating_add(leeway) {
+        return Err(IdentityError::Expired);
+    }
+    if let Some(nbf) = num(claims, "nbf")? {
+        if now.saturating_add(leeway) < nbf {
+            return Err(IdentityError::NotYetValid);
+        }
+    }
+    let iat = num(claims, "iat")?;
+    if let Some(iat) = iat {
+        if now.saturating_add(leeway) < iat {
+            return Err(IdentityError::NotYetValid);
+        }
+    }
+    if let Some(max_age) = cfg.max_token_age {
+        let iat = iat.ok_or(IdentityError::Claim("iat"))?;
+        if now - iat > max_age.as_secs() as i64 + leeway {
+            return Err(IdentityError::TooOld);
+        }
+    }
+    let accepted = |a: &str| cfg.audiences.iter().any(|x| x == a);
+    let ok = match claims.get("aud") {
+        Some(Value::String(a)) => accepted(a),
+        Some(Value::Array(list)) => list.iter().filter_map(Value::as_str).any(accepted),
+        _ => false,
+    };
+    if !ok {
+        return Err(IdentityError::Audience);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity::Preset;
+    use serde_json::json;
+
+    fn cfg() -> IssuerConfig {
+        IssuerConfig {
+            name: "i".into(),
+            preset: Preset::Generic,
+            issuer: "https://i".into(),
+            audiences: vec!["a1".into(), "a2".into()],
+            jwks_url: None,
+            leeway: Duration::from_secs(30),
+            max_token_age: Some(Duration::from_secs(3600)),
+            algorithms: vec![Alg::RS256],
+            jwks_refresh: Duration::from_secs(300),
+            jwks_cooldown: Duration::from_secs(30),
+            jwks_max_staleness: Duration::from_secs(3600),
+        }
+    }
+
+    fn check(v: Value, now: i64) -> Result<(), IdentityError> {
+        check_claims(v.as_object().unwrap(), &cfg(), now)
+    }
+
+    #[test]
+    fn time_claims_with_leeway() {
+        let now = 10_000;
+        assert!(check(json!({"exp": now + 10, "iat": now, "aud": "a1"}), now).is_ok());
+        assert!(check(json!({"exp": now - 10, "iat": now - 100, "aud": "a1"}), now).is_ok(), "within leeway");
+        assert_eq!(check(json!({"exp": now - 30, "iat": now - 100, "aud": "a1"}), now), Err(IdentityError::Expired));
+        assert_eq!(check(json!({"iat": now, "aud": "a1"}), now), Err(IdentityError::Claim("exp")));
+        assert_eq!(check(json!({"exp": "soon", "iat": now, "aud": "a1"}), now), Err(IdentityError::Claim("exp")));
+        assert_eq!(check(json!({"exp": now + 100, "nbf": now + 31, "iat": now, "aud": "a1"}), now), Err(IdentityError::NotYetValid));
+        assert!(check(json!({"exp": now + 100, "nbf": now + 29, "iat": now, "aud": "a1"}), now).is_ok());
+        assert_eq!(check(json!({"exp": now + 100, "iat": now + 60, "aud": "a1"}), now), Err(IdentityError::NotYetValid));
+        assert_eq!(check(json!({"exp": now + 100, "iat": now - 4000, "aud": "a1"}), now), Err(IdentityError::TooOld));
+        assert_eq!(check(json!({"exp": now + 100, "aud": "a1"}), now), Err(IdentityError::Claim("iat")), "max_token_age needs iat");
+    }
+
+    #[test]
+    fn audience_string_or_array() {
+        let now = 10_000;
+        let base = |aud: Value| json!({"exp": now + 10, "iat": now, "aud": aud});
+        assert!(check(base(json!("a2")), now).is_ok());
+        assert!(check(base(json!(["x", "a1"])), now).is_ok());
+        assert_eq!(check(base(json!("x")), now), Err(IdentityError::Audience));
+        assert_eq!(check(base(json!([])), now), Err(IdentityError::Audience));
+        assert_eq!(check(base(json!(null)), now), Err(IdentityError::Audience));
+        assert_eq!(check(json!({"exp": now + 10, "iat": now}), now), Err(IdentityError::Audience));
+    }
+}

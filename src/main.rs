@@ -1,0 +1,37 @@
+//! The `latchkey` binary: parse the command line, start telemetry, call the library.
+
+use clap::Parser;
+use latchkey::cli::{self, Cli, Command, LogFormat, PolicyCommand};
+
+fn main() {
+    let args = Cli::parse();
+    latchkey::telemetry::init(args.log_format == LogFormat::Json, None);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    let code = runtime.block_on(async move {
+        let r: anyhow::Result<i32> = match args.command {
+            Command::Serve(a) => cli::serve::run(a).await,
+            Command::Dev(a) => cli::dev::run(a).await,
+            Command::Mint(a) => Ok(cli::mint::run(a).await),
+            Command::Explain(a) => Ok(cli::explain::run(a).await),
+            Command::CheckConfig(a) => Ok(cli::check_config::run(a)),
+            Command::Policy {
+                command: PolicyCommand::Test(a),
+            } => Ok(cli::policy_test::run(a)),
+            Command::Keygen => {
+                println!("{}", latchkey::keys::MasterKey::generate().to_base64().expose());
+                Ok(0)
+            }
+        };
+        r.unwrap_or_else(|e| {
+            eprintln!("error: {e:#}");
+            1
+        })
+    });
+    std::process::exit(code);
+}

@@ -1,0 +1,107 @@
+//! Minting: one [`Minter`] per target kind behind one trait, and the [`Template`]s
+//! targets use to put caller claims into what they mint.
+
+mod jwt;
+mod template;
+
+pub use jwt::JwtMinter;
+pub use template::Template;
+
+use crate::identity::WorkloadIdentity;
+use crate::secret::SecretString;
+use async_trait::async_trait;
+use std::collections::BTreeMap;
+use std::fmt;
+use std::time::Duration;
+
+/// What a minter needs to know about one request that policy allowed.
+#[derive(Debug)]
+pub struct MintContext<'a> {
+    /// The verified caller.
+    pub identity: &'a WorkloadIdentity,
+    /// Scopes granted.
+    pub scopes: &'a [String],
+    /// Lifetime granted.
+    pub ttl: Duration,
+    /// Now, in seconds since the epoch.
+    pub now: i64,
+    /// The lease id, also used as the credential's unique id (`jti`).
+    pub lease_id: &'a str,
+}
+
+/// An issued credential. Secret fields are [`SecretString`]s; `Debug` shows none of them.
+pub struct Credential {
+    /// Target kind (`jwt`, ...).
+    pub kind: &'static str,
+    /// Bearer token, if the credential is one.
+    pub token: Option<SecretString>,
+    /// Login name, if the credential is a login.
+    pub username: Option<String>,
+    /// Password, if the credential is a login.
+    pub password: Option<SecretString>,
+    /// Further non-secret fields.
+    pub fields: BTreeMap<String, String>,
+    /// Expiry, seconds since the epoch.
+    pub expires_at: i64,
+    /// Unique id of the credential at the target (`jti` for JWTs).
+    pub id: String,
+}
+
+impl fmt::Debug for Credential {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Credential")
+            .field("kind", &self.kind)
+            .field("token", &self.token.as_ref().map(|_| "[REDACTED]"))
+            .field("username", &self.username)
+            .field("password", &self.password.as_ref().map(|_| "[REDACTED]"))
+            .field("fields", &self.fields)
+            .field("expires_at", &self.expires_at)
+            .field("id", &self.id)
+            .finish()
+    }
+}
+
+impl Credential {
+    /// SHA-256 of the secret part (token, else password), for the audit record.
+    pub fn fingerprint(&self) -> Option<String> {
+        self.token
+            .as_ref()
+            .or(self.password.as_ref())
+            .map(|s| crate::jose::sha256_hex(s.expose().as_bytes()))
+    }
+}
+
+/// Why minting failed. Messages are safe to show the caller.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum MintError {
+    /// The target's template needs a claim the caller's token lacks.
+    #[error("target needs claim {0}, absent from the caller's token")]
+    MissingClaim(String),
+    /// The broker cannot sign (no key, signing failure).
+    #[error("signing failed for target {0}")]
+    Signing(String),
+    /// The upstream system failed or refused.
+    #[error("upstream {target} unavailable: {reason}")]
+    Upstream {
+        /// The target.
+        target: String,
+        /// A short, secret-free reason.
+        reason: String,
+    },
+}
+
+/// One target kind.
+#[async_trait]
+pub trait Minter: Send + Sync + fmt::Debug {
+    /// The kind's name.
+    fn kind(&self) -> &'static str;
+
+    /// Whether leases of this kind can be renewed.
+    fn renewable(&self) -> bool {
+        false
+    }
+
+    /// Mints a credential. Fails without side effects at the target, or, if it created
+    /// something upstream before failing, removes it again.
+    async fn mint(&self, ctx: &MintContext<'_>) -> Result<Credential, MintError>;
+}

@@ -1,0 +1,233 @@
+//! Claim matchers: exact, any-of, glob, anchored regex, negation; and claim paths.
+
+use serde_json::{Map, Value};
+use std::fmt;
+
+/// Why a matcher or claim path could not be built.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MatcherError {
+    /// The glob pattern does not compile.
+    #[error("invalid glob {pattern:?}: {reason}")]
+    Glob {
+        /// The pattern.
+        pattern: String,
+        /// The glob library's reason.
+        reason: String,
+    },
+    /// The regex does not compile.
+    #[error("invalid regex {pattern:?}: {reason}")]
+    Regex {
+        /// The pattern.
+        pattern: String,
+        /// The regex library's reason.
+        reason: String,
+    },
+    /// A JSON pointer is malformed.
+    #[error("invalid JSON pointer {0:?}")]
+    Pointer(String),
+    /// An any-of list is empty (it would never match).
+    #[error("an any-of list must not be empty")]
+    EmptyAnyOf,
+}
+
+/// Where a matcher looks in the claims.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClaimPath {
+    /// A top-level claim by name.
+    Name(String),
+    /// An RFC 6901 JSON pointer into nested claims (`/kubernetes.io/namespace`).
+    Pointer(String),
+}
+
+impl ClaimPath {
+    /// Parses a rule key: a leading `/` makes it a JSON pointer. Fails for malformed
+    /// pointer escapes.
+    pub fn parse(key: &str) -> Result<ClaimPath, MatcherError> {
+        if let Some(rest) = key.strip_prefix('/') {
+            // `~` must be followed by 0 or 1 (RFC 6901).
+            let bytes = rest.as_bytes();
+            for (i, b) in bytes.iter().enumerate() {
+                if *b == b'~' && !matches!(bytes.get(i + 1), Some(b'0') | Some(b'1')) {
+                    return Err(MatcherError::Pointer(key.to_string()));
+                }
+            }
+            Ok(ClaimPath::Pointer(key.to_string()))
+        } else {
+            Ok(ClaimPath::Name(key.to_string()))
+        }
+    }
+
+    /// Finds the value in `claims`.
+    pub fn lookup<'a>(&self, claims: &'a Map<String, Value>) -> Option<&'a Value> {
+        match self {
+            ClaimPath::Name(n) => claims.get(n),
+            ClaimPath::Pointer(p) => {
+                let mut parts = p[1..].split('/');
+                let first = unescape(parts.next()?);
+                let mut v = claims.get(first.as_str())?;
+                for part in parts {
+                    let part = unescape(part);
+                    v = match v {
+                        Value::Object(m) => m.get(part.as_str())?,
+                        Value::Array(a) => a.get(part.parse::<usize>().ok()?)?,
+                        _ => return None,
+                    };
+                }
+                Some(v)
+            }
+        }
+    }
+}
+
+fn unescape(s: &str) -> String {
+    s.replace("~1", "/").replace("~0", "~")
+}
+
+impl fmt::Display for ClaimPath {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ClaimPath::Name(n) | ClaimPath::Pointer(n) => f.write_str(n),
+        }
+    }
+}
+
+/// A condition on one string claim value.
+#[derive(Debug, Clone)]
+pub enum Matcher {
+    /// Equal to the string.
+    Exact(String),
+    /// Any of the matchers holds.
+    AnyOf(Vec<Matcher>),
+    /// Shell-style glob over the whole value; `*` also matches `/`.
+    Glob(String, globset::GlobMatcher),
+    /// Regular expression anchored to the whole value.
+    Regex(String, regex::Regex),
+    /// The inner matcher does not hold.
+    Not(Box<Matcher>),
+}
+
+impl Matcher {
+    /// A glob matcher. Fails when the pattern does not compile.
+    pub fn glob(pattern: &str) -> Result<Matcher, MatcherError> {
+        let g = globset::GlobBuilder::new(pattern)
+            .literal_separator(false)
+            .backslash_escape(true)
+            .build()
+            .map_err(|e| MatcherError::Glob {
+                pattern: pattern.to_string(),
+                reason: e.kind().to_string(),
+            })?;
+        Ok(Matcher::Glob(pattern.to_string(), g.compile_matcher()))
+    }
+
+    /// A regex matcher, always anchored to the whole value. Fails when the pattern does
+    /// not compile.
+    pub fn regex(pattern: &str) -> Result<Matcher, MatcherError> {
+        let anchored = format!("^(?:{pattern})$");
+        let r = regex::RegexBuilder::new(&anchored)
+            .size_limit(1 << 20)
+            .build()
+            .map_err(|e| MatcherError::Regex {
+                pattern: pattern.to_string(),
+                reason: e.to_string().lines().last().unwrap_or("").trim().to_string(),
+            })?;
+        Ok(Matcher::Regex(pattern.to_string(), r))
+    }
+
+    /// An any-of matcher. Fails when empty.
+    pub fn any_of(items: Vec<Matcher>) -> Result<Matcher, MatcherError> {
+        if items.is_empty() {
+            return Err(MatcherError::EmptyAnyOf);
+        }
+        Ok(Matcher::AnyOf(items))
+    }
+
+    /// Whether `value` satisfies the matcher.
+    pub fn matches(&self, value: &str) -> bool {
+        match self {
+            Matcher::Exact(s) => s == value,
+            Matcher::AnyOf(items) => items.iter().any(|m| m.matches(value)),
+            Matcher::Glob(_, g) => g.is_match(value),
+            Matcher::Regex(_, r) => r.is_match(value),
+            Matcher::Not(m) => !m.matches(value),
+        }
+    }
+}
+
+impl fmt::Display for Matcher {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Matcher::Exact(s) => write!(f, "= {s:?}"),
+            Matcher::AnyOf(items) => {
+                f.write_str("any of [")?;
+                for (i, m) in items.iter().enumerate() {
+                    if i > 0 {
+                        f.write_str(", ")?;
+                    }
+                    write!(f, "{m}")?;
+                }
+                f.write_str("]")
+            }
+            Matcher::Glob(p, _) => write!(f, "glob {p:?}"),
+            Matcher::Regex(p, _) => write!(f, "regex {p:?}"),
+            Matcher::Not(m) => write!(f, "not ({m})"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn glob_spans_slashes_and_is_whole_value() {
+        let g = Matcher::glob("release/*").unwrap();
+        assert!(g.matches("release/1.2"));
+        assert!(g.matches("release/a/b"));
+        assert!(!g.matches("xrelease/1"));
+        assert!(!g.matches("release"));
+    }
+
+    #[test]
+    fn regex_is_anchored() {
+        let r = Matcher::regex("main|release/.*").unwrap();
+        assert!(r.matches("main"));
+        assert!(r.matches("release/x"));
+        assert!(!r.matches("not-main"));
+        assert!(!r.matches("mainx"));
+        assert!(!r.matches("x-release/1"));
+    }
+
+    #[test]
+    fn bad_patterns_are_rejected() {
+        assert!(matches!(Matcher::regex("(unclosed"), Err(MatcherError::Regex { .. })));
+        assert!(matches!(Matcher::glob("a[b"), Err(MatcherError::Glob { .. })));
+        assert_eq!(Matcher::any_of(vec![]).unwrap_err(), MatcherError::EmptyAnyOf);
+        assert!(ClaimPath::parse("/a~2b").is_err());
+    }
+
+    #[test]
+    fn not_and_any_of_compose() {
+        let m = Matcher::Not(Box::new(
+            Matcher::any_of(vec![Matcher::Exact("a".into()), Matcher::glob("b*").unwrap()]).unwrap(),
+        ));
+        assert!(!m.matches("a"));
+        assert!(!m.matches("bee"));
+        assert!(m.matches("c"));
+    }
+
+    #[test]
+    fn pointers_walk_nested_claims() {
+        let claims = json!({"kubernetes.io": {"namespace": "ci", "serviceaccount": {"name": "x"}}, "a/b": "slash", "list": ["z"]});
+        let claims = claims.as_object().unwrap();
+        let p = ClaimPath::parse("/kubernetes.io/namespace").unwrap();
+        assert_eq!(p.lookup(claims), Some(&json!("ci")));
+        let p = ClaimPath::parse("/kubernetes.io/serviceaccount/name").unwrap();
+        assert_eq!(p.lookup(claims), Some(&json!("x")));
+        assert_eq!(ClaimPath::parse("/a~1b").unwrap().lookup(claims), Some(&json!("slash")));
+        assert_eq!(ClaimPath::parse("/list/0").unwrap().lookup(claims), Some(&json!("z")));
+        assert_eq!(ClaimPath::parse("/missing/x").unwrap().lookup(claims), None);
+        assert_eq!(ClaimPath::parse("kubernetes.io").unwrap().lookup(claims).map(|v| v.is_object()), Some(true));
+    }
+}

@@ -1,0 +1,411 @@
+//! Policy: plain-data rules over verified claims, and the pure functions that apply them.
+//!
+//! - [`Rule`]s name an issuer, claim matchers that must all hold, and grants (or, for deny
+//!   rules, the targets they refuse). Built from configuration by [`crate::config`].
+//! - [`Policy::decide`] answers a mint request; [`Policy::explain`] adds a trace line per rule
+//!   considered. Both are pure: same inputs, same answer, no I/O, no clock.
+//! - Deny rules win over allows; no match means deny; a request may narrow the granted scopes
+//!   and TTL, never widen them.
+
+mod matcher;
+
+pub use matcher::{ClaimPath, Matcher, MatcherError};
+
+use serde_json::{Map, Value};
+use std::collections::{BTreeSet, HashMap};
+use std::time::Duration;
+
+/// Whether a rule grants or refuses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Effect {
+    /// Grants what the rule lists.
+    Allow,
+    /// Refuses, whatever other rules say.
+    Deny,
+}
+
+/// Roles the broker itself grants through policy (used by the rotation cron, the
+/// security team, and admins).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Role {
+    /// May run and inspect rotations.
+    Rotator,
+    /// May query, tail and verify the audit log.
+    Auditor,
+    /// May do anything, including bulk revocation.
+    Admin,
+    /// May introspect tokens Latchkey minted.
+    Introspect,
+}
+
+impl Role {
+    /// Parses a role name.
+    pub fn parse(s: &str) -> Option<Role> {
+        Some(match s {
+            "rotator" => Role::Rotator,
+            "auditor" => Role::Auditor,
+            "admin" => Role::Admin,
+            "introspect" => Role::Introspect,
+            _ => return None,
+        })
+    }
+
+    /// The role's name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Rotator => "rotator",
+            Role::Auditor => "auditor",
+            Role::Admin => "admin",
+            Role::Introspect => "introspect",
+        }
+    }
+}
+
+/// What an allow rule grants on one target.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Grant {
+    /// Target name.
+    pub target: String,
+    /// Scopes allowed there.
+    pub scopes: Vec<String>,
+    /// TTL cap for this grant; `None` means the target's own cap.
+    pub max_ttl: Option<Duration>,
+}
+
+/// One policy rule.
+#[derive(Debug, Clone)]
+pub struct Rule {
+    /// Unique name, reported in decisions and the audit log.
+    pub name: String,
+    /// Name of the configured issuer whose tokens this rule applies to.
+    pub issuer: String,
+    /// Allow or deny.
+    pub effect: Effect,
+    /// Claim matchers; all must hold.
+    pub claims: Vec<(ClaimPath, Matcher)>,
+    /// Grants (allow rules).
+    pub grants: Vec<Grant>,
+    /// Targets refused (deny rules); empty means every target and role.
+    pub deny_targets: Vec<String>,
+    /// Broker roles granted (allow rules) .
+    pub roles: Vec<Role>,
+}
+
+/// What the target itself allows, independent of rules.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TargetLimits {
+    /// TTL when the request names none.
+    pub default_ttl: Duration,
+    /// Hard cap.
+    pub max_ttl: Duration,
+}
+
+/// A request as policy sees it.
+#[derive(Debug, Clone, Copy)]
+pub struct Request<'a> {
+    /// Target name.
+    pub target: &'a str,
+    /// Scopes wanted; empty means all granted.
+    pub scopes: &'a [String],
+    /// TTL wanted; `None` means the target default.
+    pub ttl: Option<Duration>,
+}
+
+/// An allow decision.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Allowed {
+    /// The allow rules whose grants were used, comma-separated.
+    pub rule: String,
+    /// Scopes granted (sorted, unique).
+    pub scopes: Vec<String>,
+    /// Granted TTL.
+    pub ttl: Duration,
+    /// The cap that applied.
+    pub max_ttl: Duration,
+}
+
+/// Why a request was refused. Messages are stable and safe to show the caller.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Denied {
+    /// A deny rule matched.
+    #[error("denied by rule {rule}")]
+    DenyRule {
+        /// The deny rule.
+        rule: String,
+    },
+    /// No allow rule grants this target to this caller.
+    #[error("no rule grants target {target}{}", hint.as_ref().map(|h| format!(" ({h})")).unwrap_or_default())]
+    NoRuleMatched {
+        /// The target asked for.
+        target: String,
+        /// The first failing clause of the closest rule, if any rule was considered.
+        hint: Option<String>,
+    },
+    /// A requested scope is not granted.
+    #[error("scope {scope} not granted on target {target}")]
+    ScopeNotGranted {
+        /// The scope.
+        scope: String,
+        /// The target.
+        target: String,
+    },
+    /// A broker role is not granted.
+    #[error("role {0} not granted")]
+    RoleNotGranted(&'static str),
+}
+
+/// The outcome of [`Policy::decide`].
+pub type Decision = Result<Allowed, Denied>;
+
+/// Rules plus the index that makes decisions independent of the total rule count.
+#[derive(Debug, Clone, Default)]
+pub struct Policy {
+    rules: Vec<Rule>,
+    /// issuer -> target -> indexes of rules that mention that target (allow grants or
+    /// targeted denies), in configuration order.
+    by_target: HashMap<String, HashMap<String, Vec<usize>>>,
+    /// issuer -> deny rules with no target list (they refuse everything).
+    deny_all: HashMap<String, Vec<usize>>,
+    /// issuer -> allow rules granting any role.
+    with_roles: HashMap<String, Vec<usize>>,
+}
+
+/// A decision with the reasoning behind it, for `Explain` and `policy test`.
+#[derive(Debug, Clone)]
+pub struct Explanation {
+    /// The decision.
+    pub decision: Decision,
+    /// One line per rule considered.
+    pub trace: Vec<String>,
+}
+
+impl Policy {
+    /// Builds the policy and its index. Rules are assumed checked by the config loader.
+    pub fn new(rules: Vec<Rule>) -> Policy {
+        let mut p = Policy {
+            rules,
+            ..Policy::default()
+        };
+        for (i, r) in p.rules.iter().enumerate() {
+            let targets: Vec<&str> = match r.effect {
+                Effect::Allow => r.grants.iter().map(|g| g.target.as_str()).collect(),
+                Effect::Deny => r.deny_targets.iter().map(String::as_str).collect(),
+            };
+            if r.effect == Effect::Deny && targets.is_empty() {
+                p.deny_all.entry(r.issuer.clone()).or_default().push(i);
+            }
+            let per_issuer = p.by_target.entry(r.issuer.clone()).or_default();
+            let mut seen = BTreeSet::new();
+            for t in targets {
+                if seen.insert(t) {
+                    per_issuer.entry(t.to_string()).or_default().push(i);
+                }
+            }
+            if r.effect == Effect::Allow && !r.roles.is_empty() {
+                p.with_roles.entry(r.issuer.clone()).or_default().push(i);
+            }
+        }
+        p
+    }
+
+    /// The rules, in configuration order.
+    pub fn rules(&self) -> &[Rule] {
+        &self.rules
+    }
+
+    /// Decides a mint request for a caller verified by `issuer` with `claims`.
+    pub fn decide(
+        &self,
+        issuer: &str,
+        claims: &Map<String, Value>,
+        limits: TargetLimits,
+        req: Request<'_>,
+    ) -> Decision {
+        self.evaluate(issuer, claims, limits, req, None)
+    }
+
+    /// Like [`Policy::decide`], with one trace line per rule considered.
+    pub fn explain(
+        &self,
+        issuer: &str,
+        claims: &Map<String, Value>,
+        limits: TargetLimits,
+        req: Request<'_>,
+    ) -> Explanation {
+        let mut trace = Vec::new();
+        let decision = self.evaluate(issuer, claims, limits, req, Some(&mut trace));
+        Explanation { decision, trace }
+    }
+
+    /// Whether the caller holds a broker role: an allow rule grants it and no untargeted
+    /// deny rule matches. `Admin` implies every role.
+    pub fn has_role(&self, issuer: &str, claims: &Map<String, Value>, role: Role) -> Result<(), Denied> {
+        let none = Vec::new();
+        for &i in self.deny_all.get(issuer).unwrap_or(&none) {
+            if self.rules[i].matches(claims).is_ok() {
+                return Err(Denied::DenyRule {
+                    rule: self.rules[i].name.clone(),
+                });
+            }
+        }
+        for &i in self.with_roles.get(issuer).unwrap_or(&none) {
+            let r = &self.rules[i];
+            if (r.roles.contains(&role) || r.roles.contains(&Role::Admin)) && r.matches(claims).is_ok() {
+                return Ok(());
+            }
+        }
+        Err(Denied::RoleNotGranted(role.as_str()))
+    }
+
+    fn evaluate(
+        &self,
+        issuer: &str,
+        claims: &Map<String, Value>,
+        limits: TargetLimits,
+        req: Request<'_>,
+        mut trace: Option<&mut Vec<String>>,
+    ) -> Decision {
+        let none = Vec::new();
+        let deny_all = self.deny_all.get(issuer).unwrap_or(&none);
+        let targeted = self
+            .by_target
+            .get(issuer)
+            .and_then(|m| m.get(req.target))
+            .unwrap_or(&none);
+        if let Some(t) = trace.as_deref_mut() {
+            if deny_all.is_empty() && targeted.is_empty() {
+                t.push(format!(
+                    "no rule for issuer {issuer} mentions target {}",
+                    req.target
+                ));
+            }
+        }
+
+        let mut denied_by: Option<&str> = None;
+        let mut matched: Vec<&Rule> = Vec::new();
+        let mut first_failure: Option<String> = None;
+        for &i in deny_all.iter().chain(targeted.iter()) {
+            let rule = &self.rules[i];
+            let outcome = rule.matches(claims);
+            if let Some(t) = trace.as_deref_mut() {
+                let effect = match rule.effect {
+                    Effect::Allow => "allow",
+                    Effect::Deny => "deny",
+                };
+                t.push(match &outcome {
+                    Ok(held) => format!("rule {} ({effect}): matched: {}", rule.name, held.join("; ")),
+                    Err(failed) => format!("rule {} ({effect}): not matched: {failed}", rule.name),
+                });
+            }
+            match outcome {
+                Ok(_) => match rule.effect {
+                    Effect::Deny => {
+                        denied_by.get_or_insert(&rule.name);
+                    }
+                    Effect::Allow => matched.push(rule),
+                },
+                Err(failed) => {
+                    if rule.effect == Effect::Allow && first_failure.is_none() {
+                        first_failure = Some(format!("rule {}: {failed}", rule.name));
+                    }
+                }
+            }
+        }
+        if let Some(rule) = denied_by {
+            return Err(Denied::DenyRule {
+                rule: rule.to_string(),
+            });
+        }
+        let grants: Vec<(&Rule, &Grant)> = matched
+            .iter()
+            .flat_map(|r| r.grants.iter().filter(|g| g.target == req.target).map(move |g| (*r, g)))
+            .collect();
+        if grants.is_empty() {
+            return Err(Denied::NoRuleMatched {
+                target: req.target.to_string(),
+                hint: first_failure,
+            });
+        }
+
+        let granted: BTreeSet<&str> = grants
+            .iter()
+            .flat_map(|(_, g)| g.scopes.iter().map(String::as_str))
+            .collect();
+        let wanted: BTreeSet<&str> = if req.scopes.is_empty() {
+            granted.clone()
+        } else {
+            let mut w = BTreeSet::new();
+            for s in req.scopes {
+                if !granted.contains(s.as_str()) {
+                    return Err(Denied::ScopeNotGranted {
+                        scope: s.clone(),
+                        target: req.target.to_string(),
+                    });
+                }
+                w.insert(s.as_str());
+            }
+            w
+        };
+
+        // Every grant that contributes a wanted scope (or, for a scope-less target, every
+        // grant) caps the TTL: the most restrictive cap wins.
+        let mut max_ttl = limits.max_ttl;
+        let mut rules: Vec<&str> = Vec::new();
+        for (rule, g) in &grants {
+            let contributes = g.scopes.is_empty() && wanted.is_empty()
+                || g.scopes.iter().any(|s| wanted.contains(s.as_str()));
+            if contributes {
+                if let Some(cap) = g.max_ttl {
+                    max_ttl = max_ttl.min(cap);
+                }
+                if !rules.contains(&rule.name.as_str()) {
+                    rules.push(&rule.name);
+                }
+            }
+        }
+        let ttl = req.ttl.unwrap_or(limits.default_ttl).min(max_ttl);
+        if let Some(t) = trace {
+            t.push(format!(
+                "granted by {}: scopes [{}], ttl {}s (cap {}s)",
+                rules.join(","),
+                wanted.iter().copied().collect::<Vec<_>>().join(" "),
+                ttl.as_secs(),
+                max_ttl.as_secs()
+            ));
+        }
+        Ok(Allowed {
+            rule: rules.join(","),
+            scopes: wanted.into_iter().map(str::to_string).collect(),
+            ttl,
+            max_ttl,
+        })
+    }
+}
+
+impl Rule {
+    /// Checks every claim matcher. `Ok` lists what held; `Err` names the first clause that
+    /// failed and why.
+    pub fn matches(&self, claims: &Map<String, Value>) -> Result<Vec<String>, String> {
+        let mut held = Vec::with_capacity(self.claims.len());
+        for (path, m) in &self.claims {
+            let value = path.lookup(claims);
+            match value {
+                Some(Value::String(v)) if m.matches(v) => {
+                    held.push(format!("{path} {m}"));
+                }
+                Some(Value::String(v)) => {
+                    return Err(format!("claim {path} = {v:?} does not match {m}"));
+                }
+                Some(_) => return Err(format!("claim {path} is not a string")),
+                None => return Err(format!("claim {path} is absent")),
+            }
+        }
+        if held.is_empty() {
+            held.push("no claim conditions".into());
+        }
+        Ok(held)
+    }
+}
+
+#[cfg(test)]
+mod tests;

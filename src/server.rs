@@ -1,0 +1,160 @@
+//! Starting and stopping the whole service: store, key ring, broker, gRPC and HTTP
+//! listeners, background key refresh.
+
+use crate::broker::Broker;
+use crate::clock::SharedClock;
+use crate::config::{Config, TargetKind};
+use crate::keys::{KeyError, KeyRing, MasterKey};
+use crate::store::sqlite::{self, SqliteStore};
+use crate::store::{Store, StoreError};
+use crate::transport::grpc::{BrokerService, MAX_REQUEST_BYTES};
+use crate::transport::pb::credential_broker_server::CredentialBrokerServer;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+/// Why the service did not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The store could not be opened.
+    #[error("store {path}: {source}")]
+    Store {
+        /// The database file.
+        path: String,
+        /// Why.
+        source: StoreError,
+    },
+    /// Signing keys could not be loaded or created.
+    #[error(transparent)]
+    Keys(#[from] KeyError),
+    /// A listener could not be bound.
+    #[error("cannot listen on {addr}: {reason}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        reason: String,
+    },
+    /// TLS files could not be loaded.
+    #[error("tls: {0}")]
+    Tls(String),
+}
+
+/// A running service.
+#[derive(Debug)]
+pub struct Running {
+    /// Where gRPC listens.
+    pub grpc_addr: SocketAddr,
+    /// Where HTTP listens.
+    pub http_addr: SocketAddr,
+    /// The broker.
+    pub broker: Arc<Broker>,
+    stop: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+    refreshers: Vec<JoinHandle<()>>,
+}
+
+impl Running {
+    /// Stops accepting, drains in-flight requests, and waits for the listeners to close.
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(true);
+        for r in &self.refreshers {
+            r.abort();
+        }
+        for t in self.tasks {
+            let _ = t.await;
+        }
+    }
+
+    /// Waits until the listeners stop on their own (they do not, unless shut down).
+    pub async fn wait(&mut self) {
+        for t in self.tasks.iter_mut() {
+            let _ = t.await;
+        }
+    }
+}
+
+/// Opens the store, loads keys, binds both listeners and serves. Fails before serving
+/// anything when any part cannot be set up.
+pub async fn start(cfg: &Config, master: &MasterKey, clock: SharedClock) -> Result<Running, StartError> {
+    let store = SqliteStore::open(&sqlite::Config {
+        path: cfg.store.path.clone(),
+        busy_timeout: cfg.store.busy_timeout,
+    })
+    .map_err(|source| StartError::Store {
+        path: cfg.store.path.display().to_string(),
+        source,
+    })?;
+    let store: Arc<dyn Store> = Arc::new(store);
+    let wanted: Vec<_> = cfg
+        .targets
+        .iter()
+        .map(|t| match &t.kind {
+            TargetKind::Jwt(j) => (t.name.clone(), j.algorithm),
+        })
+        .collect();
+    let keys = Arc::new(KeyRing::load(store.as_ref(), master, &wanted, &clock).await?);
+    let broker = Arc::new(Broker::new(cfg, store, keys, clock));
+
+    let grpc_listener = bind(cfg.server.grpc_addr).await?;
+    let http_listener = bind(cfg.server.http_addr).await?;
+    let grpc_addr = grpc_listener.local_addr().map_err(|e| StartError::Bind { addr: cfg.server.grpc_addr, reason: e.to_string() })?;
+    let http_addr = http_listener.local_addr().map_err(|e| StartError::Bind { addr: cfg.server.http_addr, reason: e.to_string() })?;
+
+    let (stop, stopped) = watch::channel(false);
+    let mut builder = tonic::transport::Server::builder()
+        .timeout(Duration::from_secs(30))
+        .concurrency_limit_per_connection(256)
+        .http2_keepalive_interval(Some(Duration::from_secs(30)));
+    if let Some(tls) = &cfg.server.tls {
+        let read = |p: &std::path::Path| std::fs::read(p).map_err(|e| StartError::Tls(format!("{}: {e}", p.display())));
+        let mut t = tonic::transport::ServerTlsConfig::new()
+            .identity(tonic::transport::Identity::from_pem(read(&tls.cert_file)?, read(&tls.key_file)?));
+        if let Some(ca) = &tls.client_ca_file {
+            t = t.client_ca_root(tonic::transport::Certificate::from_pem(read(ca)?));
+        }
+        builder = builder.tls_config(t).map_err(|e| StartError::Tls(e.to_string()))?;
+    }
+    let service = CredentialBrokerServer::new(BrokerService::new(broker.clone())).max_decoding_message_size(MAX_REQUEST_BYTES);
+    let router = builder.add_service(service);
+    let mut s1 = stopped.clone();
+    let grpc_task = tokio::spawn(async move {
+        let incoming = tokio_stream::wrappers::TcpListenerStream::new(grpc_listener);
+        if let Err(e) = router
+            .serve_with_incoming_shutdown(incoming, async move {
+                let _ = s1.wait_for(|v| *v).await;
+            })
+            .await
+        {
+            tracing::error!(error = %e, "grpc server stopped");
+        }
+    });
+    let app = crate::transport::http::router(broker.clone());
+    let mut s2 = stopped;
+    let http_task = tokio::spawn(async move {
+        if let Err(e) = axum::serve(http_listener, app)
+            .with_graceful_shutdown(async move {
+                let _ = s2.wait_for(|v| *v).await;
+            })
+            .await
+        {
+            tracing::error!(error = %e, "http server stopped");
+        }
+    });
+    let refreshers = broker.verifier().spawn_refreshers();
+    tracing::info!(%grpc_addr, %http_addr, issuer = %broker.issuer_url(), "latchkey serving");
+    Ok(Running {
+        grpc_addr,
+        http_addr,
+        broker,
+        stop,
+        tasks: vec![grpc_task, http_task],
+        refreshers,
+    })
+}
+
+async fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener, StartError> {
+    tokio::net::TcpListener::bind(addr).await.map_err(|e| StartError::Bind { addr, reason: e.to_string() })
+}

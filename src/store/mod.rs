@@ -1,0 +1,66 @@
+//! Persistent state behind one narrow interface: the audit chain and the broker's sealed
+//! signing keys. SQLite ([`sqlite`]) is the embedded default; a PostgreSQL backend for
+//! several replicas sharing one store implements the same trait.
+
+pub mod sqlite;
+
+use crate::audit::{AuditEntry, AuditRecord};
+use async_trait::async_trait;
+
+/// A store fault. Messages never contain record contents or key material.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StoreError {
+    /// The store could not commit (disk full, read-only, locked past the bound, gone).
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    /// The store's contents are not what this version expects.
+    #[error("store corrupt: {0}")]
+    Corrupt(String),
+}
+
+/// Where an appended record landed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Appended {
+    /// Sequence number.
+    pub seq: i64,
+    /// Record hash.
+    pub hash: String,
+}
+
+/// A signing key as stored: public facts in the clear, the private key sealed under the
+/// master key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredKey {
+    /// Key id (JWK thumbprint).
+    pub kid: String,
+    /// Target the key signs for.
+    pub target: String,
+    /// JOSE algorithm name.
+    pub alg: String,
+    /// `current` (signing), `next`, `retired`.
+    pub state: String,
+    /// Creation time (seconds since the epoch).
+    pub created_at: i64,
+    /// AES-256-GCM sealed PKCS#8.
+    pub sealed: Vec<u8>,
+}
+
+/// The storage interface the broker needs.
+#[async_trait]
+pub trait Store: Send + Sync + std::fmt::Debug + 'static {
+    /// Appends a record to the chain; returns once it is durably committed. Fails
+    /// (and the caller must fail closed) when it cannot be committed.
+    async fn append(&self, entry: AuditEntry) -> Result<Appended, StoreError>;
+
+    /// Records with `seq > after`, in order, at most `limit`.
+    async fn records(&self, after: i64, limit: usize) -> Result<Vec<AuditRecord>, StoreError>;
+
+    /// Every stored signing key.
+    async fn signing_keys(&self) -> Result<Vec<StoredKey>, StoreError>;
+
+    /// Adds a signing key. Fails if the kid exists.
+    async fn insert_signing_key(&self, key: StoredKey) -> Result<(), StoreError>;
+
+    /// Whether the store can commit right now (for readiness).
+    async fn check_writable(&self) -> Result<(), StoreError>;
+}

@@ -1,0 +1,68 @@
+//! The edges: gRPC (tonic) and HTTP (axum) handlers, proto ↔ domain conversion, and the
+//! one mapping from domain errors to `tonic::Status`. Handlers are thin: they parse,
+//! call [`crate::broker::Broker`], and convert.
+
+pub mod grpc;
+pub mod http;
+pub mod status;
+
+/// Generated protobuf and gRPC code for `latchkey.v1`.
+#[allow(missing_docs, clippy::all)]
+pub mod pb {
+    tonic::include_proto!("latchkey.v1");
+
+    // `Credential` is built with `skip_debug`: this hand-written Debug never shows the
+    // token or password.
+    impl std::fmt::Debug for Credential {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.debug_struct("Credential")
+                .field("kind", &self.kind)
+                .field("token", &if self.token.is_empty() { "" } else { "[REDACTED]" })
+                .field("username", &self.username)
+                .field("password", &if self.password.is_empty() { "" } else { "[REDACTED]" })
+                .field("fields", &self.fields)
+                .field("expires_at", &self.expires_at)
+                .finish()
+        }
+    }
+}
+
+/// Extracts the bearer token from an `authorization` header value.
+pub fn bearer(value: Option<&str>) -> Option<&str> {
+    let v = value?.trim();
+    let (scheme, token) = v.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim()).filter(|t| !t.is_empty())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn credential_debug_is_redacted() {
+        let c = pb::Credential {
+            kind: "jwt".into(),
+            token: "eyJhbGciOiJFUzI1NiJ9.secret.sig".into(),
+            password: "pa55word".into(),
+            username: "u".into(),
+            ..Default::default()
+        };
+        let r = pb::MintResponse {
+            credential: Some(c),
+            lease: None,
+        };
+        let shown = format!("{r:?}");
+        assert!(!shown.contains("secret") && !shown.contains("pa55word"), "{shown}");
+        assert!(shown.contains("[REDACTED]"));
+    }
+
+    #[test]
+    fn bearer_parsing() {
+        assert_eq!(bearer(Some("Bearer abc")), Some("abc"));
+        assert_eq!(bearer(Some("bearer  abc ")), Some("abc"));
+        assert_eq!(bearer(Some("Basic abc")), None);
+        assert_eq!(bearer(Some("Bearer ")), None);
+        assert_eq!(bearer(Some("abc")), None);
+        assert_eq!(bearer(None), None);
+    }
+}
