@@ -264,7 +264,8 @@ proptest! {
         let any_deny = rules.iter().any(|r| r.effect == Effect::Deny && r.matches(&c).is_ok());
         let d = p.decide("bb", &c, LIMITS, req("t", &[], None));
         if any_deny {
-            prop_assert!(matches!(d, Err(Denied::DenyRule { .. })));
+            let is_deny = matches!(d, Err(Denied::DenyRule { .. }));
+            prop_assert!(is_deny);
         }
     }
 
