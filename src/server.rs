@@ -107,7 +107,10 @@ pub async fn start(cfg: &Config, master: &MasterKey, clock: SharedClock) -> Resu
     let mut builder = tonic::transport::Server::builder()
         .timeout(Duration::from_secs(30))
         .concurrency_limit_per_connection(256)
-        .http2_keepalive_interval(Some(Duration::from_secs(30)));
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        // Headers up to 64 KiB reach the handler, so a token over the 16 KiB limit gets a
+        // clean UNAUTHENTICATED instead of a bare HTTP 431; larger ones are still cut off.
+        .http2_max_header_list_size(Some(64 * 1024));
     if let Some(tls) = &cfg.server.tls {
         let read = |p: &std::path::Path| std::fs::read(p).map_err(|e| StartError::Tls(format!("{}: {e}", p.display())));
         let mut t = tonic::transport::ServerTlsConfig::new()

@@ -1,0 +1,202 @@
+//! Shared test harness: a development issuer and a real broker on 127.0.0.1:0, each
+//! test owning its own of both, plus its own SQLite file and keys.
+#![allow(dead_code)]
+
+use latchkey::clock::SystemClock;
+use latchkey::config::Config;
+use latchkey::devissuer::{DevIssuer, DEV_REPOSITORY};
+use latchkey::jose::Alg;
+use latchkey::keys::MasterKey;
+use latchkey::server::Running;
+use latchkey::transport::pb::credential_broker_client::CredentialBrokerClient;
+use latchkey::transport::pb::{ExplainRequest, MintRequest, MintResponse};
+use std::path::PathBuf;
+use std::sync::Arc;
+use tonic::transport::Channel;
+
+pub struct Env {
+    pub issuer: DevIssuer,
+    pub running: Option<Running>,
+    pub dir: tempfile::TempDir,
+    pub client: CredentialBrokerClient<Channel>,
+    pub http: String,
+    pub db: PathBuf,
+    pub config: Config,
+}
+
+pub fn config_text(issuer_url: &str, audience: &str, db: &str, issuer_extra: &str, store_extra: &str) -> String {
+    format!(
+        r#"
+[server]
+grpc_addr = "127.0.0.1:0"
+http_addr = "127.0.0.1:0"
+issuer_url = "http://127.0.0.1:9/latchkey"
+
+[store]
+path = "{db}"
+{store_extra}
+
+[[issuers]]
+name = "bb"
+preset = "bitbucket"
+issuer = "{issuer_url}"
+audiences = ["{audience}", "second-audience"]
+{issuer_extra}
+
+[[targets]]
+name = "orders-api"
+kind = "jwt"
+audience = "https://orders.example.com"
+default_ttl = "5m"
+max_ttl = "1h"
+subject = "bb:{{repositoryUuid}}"
+claims = {{ branch = "{{branchName}}" }}
+
+[[targets]]
+name = "ed-api"
+kind = "jwt"
+audience = "ed"
+algorithm = "EdDSA"
+
+[[targets]]
+name = "rsa-api"
+kind = "jwt"
+audience = "rsa"
+algorithm = "RS256"
+
+[[targets]]
+name = "reports"
+kind = "jwt"
+audience = "reports"
+max_ttl = "30m"
+
+[[targets]]
+name = "team-api"
+kind = "jwt"
+audience = "team"
+
+[[rules]]
+name = "orders-main-and-release"
+issuer = "bb"
+claims = {{ repositoryUuid = "{repo}", branchName = ["main", {{ glob = "release/*" }}] }}
+grants = [
+  {{ target = "orders-api", scopes = ["orders:read"] }},
+  {{ target = "orders-api", scopes = ["orders:write"], max_ttl = "10m" }},
+  {{ target = "ed-api", scopes = ["e"] }},
+  {{ target = "rsa-api", scopes = ["r"] }},
+]
+
+[[rules]]
+name = "reports-any-branch"
+issuer = "bb"
+claims = {{ repositoryUuid = "{repo}" }}
+grants = [{{ target = "reports", scopes = ["reports:read"] }}]
+
+[[rules]]
+name = "team-by-pointer-and-regex"
+issuer = "bb"
+claims = {{ "/ci/team" = {{ regex = "pay(ments)?" }}, branchName = {{ not = {{ glob = "wip/*" }} }} }}
+grants = [{{ target = "team-api", scopes = ["t"] }}]
+
+[[rules]]
+name = "no-experimental"
+issuer = "bb"
+effect = "deny"
+claims = {{ branchName = {{ glob = "experimental/*" }} }}
+"#,
+        repo = DEV_REPOSITORY
+    )
+}
+
+impl Env {
+    pub async fn start() -> Env {
+        Env::start_with("jwks_cooldown = \"0s\"", "busy_timeout = \"300ms\"").await
+    }
+
+    pub async fn start_with(issuer_extra: &str, store_extra: &str) -> Env {
+        let issuer = DevIssuer::spawn("127.0.0.1:0".parse().unwrap(), Alg::RS256).await.unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("latchkey.db");
+        let text = config_text(issuer.issuer_url(), &issuer.audience(), &db.display().to_string(), issuer_extra, store_extra);
+        let config = Config::parse(&text, "test.toml").unwrap();
+        let running = latchkey::server::start(&config, &MasterKey::generate(), Arc::new(SystemClock)).await.unwrap();
+        let client = CredentialBrokerClient::connect(format!("http://{}", running.grpc_addr)).await.unwrap();
+        Env {
+            http: format!("http://{}", running.http_addr),
+            issuer,
+            running: Some(running),
+            dir,
+            client,
+            db,
+            config,
+        }
+    }
+
+    pub fn token(&self, branch: &str) -> String {
+        self.issuer.sign(&self.issuer.bitbucket_claims(branch))
+    }
+
+    pub fn claims(&self, branch: &str) -> serde_json::Value {
+        self.issuer.bitbucket_claims(branch)
+    }
+
+    pub async fn mint(&self, token: &str, target: &str, scopes: &[&str], ttl: Option<i64>) -> Result<MintResponse, tonic::Status> {
+        let mut c = self.client.clone();
+        let req = MintRequest {
+            target: target.into(),
+            scopes: scopes.iter().map(|s| s.to_string()).collect(),
+            ttl: ttl.map(|s| prost_types::Duration { seconds: s, nanos: 0 }),
+            context: [("commit".to_string(), "abc123".to_string())].into(),
+        };
+        c.mint(authed(req, token)).await.map(|r| r.into_inner())
+    }
+
+    pub async fn explain(&self, token: &str, target: &str, scopes: &[&str]) -> Result<latchkey::transport::pb::ExplainResponse, tonic::Status> {
+        let mut c = self.client.clone();
+        let req = ExplainRequest {
+            target: target.into(),
+            scopes: scopes.iter().map(|s| s.to_string()).collect(),
+        };
+        c.explain(authed(req, token)).await.map(|r| r.into_inner())
+    }
+
+    pub async fn records(&self) -> Vec<latchkey::audit::AuditRecord> {
+        self.running.as_ref().unwrap().broker.store().records(0, 100_000).await.unwrap()
+    }
+
+    /// Stops the broker but keeps the files for inspection.
+    pub async fn stop_checkpointless(&mut self) {
+        if let Some(r) = self.running.take() {
+            r.shutdown().await;
+        }
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(r) = self.running.take() {
+            r.shutdown().await;
+        }
+    }
+}
+
+pub fn authed<T>(msg: T, token: &str) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(msg);
+    if !token.is_empty() {
+        r.metadata_mut().insert("authorization", format!("Bearer {token}").parse().unwrap());
+    }
+    r
+}
+
+pub fn all_bytes_under(dir: &std::path::Path) -> Vec<u8> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_file() {
+            out.extend(std::fs::read(&p).unwrap());
+        }
+    }
+    out
+}
+
+pub fn contains(hay: &[u8], needle: &str) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle.as_bytes())
+}
