@@ -53,14 +53,22 @@ impl MintRequest {
         if self.target.is_empty() {
             return bad("target is required".into());
         }
-        if self.target.len() > limits::TARGET_LEN || self.target.chars().any(|c| c.is_control() || c.is_whitespace()) {
+        if self.target.len() > limits::TARGET_LEN
+            || self
+                .target
+                .chars()
+                .any(|c| c.is_control() || c.is_whitespace())
+        {
             return bad("target is not a valid name".into());
         }
         if self.scopes.len() > limits::SCOPES {
             return bad(format!("at most {} scopes", limits::SCOPES));
         }
         for s in &self.scopes {
-            if s.is_empty() || s.len() > limits::SCOPE_LEN || s.chars().any(|c| c.is_control() || c.is_whitespace()) {
+            if s.is_empty()
+                || s.len() > limits::SCOPE_LEN
+                || s.chars().any(|c| c.is_control() || c.is_whitespace())
+            {
                 return bad("scope is not valid (1-256 characters, no whitespace)".into());
             }
         }
@@ -73,11 +81,17 @@ impl MintRequest {
             }
         }
         if self.context.len() > limits::CONTEXT_ENTRIES {
-            return bad(format!("at most {} context entries", limits::CONTEXT_ENTRIES));
+            return bad(format!(
+                "at most {} context entries",
+                limits::CONTEXT_ENTRIES
+            ));
         }
         let mut total = 0;
         for (k, v) in &self.context {
-            if k.is_empty() || k.len() > limits::CONTEXT_KEY_LEN || v.len() > limits::CONTEXT_VALUE_LEN {
+            if k.is_empty()
+                || k.len() > limits::CONTEXT_KEY_LEN
+                || v.len() > limits::CONTEXT_VALUE_LEN
+            {
                 return bad(format!(
                     "context keys are 1-{} bytes, values at most {} bytes",
                     limits::CONTEXT_KEY_LEN,
@@ -87,7 +101,10 @@ impl MintRequest {
             total += k.len() + v.len();
         }
         if total > limits::CONTEXT_TOTAL {
-            return bad(format!("context larger than {} bytes", limits::CONTEXT_TOTAL));
+            return bad(format!(
+                "context larger than {} bytes",
+                limits::CONTEXT_TOTAL
+            ));
         }
         Ok(())
     }
@@ -201,21 +218,39 @@ pub struct Broker {
 
 impl std::fmt::Debug for Broker {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Broker").field("targets", &self.targets.keys().collect::<Vec<_>>()).finish_non_exhaustive()
+        f.debug_struct("Broker")
+            .field("targets", &self.targets.keys().collect::<Vec<_>>())
+            .finish_non_exhaustive()
     }
 }
 
 impl Broker {
     /// Builds the broker from checked config, an open store and a loaded key ring.
-    pub fn new(cfg: &Config, store: Arc<dyn Store>, keys: Arc<KeyRing>, clock: SharedClock) -> Broker {
+    pub fn new(
+        cfg: &Config,
+        store: Arc<dyn Store>,
+        keys: Arc<KeyRing>,
+        clock: SharedClock,
+    ) -> Broker {
         let targets = cfg
             .targets
             .iter()
             .map(|t| {
                 let minter: Arc<dyn Minter> = match &t.kind {
-                    TargetKind::Jwt(j) => Arc::new(JwtMinter::new(&t.name, j.clone(), &cfg.server.issuer_url, keys.clone())),
+                    TargetKind::Jwt(j) => Arc::new(JwtMinter::new(
+                        &t.name,
+                        j.clone(),
+                        &cfg.server.issuer_url,
+                        keys.clone(),
+                    )),
                 };
-                (t.name.clone(), Target { cfg: t.clone(), minter })
+                (
+                    t.name.clone(),
+                    Target {
+                        cfg: t.clone(),
+                        minter,
+                    },
+                )
             })
             .collect();
         Broker {
@@ -249,7 +284,14 @@ impl Broker {
         &self.issuer_url
     }
 
-    fn entry(&self, action: &str, request_id: &str, token: Option<&str>, target: &str, scopes: &[String]) -> AuditEntry {
+    fn entry(
+        &self,
+        action: &str,
+        request_id: &str,
+        token: Option<&str>,
+        target: &str,
+        scopes: &[String],
+    ) -> AuditEntry {
         AuditEntry {
             time_ms: self.clock.now_ms(),
             request_id: request_id.to_string(),
@@ -257,13 +299,21 @@ impl Broker {
             outcome: "denied".into(),
             token_fingerprint: token.map(crate::jose::sha256_hex),
             target: (!target.is_empty()).then(|| truncate(target, limits::TARGET_LEN)),
-            requested_scopes: scopes.iter().take(limits::SCOPES).map(|s| truncate(s, limits::SCOPE_LEN)).collect(),
+            requested_scopes: scopes
+                .iter()
+                .take(limits::SCOPES)
+                .map(|s| truncate(s, limits::SCOPE_LEN))
+                .collect(),
             claims: serde_json::Value::Null,
             ..AuditEntry::default()
         }
     }
 
-    async fn identify(&self, token: Option<&str>, entry: &mut AuditEntry) -> Result<WorkloadIdentity, BrokerError> {
+    async fn identify(
+        &self,
+        token: Option<&str>,
+        entry: &mut AuditEntry,
+    ) -> Result<WorkloadIdentity, BrokerError> {
         let token = token.ok_or(IdentityError::Missing)?;
         let id = self.verifier.verify(token).await?;
         entry.issuer = Some(id.issuer_name.clone());
@@ -278,12 +328,19 @@ impl Broker {
     }
 
     fn target(&self, name: &str) -> Result<&Target, BrokerError> {
-        self.targets.get(name).ok_or_else(|| BrokerError::UnknownTarget(name.to_string()))
+        self.targets
+            .get(name)
+            .ok_or_else(|| BrokerError::UnknownTarget(name.to_string()))
     }
 
     /// Records a failure and returns it, or the audit failure if even that cannot be
     /// recorded.
-    async fn fail<T>(&self, mut entry: AuditEntry, err: BrokerError, started: Instant) -> Result<T, BrokerError> {
+    async fn fail<T>(
+        &self,
+        mut entry: AuditEntry,
+        err: BrokerError,
+        started: Instant,
+    ) -> Result<T, BrokerError> {
         entry.outcome = match err {
             BrokerError::Mint(_) => "error".into(),
             _ => "denied".into(),
@@ -299,7 +356,12 @@ impl Broker {
     /// Verify → decide → mint → audit. The credential is returned only after its audit
     /// record is committed; if the record cannot be committed, the caller gets
     /// [`BrokerError::Audit`] and the credential is dropped.
-    pub async fn mint(&self, token: Option<&str>, req: MintRequest, request_id: &str) -> Result<Minted, BrokerError> {
+    pub async fn mint(
+        &self,
+        token: Option<&str>,
+        req: MintRequest,
+        request_id: &str,
+    ) -> Result<Minted, BrokerError> {
         let started = Instant::now();
         let mut entry = self.entry("mint", request_id, token, &req.target, &req.scopes);
         if let Err(e) = req.validate() {
@@ -370,7 +432,13 @@ impl Broker {
     }
 
     /// What Mint would decide, with a trace; mints nothing. The explanation is audited.
-    pub async fn explain(&self, token: Option<&str>, target: &str, scopes: &[String], request_id: &str) -> Result<Explained, BrokerError> {
+    pub async fn explain(
+        &self,
+        token: Option<&str>,
+        target: &str,
+        scopes: &[String],
+        request_id: &str,
+    ) -> Result<Explained, BrokerError> {
         let started = Instant::now();
         let mut entry = self.entry("explain", request_id, token, target, scopes);
         let probe = MintRequest {
@@ -393,7 +461,16 @@ impl Broker {
             default_ttl: t.cfg.default_ttl,
             max_ttl: t.cfg.max_ttl,
         };
-        let ex = self.policy.explain(&identity.issuer_name, &identity.claims, limits, Request { target, scopes, ttl: None });
+        let ex = self.policy.explain(
+            &identity.issuer_name,
+            &identity.claims,
+            limits,
+            Request {
+                target,
+                scopes,
+                ttl: None,
+            },
+        );
         let out = match &ex.decision {
             Ok(a) => Explained {
                 allowed: true,
@@ -466,19 +543,54 @@ mod tests {
         assert!(ok.validate().is_ok());
         let cases = [
             MintRequest::default(),
-            MintRequest { target: "a b".into(), ..ok.clone() },
-            MintRequest { target: "x".repeat(200), ..ok.clone() },
-            MintRequest { scopes: vec!["".into()], ..ok.clone() },
-            MintRequest { scopes: vec!["a b".into()], ..ok.clone() },
-            MintRequest { scopes: vec!["s".into(); 65], ..ok.clone() },
-            MintRequest { ttl: Some(Duration::ZERO), ..ok.clone() },
-            MintRequest { ttl: Some(Duration::from_secs(limits::TTL_SECS + 1)), ..ok.clone() },
-            MintRequest { context: (0..33).map(|i| (format!("k{i}"), "v".into())).collect(), ..ok.clone() },
-            MintRequest { context: [("k".to_string(), "v".repeat(2000))].into(), ..ok.clone() },
-            MintRequest { context: (0..20).map(|i| (format!("k{i}"), "v".repeat(1000))).collect(), ..ok.clone() },
+            MintRequest {
+                target: "a b".into(),
+                ..ok.clone()
+            },
+            MintRequest {
+                target: "x".repeat(200),
+                ..ok.clone()
+            },
+            MintRequest {
+                scopes: vec!["".into()],
+                ..ok.clone()
+            },
+            MintRequest {
+                scopes: vec!["a b".into()],
+                ..ok.clone()
+            },
+            MintRequest {
+                scopes: vec!["s".into(); 65],
+                ..ok.clone()
+            },
+            MintRequest {
+                ttl: Some(Duration::ZERO),
+                ..ok.clone()
+            },
+            MintRequest {
+                ttl: Some(Duration::from_secs(limits::TTL_SECS + 1)),
+                ..ok.clone()
+            },
+            MintRequest {
+                context: (0..33).map(|i| (format!("k{i}"), "v".into())).collect(),
+                ..ok.clone()
+            },
+            MintRequest {
+                context: [("k".to_string(), "v".repeat(2000))].into(),
+                ..ok.clone()
+            },
+            MintRequest {
+                context: (0..20)
+                    .map(|i| (format!("k{i}"), "v".repeat(1000)))
+                    .collect(),
+                ..ok.clone()
+            },
         ];
         for c in cases {
-            assert!(matches!(c.validate(), Err(BrokerError::InvalidRequest(_))), "{c:?}");
+            assert!(
+                matches!(c.validate(), Err(BrokerError::InvalidRequest(_))),
+                "{c:?}"
+            );
         }
     }
 

@@ -40,12 +40,17 @@ pub struct DevIssuer {
 
 impl std::fmt::Debug for DevIssuer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("DevIssuer").field("issuer", &self.state.issuer).finish()
+        f.debug_struct("DevIssuer")
+            .field("issuer", &self.state.issuer)
+            .finish()
     }
 }
 
 fn now() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
 }
 
 impl DevIssuer {
@@ -55,7 +60,8 @@ impl DevIssuer {
     pub async fn spawn(addr: SocketAddr, alg: Alg) -> std::io::Result<DevIssuer> {
         let listener = tokio::net::TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
-        let (key, _) = SigningKey::generate(alg).map_err(|e| std::io::Error::other(e.to_string()))?;
+        let (key, _) =
+            SigningKey::generate(alg).map_err(|e| std::io::Error::other(e.to_string()))?;
         let key = Arc::new(key);
         let state = Arc::new(DevState {
             issuer: format!("http://{addr}"),
@@ -96,12 +102,20 @@ impl DevIssuer {
 
     /// The audience its Bitbucket-shaped tokens carry.
     pub fn audience(&self) -> String {
-        format!("ari:cloud:bitbucket::workspace/{}", DEV_WORKSPACE.trim_matches(|c| c == '{' || c == '}'))
+        format!(
+            "ari:cloud:bitbucket::workspace/{}",
+            DEV_WORKSPACE.trim_matches(|c| c == '{' || c == '}')
+        )
     }
 
     /// Signs `claims` with the current key.
     pub fn sign(&self, claims: &Value) -> String {
-        let key = self.state.signing.read().unwrap_or_else(|e| e.into_inner()).clone();
+        let key = self
+            .state
+            .signing
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
         sign_with(&key, claims)
     }
 
@@ -116,17 +130,34 @@ impl DevIssuer {
     pub fn rotate(&self, alg: Alg, publish: bool) -> Arc<SigningKey> {
         let (key, _) = SigningKey::generate(alg).expect("key generation");
         let key = Arc::new(key);
-        *self.state.signing.write().unwrap_or_else(|e| e.into_inner()) = key.clone();
+        *self
+            .state
+            .signing
+            .write()
+            .unwrap_or_else(|e| e.into_inner()) = key.clone();
         if publish {
-            self.state.published.write().unwrap_or_else(|e| e.into_inner()).push(key.clone());
+            self.state
+                .published
+                .write()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(key.clone());
         }
         key
     }
 
     /// Publishes the current signing key if it is not yet in the JWKS.
     pub fn publish_all(&self) {
-        let cur = self.state.signing.read().unwrap_or_else(|e| e.into_inner()).clone();
-        let mut p = self.state.published.write().unwrap_or_else(|e| e.into_inner());
+        let cur = self
+            .state
+            .signing
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let mut p = self
+            .state
+            .published
+            .write()
+            .unwrap_or_else(|e| e.into_inner());
         if !p.iter().any(|k| k.kid() == cur.kid()) {
             p.push(cur);
         }
@@ -158,7 +189,8 @@ impl Drop for DevIssuer {
 
 /// Signs `claims` with `key` as a JWT.
 pub fn sign_with(key: &SigningKey, claims: &Value) -> String {
-    key.sign_jwt(claims, None).expect("signing with a freshly generated key")
+    key.sign_jwt(claims, None)
+        .expect("signing with a freshly generated key")
 }
 
 /// Bitbucket Pipelines-shaped claims (see TARGETS.md) for the dev repository.
@@ -205,7 +237,13 @@ async fn jwks(State(s): State<Arc<DevState>>) -> Response {
         return unavailable();
     }
     s.jwks_fetches.fetch_add(1, Ordering::SeqCst);
-    let keys: Vec<Value> = s.published.read().unwrap_or_else(|e| e.into_inner()).iter().map(|k| k.public_jwk()).collect();
+    let keys: Vec<Value> = s
+        .published
+        .read()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter()
+        .map(|k| k.public_jwk())
+        .collect();
     Json(json!({ "keys": keys })).into_response()
 }
 
@@ -215,7 +253,10 @@ async fn token(State(s): State<Arc<DevState>>, body: Option<Json<Value>>) -> Res
     if s.down.load(Ordering::SeqCst) {
         return unavailable();
     }
-    let aud = format!("ari:cloud:bitbucket::workspace/{}", DEV_WORKSPACE.trim_matches(|c| c == '{' || c == '}'));
+    let aud = format!(
+        "ari:cloud:bitbucket::workspace/{}",
+        DEV_WORKSPACE.trim_matches(|c| c == '{' || c == '}')
+    );
     let mut claims = bitbucket_claims(&s.issuer, &aud, "main");
     if let (Some(Json(Value::Object(over))), Value::Object(c)) = (body, &mut claims) {
         for (k, v) in over {

@@ -197,20 +197,18 @@ impl SigningKey {
     pub fn generate(alg: Alg) -> Result<(SigningKey, Vec<u8>), JoseError> {
         let rng = SystemRandom::new();
         let pkcs8 = match alg {
-            Alg::ES256 => EcdsaKeyPair::generate_pkcs8(
-                &signature::ECDSA_P256_SHA256_FIXED_SIGNING,
-                &rng,
-            )
-            .map_err(|_| JoseError::Key(alg))?
-            .as_ref()
-            .to_vec(),
-            Alg::ES384 => EcdsaKeyPair::generate_pkcs8(
-                &signature::ECDSA_P384_SHA384_FIXED_SIGNING,
-                &rng,
-            )
-            .map_err(|_| JoseError::Key(alg))?
-            .as_ref()
-            .to_vec(),
+            Alg::ES256 => {
+                EcdsaKeyPair::generate_pkcs8(&signature::ECDSA_P256_SHA256_FIXED_SIGNING, &rng)
+                    .map_err(|_| JoseError::Key(alg))?
+                    .as_ref()
+                    .to_vec()
+            }
+            Alg::ES384 => {
+                EcdsaKeyPair::generate_pkcs8(&signature::ECDSA_P384_SHA384_FIXED_SIGNING, &rng)
+                    .map_err(|_| JoseError::Key(alg))?
+                    .as_ref()
+                    .to_vec()
+            }
             Alg::EdDSA => Ed25519KeyPair::generate_pkcs8(&rng)
                 .map_err(|_| JoseError::Key(alg))?
                 .as_ref()
@@ -220,7 +218,8 @@ impl SigningKey {
                 // openidconnect) does, and ring signs with the result.
                 use rsa::pkcs8::EncodePrivateKey;
                 let mut rng = rsa::rand_core::OsRng;
-                let key = rsa::RsaPrivateKey::new(&mut rng, 2048).map_err(|_| JoseError::Key(alg))?;
+                let key =
+                    rsa::RsaPrivateKey::new(&mut rng, 2048).map_err(|_| JoseError::Key(alg))?;
                 key.to_pkcs8_der()
                     .map_err(|_| JoseError::Key(alg))?
                     .as_bytes()
@@ -299,7 +298,11 @@ impl SigningKey {
     }
 
     /// Signs a JWT: header `{alg, typ: "JWT", kid}` plus `extra_header`, and `claims`.
-    pub fn sign_jwt(&self, claims: &Value, extra_header: Option<&Value>) -> Result<String, JoseError> {
+    pub fn sign_jwt(
+        &self,
+        claims: &Value,
+        extra_header: Option<&Value>,
+    ) -> Result<String, JoseError> {
         let mut header = json!({"alg": self.alg.as_str(), "typ": "JWT", "kid": self.kid});
         if let (Some(Value::Object(extra)), Value::Object(h)) = (extra_header, &mut header) {
             for (k, v) in extra {
@@ -342,7 +345,11 @@ impl SigningKey {
             Inner::Ecdsa(k) => {
                 let point = k.public_key().as_ref();
                 let n = (point.len() - 1) / 2;
-                let crv = if self.alg.family() == KeyFamily::P384 { "P-384" } else { "P-256" };
+                let crv = if self.alg.family() == KeyFamily::P384 {
+                    "P-384"
+                } else {
+                    "P-256"
+                };
                 json!({"crv": crv, "kty": "EC", "x": b64(&point[1..1 + n]), "y": b64(&point[1 + n..])})
             }
             Inner::Ed25519(k) => {
@@ -364,7 +371,10 @@ impl SigningKey {
 }
 
 fn trim_zeros(b: &[u8]) -> &[u8] {
-    let i = b.iter().position(|&x| x != 0).unwrap_or(b.len().saturating_sub(1));
+    let i = b
+        .iter()
+        .position(|&x| x != 0)
+        .unwrap_or(b.len().saturating_sub(1));
     &b[i..]
 }
 
@@ -383,9 +393,11 @@ mod tests {
             signature::UnparsedPublicKey::new(alg.verification(), &public)
                 .verify(b"hello", &sig)
                 .expect("verifies");
-            assert!(signature::UnparsedPublicKey::new(alg.verification(), &public)
-                .verify(b"hellO", &sig)
-                .is_err());
+            assert!(
+                signature::UnparsedPublicKey::new(alg.verification(), &public)
+                    .verify(b"hellO", &sig)
+                    .is_err()
+            );
             let dbg = format!("{key:?}");
             assert!(dbg.contains(key.kid()) && !dbg.contains("pkcs8"));
         }

@@ -6,7 +6,10 @@ use latchkey::cli::{self, Cli, Command, LogFormat, PolicyCommand};
 fn main() {
     let args = Cli::parse();
     latchkey::telemetry::init(args.log_format == LogFormat::Json, None);
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
@@ -24,7 +27,10 @@ fn main() {
                 command: PolicyCommand::Test(a),
             } => Ok(cli::policy_test::run(a)),
             Command::Keygen => {
-                println!("{}", latchkey::keys::MasterKey::generate().to_base64().expose());
+                println!(
+                    "{}",
+                    latchkey::keys::MasterKey::generate().to_base64().expose()
+                );
                 Ok(0)
             }
         };

@@ -78,7 +78,11 @@ impl Running {
 
 /// Opens the store, loads keys, binds both listeners and serves. Fails before serving
 /// anything when any part cannot be set up.
-pub async fn start(cfg: &Config, master: &MasterKey, clock: SharedClock) -> Result<Running, StartError> {
+pub async fn start(
+    cfg: &Config,
+    master: &MasterKey,
+    clock: SharedClock,
+) -> Result<Running, StartError> {
     let store = SqliteStore::open(&sqlite::Config {
         path: cfg.store.path.clone(),
         busy_timeout: cfg.store.busy_timeout,
@@ -100,8 +104,14 @@ pub async fn start(cfg: &Config, master: &MasterKey, clock: SharedClock) -> Resu
 
     let grpc_listener = bind(cfg.server.grpc_addr).await?;
     let http_listener = bind(cfg.server.http_addr).await?;
-    let grpc_addr = grpc_listener.local_addr().map_err(|e| StartError::Bind { addr: cfg.server.grpc_addr, reason: e.to_string() })?;
-    let http_addr = http_listener.local_addr().map_err(|e| StartError::Bind { addr: cfg.server.http_addr, reason: e.to_string() })?;
+    let grpc_addr = grpc_listener.local_addr().map_err(|e| StartError::Bind {
+        addr: cfg.server.grpc_addr,
+        reason: e.to_string(),
+    })?;
+    let http_addr = http_listener.local_addr().map_err(|e| StartError::Bind {
+        addr: cfg.server.http_addr,
+        reason: e.to_string(),
+    })?;
 
     let (stop, stopped) = watch::channel(false);
     let mut builder = tonic::transport::Server::builder()
@@ -112,15 +122,21 @@ pub async fn start(cfg: &Config, master: &MasterKey, clock: SharedClock) -> Resu
         // clean UNAUTHENTICATED instead of a bare HTTP 431; larger ones are still cut off.
         .http2_max_header_list_size(Some(64 * 1024));
     if let Some(tls) = &cfg.server.tls {
-        let read = |p: &std::path::Path| std::fs::read(p).map_err(|e| StartError::Tls(format!("{}: {e}", p.display())));
-        let mut t = tonic::transport::ServerTlsConfig::new()
-            .identity(tonic::transport::Identity::from_pem(read(&tls.cert_file)?, read(&tls.key_file)?));
+        let read = |p: &std::path::Path| {
+            std::fs::read(p).map_err(|e| StartError::Tls(format!("{}: {e}", p.display())))
+        };
+        let mut t = tonic::transport::ServerTlsConfig::new().identity(
+            tonic::transport::Identity::from_pem(read(&tls.cert_file)?, read(&tls.key_file)?),
+        );
         if let Some(ca) = &tls.client_ca_file {
             t = t.client_ca_root(tonic::transport::Certificate::from_pem(read(ca)?));
         }
-        builder = builder.tls_config(t).map_err(|e| StartError::Tls(e.to_string()))?;
+        builder = builder
+            .tls_config(t)
+            .map_err(|e| StartError::Tls(e.to_string()))?;
     }
-    let service = CredentialBrokerServer::new(BrokerService::new(broker.clone())).max_decoding_message_size(MAX_REQUEST_BYTES);
+    let service = CredentialBrokerServer::new(BrokerService::new(broker.clone()))
+        .max_decoding_message_size(MAX_REQUEST_BYTES);
     let router = builder.add_service(service);
     let mut s1 = stopped.clone();
     let grpc_task = tokio::spawn(async move {
@@ -159,5 +175,10 @@ pub async fn start(cfg: &Config, master: &MasterKey, clock: SharedClock) -> Resu
 }
 
 async fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener, StartError> {
-    tokio::net::TcpListener::bind(addr).await.map_err(|e| StartError::Bind { addr, reason: e.to_string() })
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| StartError::Bind {
+            addr,
+            reason: e.to_string(),
+        })
 }

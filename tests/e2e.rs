@@ -13,15 +13,26 @@ use serde_json::{json, Value};
 use tonic::Code;
 
 async fn broker_jwks(env: &Env) -> JwkSet {
-    let doc: Value = reqwest::get(format!("{}/latchkey/.well-known/openid-configuration", env.http))
+    let doc: Value = reqwest::get(format!(
+        "{}/latchkey/.well-known/openid-configuration",
+        env.http
+    ))
+    .await
+    .unwrap()
+    .json()
+    .await
+    .unwrap();
+    assert_eq!(doc["issuer"], "http://127.0.0.1:9/latchkey");
+    assert_eq!(
+        doc["jwks_uri"],
+        "http://127.0.0.1:9/latchkey/.well-known/jwks.json"
+    );
+    reqwest::get(format!("{}/latchkey/.well-known/jwks.json", env.http))
         .await
         .unwrap()
         .json()
         .await
-        .unwrap();
-    assert_eq!(doc["issuer"], "http://127.0.0.1:9/latchkey");
-    assert_eq!(doc["jwks_uri"], "http://127.0.0.1:9/latchkey/.well-known/jwks.json");
-    reqwest::get(format!("{}/latchkey/.well-known/jwks.json", env.http)).await.unwrap().json().await.unwrap()
+        .unwrap()
 }
 
 fn verify_independently(token: &str, jwks: &JwkSet, alg: Algorithm, aud: &str) -> Value {
@@ -34,7 +45,9 @@ fn verify_independently(token: &str, jwks: &JwkSet, alg: Algorithm, aud: &str) -
     v.set_issuer(&["http://127.0.0.1:9/latchkey"]);
     v.set_required_spec_claims(&["exp", "iss", "aud", "sub", "nbf"]);
     v.leeway = 0;
-    jsonwebtoken::decode::<Value>(token, &DecodingKey::from_jwk(jwk).unwrap(), &v).unwrap().claims
+    jsonwebtoken::decode::<Value>(token, &DecodingKey::from_jwk(jwk).unwrap(), &v)
+        .unwrap()
+        .claims
 }
 
 #[tokio::test]
@@ -47,28 +60,54 @@ async fn happy_path_mints_a_jwt_any_library_verifies() {
     let lease = resp.lease.unwrap();
     assert_eq!(cred.kind, "jwt");
     let jwks = broker_jwks(&env).await;
-    let claims = verify_independently(&cred.token, &jwks, Algorithm::ES256, "https://orders.example.com");
+    let claims = verify_independently(
+        &cred.token,
+        &jwks,
+        Algorithm::ES256,
+        "https://orders.example.com",
+    );
     assert_eq!(claims["iss"], "http://127.0.0.1:9/latchkey");
     assert_eq!(claims["sub"], format!("bb:{DEV_REPOSITORY}"));
     assert_eq!(claims["aud"], "https://orders.example.com");
     assert_eq!(claims["scope"], "orders:read orders:write");
     assert_eq!(claims["branch"], "main");
     assert_eq!(claims["jti"], lease.id);
-    assert_eq!(claims["act"], json!({"iss": caller["iss"], "sub": caller["sub"]}));
-    let (iat, nbf, exp) = (claims["iat"].as_i64().unwrap(), claims["nbf"].as_i64().unwrap(), claims["exp"].as_i64().unwrap());
+    assert_eq!(
+        claims["act"],
+        json!({"iss": caller["iss"], "sub": caller["sub"]})
+    );
+    let (iat, nbf, exp) = (
+        claims["iat"].as_i64().unwrap(),
+        claims["nbf"].as_i64().unwrap(),
+        claims["exp"].as_i64().unwrap(),
+    );
     assert_eq!(nbf, iat);
-    assert_eq!(exp - iat, 300, "target default 5m (below the 10m cap of the write grant)");
+    assert_eq!(
+        exp - iat,
+        300,
+        "target default 5m (below the 10m cap of the write grant)"
+    );
     assert_eq!(lease.expires_at.unwrap().seconds, exp);
     assert_eq!(cred.expires_at.unwrap().seconds, exp);
     assert_eq!(lease.scopes, vec!["orders:read", "orders:write"]);
     assert!(!lease.renewable);
 
     // The other signing algorithms verify the same way.
-    for (target, alg, aud) in [("ed-api", Algorithm::EdDSA, "ed"), ("rsa-api", Algorithm::RS256, "rsa")] {
+    for (target, alg, aud) in [
+        ("ed-api", Algorithm::EdDSA, "ed"),
+        ("rsa-api", Algorithm::RS256, "rsa"),
+    ] {
         let r = env.mint(&token, target, &[], None).await.unwrap();
         let jwks = broker_jwks(&env).await;
         let c = verify_independently(&r.credential.unwrap().token, &jwks, alg, aud);
-        assert_eq!(c["sub"], format!("bb:{}/{}", latchkey::devissuer::DEV_WORKSPACE, DEV_REPOSITORY));
+        assert_eq!(
+            c["sub"],
+            format!(
+                "bb:{}/{}",
+                latchkey::devissuer::DEV_WORKSPACE,
+                DEV_REPOSITORY
+            )
+        );
     }
     env.stop().await;
 }
@@ -76,21 +115,40 @@ async fn happy_path_mints_a_jwt_any_library_verifies() {
 #[tokio::test]
 async fn default_subject_is_the_stable_identity_key() {
     let env = Env::start().await;
-    let r = env.mint(&env.token("main"), "ed-api", &[], None).await.unwrap();
+    let r = env
+        .mint(&env.token("main"), "ed-api", &[], None)
+        .await
+        .unwrap();
     let jwks = broker_jwks(&env).await;
     let c = verify_independently(&r.credential.unwrap().token, &jwks, Algorithm::EdDSA, "ed");
-    assert_eq!(c["sub"], format!("bb:{}/{}", latchkey::devissuer::DEV_WORKSPACE, DEV_REPOSITORY));
+    assert_eq!(
+        c["sub"],
+        format!(
+            "bb:{}/{}",
+            latchkey::devissuer::DEV_WORKSPACE,
+            DEV_REPOSITORY
+        )
+    );
     env.stop().await;
 }
 
 async fn expect(env: &Env, token: &str, code: Code, msg: &str) {
     let e = env.mint(token, "orders-api", &[], None).await.unwrap_err();
     assert_eq!(e.code(), code, "{e:?}");
-    assert!(e.message().contains(msg), "expected {msg:?} in {:?}", e.message());
+    assert!(
+        e.message().contains(msg),
+        "expected {msg:?} in {:?}",
+        e.message()
+    );
 }
 
 fn forge(header: Value, claims: &Value, sig: &[u8]) -> String {
-    format!("{}.{}.{}", b64(serde_json::to_vec(&header).unwrap()), b64(serde_json::to_vec(claims).unwrap()), b64(sig))
+    format!(
+        "{}.{}.{}",
+        b64(serde_json::to_vec(&header).unwrap()),
+        b64(serde_json::to_vec(claims).unwrap()),
+        b64(sig)
+    )
 }
 
 #[tokio::test]
@@ -102,54 +160,173 @@ async fn every_token_rejection_is_unauthenticated_with_the_failed_check() {
         f(&mut c);
         env.issuer.sign(&c)
     };
-    expect(&env, &with(&|c| c["exp"] = json!(now - 120)), Code::Unauthenticated, "token expired").await;
-    expect(&env, &with(&|c| c["nbf"] = json!(now + 600)), Code::Unauthenticated, "not yet valid").await;
-    expect(&env, &with(&|c| c["iss"] = json!("https://evil.example.com")), Code::Unauthenticated, "unknown issuer").await;
-    expect(&env, &with(&|c| c["aud"] = json!("someone-else")), Code::Unauthenticated, "audience").await;
-    env.mint(&with(&|c| c["aud"] = json!(["x", "second-audience"])), "orders-api", &[], None).await.expect("aud array with one accepted audience");
-    expect(&env, &with(&|c| { c.as_object_mut().unwrap().remove("exp"); }), Code::Unauthenticated, "claim exp").await;
-    expect(&env, &with(&|c| { c.as_object_mut().unwrap().remove("repositoryUuid"); }), Code::Unauthenticated, "claim repositoryUuid").await;
+    expect(
+        &env,
+        &with(&|c| c["exp"] = json!(now - 120)),
+        Code::Unauthenticated,
+        "token expired",
+    )
+    .await;
+    expect(
+        &env,
+        &with(&|c| c["nbf"] = json!(now + 600)),
+        Code::Unauthenticated,
+        "not yet valid",
+    )
+    .await;
+    expect(
+        &env,
+        &with(&|c| c["iss"] = json!("https://evil.example.com")),
+        Code::Unauthenticated,
+        "unknown issuer",
+    )
+    .await;
+    expect(
+        &env,
+        &with(&|c| c["aud"] = json!("someone-else")),
+        Code::Unauthenticated,
+        "audience",
+    )
+    .await;
+    env.mint(
+        &with(&|c| c["aud"] = json!(["x", "second-audience"])),
+        "orders-api",
+        &[],
+        None,
+    )
+    .await
+    .expect("aud array with one accepted audience");
+    expect(
+        &env,
+        &with(&|c| {
+            c.as_object_mut().unwrap().remove("exp");
+        }),
+        Code::Unauthenticated,
+        "claim exp",
+    )
+    .await;
+    expect(
+        &env,
+        &with(&|c| {
+            c.as_object_mut().unwrap().remove("repositoryUuid");
+        }),
+        Code::Unauthenticated,
+        "claim repositoryUuid",
+    )
+    .await;
 
     let claims = env.claims("main");
     let good = env.issuer.sign(&claims);
     let (h, p, s) = {
         let mut it = good.split('.');
-        (it.next().unwrap().to_string(), it.next().unwrap().to_string(), it.next().unwrap().to_string())
+        (
+            it.next().unwrap().to_string(),
+            it.next().unwrap().to_string(),
+            it.next().unwrap().to_string(),
+        )
     };
     let header: Value = serde_json::from_slice(&latchkey::jose::b64_decode(&h).unwrap()).unwrap();
 
     // alg none
-    expect(&env, &format!("{}.{p}.", b64(br#"{"alg":"none","typ":"JWT"}"#)), Code::Unauthenticated, "algorithm refused: none").await;
+    expect(
+        &env,
+        &format!("{}.{p}.", b64(br#"{"alg":"none","typ":"JWT"}"#)),
+        Code::Unauthenticated,
+        "algorithm refused: none",
+    )
+    .await;
     // HS256 "signed" with the issuer's public key (the classic key-confusion attack).
-    let jwks: Value = reqwest::get(format!("{}/keys.json", env.issuer.issuer_url())).await.unwrap().json().await.unwrap();
+    let jwks: Value = reqwest::get(format!("{}/keys.json", env.issuer.issuer_url()))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     let public = serde_json::to_vec(&jwks["keys"][0]).unwrap();
     let hs_input = format!("{}.{p}", b64(br#"{"alg":"HS256","typ":"JWT"}"#));
-    let mac = ring::hmac::sign(&ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &public), hs_input.as_bytes());
-    expect(&env, &format!("{hs_input}.{}", b64(mac.as_ref())), Code::Unauthenticated, "HMAC").await;
+    let mac = ring::hmac::sign(
+        &ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &public),
+        hs_input.as_bytes(),
+    );
+    expect(
+        &env,
+        &format!("{hs_input}.{}", b64(mac.as_ref())),
+        Code::Unauthenticated,
+        "HMAC",
+    )
+    .await;
     // jku header pointing elsewhere
     let mut jku = header.clone();
     jku["jku"] = json!("http://127.0.0.1:1/evil.json");
-    expect(&env, &forge(jku, &claims, b"sig"), Code::Unauthenticated, "header parameter jku refused").await;
+    expect(
+        &env,
+        &forge(jku, &claims, b"sig"),
+        Code::Unauthenticated,
+        "header parameter jku refused",
+    )
+    .await;
     // Tampered payload (signature no longer covers it)
     let mut tampered = claims.clone();
     tampered["branchName"] = json!("release/evil");
-    expect(&env, &format!("{h}.{}.{s}", b64(serde_json::to_vec(&tampered).unwrap())), Code::Unauthenticated, "bad signature").await;
+    expect(
+        &env,
+        &format!("{h}.{}.{s}", b64(serde_json::to_vec(&tampered).unwrap())),
+        Code::Unauthenticated,
+        "bad signature",
+    )
+    .await;
     // Truncated
-    expect(&env, &good[..good.len() - 10], Code::Unauthenticated, "bad signature").await;
-    expect(&env, &format!("{h}.{p}"), Code::Unauthenticated, "malformed token").await;
+    expect(
+        &env,
+        &good[..good.len() - 10],
+        Code::Unauthenticated,
+        "bad signature",
+    )
+    .await;
+    expect(
+        &env,
+        &format!("{h}.{p}"),
+        Code::Unauthenticated,
+        "malformed token",
+    )
+    .await;
     // Not base64url
-    expect(&env, &format!("{h}.{p}!!.{s}"), Code::Unauthenticated, "payload is not base64url").await;
+    expect(
+        &env,
+        &format!("{h}.{p}!!.{s}"),
+        Code::Unauthenticated,
+        "payload is not base64url",
+    )
+    .await;
     // Oversized
     let mut big = claims.clone();
     big["padding"] = json!("x".repeat(20_000));
-    expect(&env, &env.issuer.sign(&big), Code::Unauthenticated, "token larger than 16384 bytes").await;
+    expect(
+        &env,
+        &env.issuer.sign(&big),
+        Code::Unauthenticated,
+        "token larger than 16384 bytes",
+    )
+    .await;
     // Algorithm not matching the key (RS key, ES header)
     let mut es = header.clone();
     es["alg"] = json!("ES256");
-    expect(&env, &forge(es, &claims, &[0u8; 64]), Code::Unauthenticated, "does not match the key").await;
+    expect(
+        &env,
+        &forge(es, &claims, &[0u8; 64]),
+        Code::Unauthenticated,
+        "does not match the key",
+    )
+    .await;
     // A token signed by a key the issuer never published
     let (rogue, _) = SigningKey::generate(Alg::RS256).unwrap();
-    expect(&env, &latchkey::devissuer::sign_with(&rogue, &claims), Code::Unauthenticated, "unknown signing key").await;
+    expect(
+        &env,
+        &latchkey::devissuer::sign_with(&rogue, &claims),
+        Code::Unauthenticated,
+        "unknown signing key",
+    )
+    .await;
     // Missing token entirely
     expect(&env, "", Code::Unauthenticated, "missing bearer token").await;
 
@@ -161,12 +338,17 @@ async fn every_token_rejection_is_unauthenticated_with_the_failed_check() {
 #[tokio::test]
 async fn unknown_kid_triggers_a_refresh_that_picks_up_the_new_key() {
     let env = Env::start().await;
-    env.mint(&env.token("main"), "orders-api", &[], None).await.unwrap();
+    env.mint(&env.token("main"), "orders-api", &[], None)
+        .await
+        .unwrap();
     let fetches = env.issuer.jwks_fetches();
     env.issuer.rotate(Alg::ES256, false); // new signing key, not yet published
     let t = env.token("main");
     expect(&env, &t, Code::Unauthenticated, "unknown signing key").await;
-    assert!(env.issuer.jwks_fetches() > fetches, "an unknown kid caused a refetch");
+    assert!(
+        env.issuer.jwks_fetches() > fetches,
+        "an unknown kid caused a refetch"
+    );
     env.issuer.publish_all();
     env.mint(&t, "orders-api", &[], None).await.unwrap();
     env.stop().await;
@@ -175,32 +357,58 @@ async fn unknown_kid_triggers_a_refresh_that_picks_up_the_new_key() {
 #[tokio::test]
 async fn unknown_kid_refreshes_are_rate_limited_by_the_cooldown() {
     let env = Env::start_with("jwks_cooldown = \"1h\"", "").await;
-    env.mint(&env.token("main"), "orders-api", &[], None).await.unwrap();
+    env.mint(&env.token("main"), "orders-api", &[], None)
+        .await
+        .unwrap();
     let before = env.issuer.jwks_fetches();
     let (rogue, _) = SigningKey::generate(Alg::RS256).unwrap();
     let forged = latchkey::devissuer::sign_with(&rogue, &env.claims("main"));
     for _ in 0..20 {
         expect(&env, &forged, Code::Unauthenticated, "unknown signing key").await;
     }
-    assert_eq!(env.issuer.jwks_fetches(), before, "garbage kids cannot make the broker hammer the issuer");
+    assert_eq!(
+        env.issuer.jwks_fetches(),
+        before,
+        "garbage kids cannot make the broker hammer the issuer"
+    );
     env.stop().await;
 }
 
 #[tokio::test]
 async fn issuer_outage_without_cached_keys_is_unavailable_with_keys_still_works() {
     // No cached keys: the issuer's JWKS cannot be reached at all.
-    let down = Env::start_with("jwks_cooldown = \"0s\"\njwks_url = \"http://127.0.0.1:1/keys.json\"", "").await;
-    expect(&down, &down.token("main"), Code::Unavailable, "keys for issuer bb unavailable").await;
+    let down = Env::start_with(
+        "jwks_cooldown = \"0s\"\njwks_url = \"http://127.0.0.1:1/keys.json\"",
+        "",
+    )
+    .await;
+    expect(
+        &down,
+        &down.token("main"),
+        Code::Unavailable,
+        "keys for issuer bb unavailable",
+    )
+    .await;
     down.stop().await;
 
     // Cached keys: fetched while the issuer was up, then the issuer goes down.
     let env = Env::start().await;
-    env.mint(&env.token("main"), "orders-api", &[], None).await.unwrap();
+    env.mint(&env.token("main"), "orders-api", &[], None)
+        .await
+        .unwrap();
     env.issuer.set_down(true);
-    env.mint(&env.token("main"), "orders-api", &[], None).await.expect("last good keys keep serving");
+    env.mint(&env.token("main"), "orders-api", &[], None)
+        .await
+        .expect("last good keys keep serving");
     // An unknown kid during the outage cannot be resolved, and says so.
     env.issuer.rotate(Alg::RS256, true);
-    expect(&env, &env.token("main"), Code::Unauthenticated, "unknown signing key").await;
+    expect(
+        &env,
+        &env.token("main"),
+        Code::Unauthenticated,
+        "unknown signing key",
+    )
+    .await;
     env.stop().await;
 }
 
@@ -209,64 +417,154 @@ async fn policy_through_the_server() {
     let env = Env::start().await;
     let main = env.token("main");
     // glob
-    env.mint(&env.token("release/2.1"), "orders-api", &[], None).await.unwrap();
+    env.mint(&env.token("release/2.1"), "orders-api", &[], None)
+        .await
+        .unwrap();
     // no rule grants this branch
-    let e = env.mint(&env.token("feature/x"), "orders-api", &[], None).await.unwrap_err();
+    let e = env
+        .mint(&env.token("feature/x"), "orders-api", &[], None)
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied);
-    assert!(e.message().contains("no rule grants target orders-api"), "{}", e.message());
-    assert!(e.message().contains("branchName"), "names the failing clause: {}", e.message());
+    assert!(
+        e.message().contains("no rule grants target orders-api"),
+        "{}",
+        e.message()
+    );
+    assert!(
+        e.message().contains("branchName"),
+        "names the failing clause: {}",
+        e.message()
+    );
     // deny beats allow: reports is allowed on any branch, but experimental/* is denied
-    env.mint(&env.token("feature/x"), "reports", &[], None).await.unwrap();
-    let e = env.mint(&env.token("experimental/y"), "reports", &[], None).await.unwrap_err();
+    env.mint(&env.token("feature/x"), "reports", &[], None)
+        .await
+        .unwrap();
+    let e = env
+        .mint(&env.token("experimental/y"), "reports", &[], None)
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied);
     assert_eq!(e.message(), "denied by rule no-experimental");
     // scope narrowing, and a scope not granted
-    let r = env.mint(&main, "orders-api", &["orders:read"], Some(3600)).await.unwrap();
+    let r = env
+        .mint(&main, "orders-api", &["orders:read"], Some(3600))
+        .await
+        .unwrap();
     assert_eq!(r.lease.as_ref().unwrap().scopes, vec!["orders:read"]);
     let l = r.lease.unwrap();
-    assert_eq!(l.expires_at.unwrap().seconds - l.issued_at.unwrap().seconds, 3600, "read grant caps at the target max");
-    let r = env.mint(&main, "orders-api", &["orders:write"], Some(3600)).await.unwrap();
+    assert_eq!(
+        l.expires_at.unwrap().seconds - l.issued_at.unwrap().seconds,
+        3600,
+        "read grant caps at the target max"
+    );
+    let r = env
+        .mint(&main, "orders-api", &["orders:write"], Some(3600))
+        .await
+        .unwrap();
     let l = r.lease.unwrap();
-    assert_eq!(l.expires_at.unwrap().seconds - l.issued_at.unwrap().seconds, 600, "clamped to the write grant's 10m");
-    let e = env.mint(&main, "orders-api", &["orders:admin"], None).await.unwrap_err();
+    assert_eq!(
+        l.expires_at.unwrap().seconds - l.issued_at.unwrap().seconds,
+        600,
+        "clamped to the write grant's 10m"
+    );
+    let e = env
+        .mint(&main, "orders-api", &["orders:admin"], None)
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied);
-    assert_eq!(e.message(), "scope orders:admin not granted on target orders-api");
+    assert_eq!(
+        e.message(),
+        "scope orders:admin not granted on target orders-api"
+    );
     // unknown target
     let e = env.mint(&main, "payroll", &[], None).await.unwrap_err();
     assert_eq!(e.code(), Code::NotFound);
     // malformed requests
-    assert_eq!(env.mint(&main, "", &[], None).await.unwrap_err().code(), Code::InvalidArgument);
-    assert_eq!(env.mint(&main, "orders-api", &["a b"], None).await.unwrap_err().code(), Code::InvalidArgument);
-    assert_eq!(env.mint(&main, "orders-api", &[], Some(-5)).await.unwrap_err().code(), Code::InvalidArgument);
+    assert_eq!(
+        env.mint(&main, "", &[], None).await.unwrap_err().code(),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        env.mint(&main, "orders-api", &["a b"], None)
+            .await
+            .unwrap_err()
+            .code(),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        env.mint(&main, "orders-api", &[], Some(-5))
+            .await
+            .unwrap_err()
+            .code(),
+        Code::InvalidArgument
+    );
     // JSON pointer + anchored regex + not
     let with_team = |team: &str, branch: &str| {
         let mut c = env.claims(branch);
         c["ci"] = json!({"team": team});
         env.issuer.sign(&c)
     };
-    env.mint(&with_team("payments", "main"), "team-api", &[], None).await.unwrap();
-    env.mint(&with_team("pay", "main"), "team-api", &[], None).await.unwrap();
-    assert!(env.mint(&with_team("payments-evil", "main"), "team-api", &[], None).await.is_err(), "regex is anchored");
-    assert!(env.mint(&with_team("payments", "wip/1"), "team-api", &[], None).await.is_err(), "not(glob)");
-    assert!(env.mint(&env.token("main"), "team-api", &[], None).await.is_err(), "absent nested claim never matches");
+    env.mint(&with_team("payments", "main"), "team-api", &[], None)
+        .await
+        .unwrap();
+    env.mint(&with_team("pay", "main"), "team-api", &[], None)
+        .await
+        .unwrap();
+    assert!(
+        env.mint(&with_team("payments-evil", "main"), "team-api", &[], None)
+            .await
+            .is_err(),
+        "regex is anchored"
+    );
+    assert!(
+        env.mint(&with_team("payments", "wip/1"), "team-api", &[], None)
+            .await
+            .is_err(),
+        "not(glob)"
+    );
+    assert!(
+        env.mint(&env.token("main"), "team-api", &[], None)
+            .await
+            .is_err(),
+        "absent nested claim never matches"
+    );
     env.stop().await;
 }
 
 #[tokio::test]
 async fn explain_says_which_rule_and_clause() {
     let env = Env::start().await;
-    let ok = env.explain(&env.token("release/1"), "orders-api", &["orders:read"]).await.unwrap();
+    let ok = env
+        .explain(&env.token("release/1"), "orders-api", &["orders:read"])
+        .await
+        .unwrap();
     assert!(ok.allowed);
     assert_eq!(ok.rule, "orders-main-and-release");
     assert_eq!(ok.scopes, vec!["orders:read"]);
     assert_eq!(ok.max_ttl.unwrap().seconds, 3600);
     assert_eq!(ok.identity["repository"], DEV_REPOSITORY);
     assert_eq!(ok.identity["ref"], "release/1");
-    assert!(ok.trace.iter().any(|l| l.starts_with("rule orders-main-and-release (allow): matched")), "{:?}", ok.trace);
-    let no = env.explain(&env.token("experimental/1"), "reports", &[]).await.unwrap();
+    assert!(
+        ok.trace
+            .iter()
+            .any(|l| l.starts_with("rule orders-main-and-release (allow): matched")),
+        "{:?}",
+        ok.trace
+    );
+    let no = env
+        .explain(&env.token("experimental/1"), "reports", &[])
+        .await
+        .unwrap();
     assert!(!no.allowed);
     assert_eq!(no.rule, "no-experimental");
-    assert!(no.trace.iter().any(|l| l.contains("no-experimental (deny): matched")), "{:?}", no.trace);
+    assert!(
+        no.trace
+            .iter()
+            .any(|l| l.contains("no-experimental (deny): matched")),
+        "{:?}",
+        no.trace
+    );
     let e = env.explain("garbage", "reports", &[]).await.unwrap_err();
     assert_eq!(e.code(), Code::Unauthenticated);
     env.stop().await;
@@ -276,29 +574,54 @@ async fn explain_says_which_rule_and_clause() {
 async fn every_decision_is_audited_in_an_intact_chain_without_secrets() {
     let mut env = Env::start().await;
     let caller = env.token("main");
-    let minted = env.mint(&caller, "orders-api", &[], None).await.unwrap().credential.unwrap().token;
+    let minted = env
+        .mint(&caller, "orders-api", &[], None)
+        .await
+        .unwrap()
+        .credential
+        .unwrap()
+        .token;
     let denied_caller = env.token("experimental/x");
-    env.mint(&denied_caller, "reports", &[], None).await.unwrap_err();
-    env.mint("not-a-token", "orders-api", &[], None).await.unwrap_err();
+    env.mint(&denied_caller, "reports", &[], None)
+        .await
+        .unwrap_err();
+    env.mint("not-a-token", "orders-api", &[], None)
+        .await
+        .unwrap_err();
     env.explain(&caller, "orders-api", &[]).await.unwrap();
 
     let recs = env.records().await;
     assert_eq!(recs.len(), 4);
     assert_eq!(verify_chain(&recs, (0, GENESIS_HASH)).unwrap().0, 4);
     let ok = &recs[0].entry;
-    assert_eq!((ok.action.as_str(), ok.outcome.as_str()), ("mint", "allowed"));
+    assert_eq!(
+        (ok.action.as_str(), ok.outcome.as_str()),
+        ("mint", "allowed")
+    );
     assert_eq!(ok.issuer.as_deref(), Some("bb"));
     assert_eq!(ok.repository.as_deref(), Some(DEV_REPOSITORY));
     assert_eq!(ok.rule.as_deref(), Some("orders-main-and-release"));
     assert_eq!(ok.granted_scopes, vec!["orders:read", "orders:write"]);
     assert_eq!(ok.ttl_secs, Some(300));
     assert_eq!(ok.context["commit"], "abc123");
-    assert_eq!(ok.token_fingerprint.as_deref(), Some(latchkey::jose::sha256_hex(&caller).as_str()));
-    assert_eq!(ok.credential_fingerprint.as_deref(), Some(latchkey::jose::sha256_hex(&minted).as_str()));
+    assert_eq!(
+        ok.token_fingerprint.as_deref(),
+        Some(latchkey::jose::sha256_hex(&caller).as_str())
+    );
+    assert_eq!(
+        ok.credential_fingerprint.as_deref(),
+        Some(latchkey::jose::sha256_hex(&minted).as_str())
+    );
     assert!(ok.credential_jti.is_some() && ok.credential_jti == ok.lease_id);
     assert_eq!(recs[1].entry.outcome, "denied");
-    assert_eq!(recs[1].entry.reason.as_deref(), Some("denied by rule no-experimental"));
-    assert_eq!(recs[2].entry.reason.as_deref(), Some("malformed token: not a compact JWS"));
+    assert_eq!(
+        recs[1].entry.reason.as_deref(),
+        Some("denied by rule no-experimental")
+    );
+    assert_eq!(
+        recs[2].entry.reason.as_deref(),
+        Some("malformed token: not a compact JWS")
+    );
     assert_eq!(recs[2].entry.identity_key, None);
     assert_eq!(recs[3].entry.action, "explain");
 
@@ -306,14 +629,19 @@ async fn every_decision_is_audited_in_an_intact_chain_without_secrets() {
     env.stop_checkpointless().await;
     let bytes = all_bytes_under(env.dir.path());
     for secret in [&caller, &minted, &denied_caller] {
-        assert!(!contains(&bytes, secret), "a token string reached the database files");
+        assert!(
+            !contains(&bytes, secret),
+            "a token string reached the database files"
+        );
         // Not even the signature part alone.
         assert!(!contains(&bytes, secret.rsplit('.').next().unwrap()));
     }
 
     // UPDATE and DELETE are refused by the store itself.
     let c = rusqlite::Connection::open(&env.db).unwrap();
-    let e = c.execute("UPDATE audit SET outcome = 'allowed' WHERE seq = 2", []).unwrap_err();
+    let e = c
+        .execute("UPDATE audit SET outcome = 'allowed' WHERE seq = 2", [])
+        .unwrap_err();
     assert!(e.to_string().contains("append-only"));
     assert!(c.execute("DELETE FROM audit WHERE seq = 1", []).is_err());
 }
@@ -329,7 +657,9 @@ async fn audit_store_down_means_unavailable_and_no_credential_then_recovers() {
     assert_eq!(e.code(), Code::Unavailable);
     assert_eq!(e.message(), "audit store unavailable; no credential issued");
     lock.execute_batch("COMMIT").unwrap();
-    env.mint(&t, "orders-api", &[], None).await.expect("recovers without a restart");
+    env.mint(&t, "orders-api", &[], None)
+        .await
+        .expect("recovers without a restart");
     let recs = env.records().await;
     assert_eq!(recs.len(), 2, "the refused mint left no record and no gap");
     assert!(verify_chain(&recs, (0, GENESIS_HASH)).is_ok());
@@ -363,7 +693,13 @@ async fn oversized_requests_are_refused_and_the_server_keeps_serving() {
 async fn renew_and_revoke_say_unimplemented_until_leases_land() {
     let env = Env::start().await;
     let mut c = env.client.clone();
-    let e = c.renew(authed(latchkey::transport::pb::RenewRequest::default(), &env.token("main"))).await.unwrap_err();
+    let e = c
+        .renew(authed(
+            latchkey::transport::pb::RenewRequest::default(),
+            &env.token("main"),
+        ))
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), Code::Unimplemented);
     env.stop().await;
 }

@@ -144,7 +144,10 @@ pub fn verify_chain<'a>(
     let mut n = 0;
     for r in records {
         if r.seq != prev_seq + 1 || r.prev_hash != prev_hash {
-            return Err(ChainError::Broken { seq: r.seq, prev: prev_seq });
+            return Err(ChainError::Broken {
+                seq: r.seq,
+                prev: prev_seq,
+            });
         }
         if record_hash(r.seq, &r.prev_hash, &r.entry) != r.hash {
             return Err(ChainError::Edited { seq: r.seq });
@@ -174,7 +177,10 @@ mod tests {
     fn chain(n: i64) -> Vec<AuditRecord> {
         let mut v: Vec<AuditRecord> = Vec::new();
         for i in 0..n {
-            let (s, h) = v.last().map(|r| (r.seq, r.hash.clone())).unwrap_or((0, GENESIS_HASH.into()));
+            let (s, h) = v
+                .last()
+                .map(|r| (r.seq, r.hash.clone()))
+                .unwrap_or((0, GENESIS_HASH.into()));
             v.push(AuditRecord::chain(s, &h, entry(i)));
         }
         v
@@ -215,9 +221,15 @@ mod tests {
     fn edit_is_located() {
         let mut c = chain(4);
         c[2].entry.reason = Some("forged".into());
-        assert_eq!(verify_chain(&c, (0, GENESIS_HASH)), Err(ChainError::Edited { seq: 3 }));
+        assert_eq!(
+            verify_chain(&c, (0, GENESIS_HASH)),
+            Err(ChainError::Edited { seq: 3 })
+        );
         let mut c = chain(4);
         c.remove(1);
-        assert_eq!(verify_chain(&c, (0, GENESIS_HASH)), Err(ChainError::Broken { seq: 3, prev: 1 }));
+        assert_eq!(
+            verify_chain(&c, (0, GENESIS_HASH)),
+            Err(ChainError::Broken { seq: 3, prev: 1 })
+        );
     }
 }

@@ -8,7 +8,10 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 
 /// Connects to `server` (`http://` or `https://`), trusting `ca_file` in addition to the
 /// system roots. Fails with a printable reason.
-pub async fn connect(server: &str, ca_file: Option<&Path>) -> Result<CredentialBrokerClient<Channel>, String> {
+pub async fn connect(
+    server: &str,
+    ca_file: Option<&Path>,
+) -> Result<CredentialBrokerClient<Channel>, String> {
     let mut ep = Endpoint::from_shared(server.to_string())
         .map_err(|_| format!("--server {server:?} is not a URL"))?
         .connect_timeout(Duration::from_secs(5))
@@ -16,12 +19,16 @@ pub async fn connect(server: &str, ca_file: Option<&Path>) -> Result<CredentialB
     if server.starts_with("https://") {
         let mut tls = ClientTlsConfig::new().with_native_roots();
         if let Some(ca) = ca_file {
-            let pem = std::fs::read(ca).map_err(|e| format!("cannot read {}: {}", ca.display(), e.kind()))?;
+            let pem = std::fs::read(ca)
+                .map_err(|e| format!("cannot read {}: {}", ca.display(), e.kind()))?;
             tls = tls.ca_certificate(Certificate::from_pem(pem));
         }
         ep = ep.tls_config(tls).map_err(|e| format!("tls: {e}"))?;
     }
-    let ch = ep.connect().await.map_err(|e| format!("cannot connect to {server}: {e}"))?;
+    let ch = ep
+        .connect()
+        .await
+        .map_err(|e| format!("cannot connect to {server}: {e}"))?;
     Ok(CredentialBrokerClient::new(ch))
 }
 

@@ -27,7 +27,13 @@ pub struct Args {
 }
 
 /// The example configuration `dev` writes.
-pub fn example_config(issuer_url: &str, audience: &str, grpc: SocketAddr, http: SocketAddr, state_dir: &Path) -> String {
+pub fn example_config(
+    issuer_url: &str,
+    audience: &str,
+    grpc: SocketAddr,
+    http: SocketAddr,
+    state_dir: &Path,
+) -> String {
     format!(
         r#"# Written by `latchkey dev`. A starting point for a real config: replace the issuer with
 # your Bitbucket workspace's, and the repository UUID with yours.
@@ -86,7 +92,13 @@ pub async fn run(args: Args) -> anyhow::Result<i32> {
     let cfg_path = args.state_dir.join("latchkey.toml");
     std::fs::write(
         &cfg_path,
-        example_config(issuer.issuer_url(), &issuer.audience(), args.grpc_addr, args.http_addr, &args.state_dir),
+        example_config(
+            issuer.issuer_url(),
+            &issuer.audience(),
+            args.grpc_addr,
+            args.http_addr,
+            &args.state_dir,
+        ),
     )?;
     let cfg = match Config::load(&cfg_path) {
         Ok(c) => c,
@@ -97,8 +109,13 @@ pub async fn run(args: Args) -> anyhow::Result<i32> {
     };
     let master = MasterKey::load(Some(&key_file))?;
     let token = issuer.sign(&issuer.bitbucket_claims("main"));
-    let exe = std::env::current_exe().map(|p| p.display().to_string()).unwrap_or_else(|_| "latchkey".into());
-    println!(
+    let exe = std::env::current_exe()
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|_| "latchkey".into());
+    // A closed stdout (piped into `head`, a test reading one line) must not stop the broker.
+    use std::io::Write;
+    let _ = writeln!(
+        std::io::stdout(),
         r#"latchkey dev: broker on grpc://{grpc} and http://{http}, dev issuer on {iss}
 config:  {cfg}
 A Bitbucket-shaped identity token for branch main (valid 1h):

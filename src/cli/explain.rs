@@ -34,7 +34,11 @@ pub async fn run(args: Args) -> i32 {
             target: args.target.clone(),
             scopes: args.scopes.clone(),
         };
-        client.explain(authorized(req, &token)?).await.map_err(|s| status_line(&s)).map(|r| r.into_inner())
+        client
+            .explain(authorized(req, &token)?)
+            .await
+            .map_err(|s| status_line(&s))
+            .map(|r| r.into_inner())
     };
     match go.await {
         Ok(r) => {

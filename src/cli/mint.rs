@@ -81,7 +81,11 @@ async fn mint(args: &Args) -> Result<String, String> {
         }),
         context: args.context.iter().cloned().collect(),
     };
-    let resp = client.mint(authorized(req, &token)?).await.map_err(|s| status_line(&s))?.into_inner();
+    let resp = client
+        .mint(authorized(req, &token)?)
+        .await
+        .map_err(|s| status_line(&s))?
+        .into_inner();
     let c = resp.credential.ok_or("broker returned no credential")?;
     let lease = resp.lease.unwrap_or_default();
     Ok(render(&c, &lease, args.format))
@@ -91,7 +95,14 @@ async fn mint(args: &Args) -> Result<String, String> {
 pub fn render(c: &pb::Credential, lease: &pb::Lease, format: Format) -> String {
     let expires = rfc3339(seconds(c.expires_at.as_ref()));
     match format {
-        Format::Raw => format!("{}\n", if c.token.is_empty() { &c.password } else { &c.token }),
+        Format::Raw => format!(
+            "{}\n",
+            if c.token.is_empty() {
+                &c.password
+            } else {
+                &c.token
+            }
+        ),
         Format::Env => {
             let mut out = String::new();
             let mut put = |k: &str, v: &str| {
@@ -109,7 +120,11 @@ pub fn render(c: &pb::Credential, lease: &pb::Lease, format: Format) -> String {
         Format::Json => {
             let mut m = Map::new();
             m.insert("kind".into(), json!(c.kind));
-            for (k, v) in [("token", &c.token), ("username", &c.username), ("password", &c.password)] {
+            for (k, v) in [
+                ("token", &c.token),
+                ("username", &c.username),
+                ("password", &c.password),
+            ] {
                 if !v.is_empty() {
                     m.insert(k.into(), json!(v));
                 }
@@ -129,7 +144,10 @@ pub fn render(c: &pb::Credential, lease: &pb::Lease, format: Format) -> String {
                     "renewable": lease.renewable,
                 }),
             );
-            format!("{}\n", serde_json::to_string_pretty(&Value::Object(m)).unwrap_or_default())
+            format!(
+                "{}\n",
+                serde_json::to_string_pretty(&Value::Object(m)).unwrap_or_default()
+            )
         }
     }
 }
@@ -147,7 +165,10 @@ mod tests {
         let c = pb::Credential {
             kind: "jwt".into(),
             token: "tok'en".into(),
-            expires_at: Some(prost_types::Timestamp { seconds: 60, nanos: 0 }),
+            expires_at: Some(prost_types::Timestamp {
+                seconds: 60,
+                nanos: 0,
+            }),
             ..Default::default()
         };
         let l = pb::Lease {
@@ -156,7 +177,10 @@ mod tests {
         };
         assert_eq!(render(&c, &l, Format::Raw), "tok'en\n");
         let env = render(&c, &l, Format::Env);
-        assert!(env.contains(r#"export LATCHKEY_TOKEN='tok'\''en'"#), "{env}");
+        assert!(
+            env.contains(r#"export LATCHKEY_TOKEN='tok'\''en'"#),
+            "{env}"
+        );
         assert!(env.contains("export LATCHKEY_LEASE_ID='L1'"));
         let j: Value = serde_json::from_str(&render(&c, &l, Format::Json)).unwrap();
         assert_eq!(j["token"], "tok'en");

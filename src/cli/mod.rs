@@ -82,7 +82,8 @@ impl TokenArgs {
     /// The token. Fails with a message saying where it looked.
     pub fn read(&self) -> Result<crate::secret::SecretString, String> {
         if let Some(f) = &self.token_file {
-            let t = std::fs::read_to_string(f).map_err(|e| format!("cannot read token file {}: {}", f.display(), e.kind()))?;
+            let t = std::fs::read_to_string(f)
+                .map_err(|e| format!("cannot read token file {}: {}", f.display(), e.kind()))?;
             return non_empty(t, &f.display().to_string());
         }
         let vars: Vec<String> = match &self.token_env {
@@ -94,7 +95,10 @@ impl TokenArgs {
                 return non_empty(t, v);
             }
         }
-        Err(format!("no identity token: set {} or pass --token-file", vars.join(" or ")))
+        Err(format!(
+            "no identity token: set {} or pass --token-file",
+            vars.join(" or ")
+        ))
     }
 }
 

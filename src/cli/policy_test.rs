@@ -53,16 +53,29 @@ pub fn run(args: Args) -> i32 {
 
 /// The decision and its printed form.
 pub fn decide(cfg: &Config, args: &Args) -> Result<(bool, String), String> {
-    let text = std::fs::read_to_string(&args.claims).map_err(|e| format!("cannot read {}: {}", args.claims.display(), e.kind()))?;
-    let claims: Map<String, Value> = serde_json::from_str(&text).map_err(|e| format!("{}: not a JSON object: {e}", args.claims.display()))?;
+    let text = std::fs::read_to_string(&args.claims)
+        .map_err(|e| format!("cannot read {}: {}", args.claims.display(), e.kind()))?;
+    let claims: Map<String, Value> = serde_json::from_str(&text)
+        .map_err(|e| format!("{}: not a JSON object: {e}", args.claims.display()))?;
     let issuer = match &args.issuer {
-        Some(n) => cfg.issuers.iter().find(|i| &i.name == n).ok_or(format!("no issuer named {n:?}"))?,
+        Some(n) => cfg
+            .issuers
+            .iter()
+            .find(|i| &i.name == n)
+            .ok_or(format!("no issuer named {n:?}"))?,
         None => {
-            let iss = claims.get("iss").and_then(Value::as_str).ok_or("claims have no iss; pass --issuer")?;
-            cfg.issuers.iter().find(|i| i.issuer == iss).ok_or(format!("no configured issuer has iss {iss:?}; pass --issuer"))?
+            let iss = claims
+                .get("iss")
+                .and_then(Value::as_str)
+                .ok_or("claims have no iss; pass --issuer")?;
+            cfg.issuers.iter().find(|i| i.issuer == iss).ok_or(format!(
+                "no configured issuer has iss {iss:?}; pass --issuer"
+            ))?
         }
     };
-    let target = cfg.target(&args.target).ok_or(format!("unknown target {:?}", args.target))?;
+    let target = cfg
+        .target(&args.target)
+        .ok_or(format!("unknown target {:?}", args.target))?;
     let identity = issuer
         .preset
         .normalise(&issuer.name, claims, "offline".into())

@@ -166,7 +166,9 @@ pub struct JwtTargetConfig {
     pub claims: Vec<(String, Template)>,
 }
 
-const RESERVED_CLAIMS: &[&str] = &["iss", "sub", "aud", "exp", "nbf", "iat", "jti", "scope", "act"];
+const RESERVED_CLAIMS: &[&str] = &[
+    "iss", "sub", "aud", "exp", "nbf", "iat", "jti", "scope", "act",
+];
 const MAX_TTL_CEILING: Duration = Duration::from_secs(24 * 3600);
 
 impl Config {
@@ -199,7 +201,9 @@ fn syntax_error(text: &str, file: &str, e: &toml::de::Error) -> ConfigError {
             let line_no = text[..span.start.min(text.len())].matches('\n').count() + 1;
             let line = text.lines().nth(line_no - 1).unwrap_or("").trim();
             match line.split_once('=') {
-                Some((k, _)) if !line.starts_with('[') => format!("line {line_no}, key `{}`", k.trim()),
+                Some((k, _)) if !line.starts_with('[') => {
+                    format!("line {line_no}, key `{}`", k.trim())
+                }
                 _ => format!("line {line_no}, `{line}`"),
             }
         }
@@ -230,10 +234,17 @@ impl Checker<'_> {
         let store = StoreConfig {
             path: PathBuf::from(raw.store.path.unwrap_or_else(|| "latchkey.db".into())),
             master_key_file: raw.store.master_key_file.map(PathBuf::from),
-            busy_timeout: raw.store.busy_timeout.map(|d| d.0).unwrap_or(Duration::from_secs(5)),
+            busy_timeout: raw
+                .store
+                .busy_timeout
+                .map(|d| d.0)
+                .unwrap_or(Duration::from_secs(5)),
         };
         if store.busy_timeout > Duration::from_secs(60) {
-            return Err(self.err("store.busy_timeout", "must be at most 60s (requests wait this long before failing closed)"));
+            return Err(self.err(
+                "store.busy_timeout",
+                "must be at most 60s (requests wait this long before failing closed)",
+            ));
         }
         if store.path.as_os_str().is_empty() {
             return Err(self.err("store.path", "must not be empty"));
@@ -242,7 +253,12 @@ impl Checker<'_> {
             json: match raw.log.format.as_deref() {
                 None | Some("text") => false,
                 Some("json") => true,
-                Some(other) => return Err(self.err("log.format", format!("unknown format {other:?}; use \"text\" or \"json\""))),
+                Some(other) => {
+                    return Err(self.err(
+                        "log.format",
+                        format!("unknown format {other:?}; use \"text\" or \"json\""),
+                    ))
+                }
             },
             level: raw.log.level,
         };
@@ -251,10 +267,19 @@ impl Checker<'_> {
             let key = format!("issuers[{i}]");
             let issuer = self.issuer(&key, ri)?;
             if issuers.iter().any(|x: &IssuerConfig| x.name == issuer.name) {
-                return Err(self.err(format!("{key}.name"), format!("duplicate issuer name {:?}", issuer.name)));
+                return Err(self.err(
+                    format!("{key}.name"),
+                    format!("duplicate issuer name {:?}", issuer.name),
+                ));
             }
-            if issuers.iter().any(|x: &IssuerConfig| x.issuer == issuer.issuer) {
-                return Err(self.err(format!("{key}.issuer"), "another issuer entry has the same issuer URL"));
+            if issuers
+                .iter()
+                .any(|x: &IssuerConfig| x.issuer == issuer.issuer)
+            {
+                return Err(self.err(
+                    format!("{key}.issuer"),
+                    "another issuer entry has the same issuer URL",
+                ));
             }
             issuers.push(issuer);
         }
@@ -263,7 +288,10 @@ impl Checker<'_> {
             let key = format!("targets[{i}]");
             let t = self.target(&key, rt)?;
             if targets.iter().any(|x| x.name == t.name) {
-                return Err(self.err(format!("{key}.name"), format!("duplicate target name {:?}", t.name)));
+                return Err(self.err(
+                    format!("{key}.name"),
+                    format!("duplicate target name {:?}", t.name),
+                ));
             }
             targets.push(t);
         }
@@ -272,7 +300,10 @@ impl Checker<'_> {
             let key = format!("rules[{i}]");
             let r = self.rule(&key, rr, &issuers, &targets)?;
             if rules.iter().any(|x| x.name == r.name) {
-                return Err(self.err(format!("{key}.name"), format!("duplicate rule name {:?}", r.name)));
+                return Err(self.err(
+                    format!("{key}.name"),
+                    format!("duplicate rule name {:?}", r.name),
+                ));
             }
             rules.push(r);
         }
@@ -288,14 +319,18 @@ impl Checker<'_> {
     }
 
     fn server(&self, s: RawServer) -> Result<ServerConfig, ConfigError> {
-        let grpc_addr: SocketAddr = s
-            .grpc_addr
-            .parse()
-            .map_err(|_| self.err("server.grpc_addr", format!("{:?} is not an address like 127.0.0.1:7443", s.grpc_addr)))?;
-        let http_addr: SocketAddr = s
-            .http_addr
-            .parse()
-            .map_err(|_| self.err("server.http_addr", format!("{:?} is not an address like 127.0.0.1:7480", s.http_addr)))?;
+        let grpc_addr: SocketAddr = s.grpc_addr.parse().map_err(|_| {
+            self.err(
+                "server.grpc_addr",
+                format!("{:?} is not an address like 127.0.0.1:7443", s.grpc_addr),
+            )
+        })?;
+        let http_addr: SocketAddr = s.http_addr.parse().map_err(|_| {
+            self.err(
+                "server.http_addr",
+                format!("{:?} is not an address like 127.0.0.1:7480", s.http_addr),
+            )
+        })?;
         if grpc_addr == http_addr && grpc_addr.port() != 0 {
             return Err(self.err("server.http_addr", "must differ from server.grpc_addr"));
         }
@@ -306,7 +341,11 @@ impl Checker<'_> {
             client_ca_file: t.client_ca_file.map(PathBuf::from),
         });
         if let Some(t) = &tls {
-            for (k, p) in [("server.tls.cert_file", Some(&t.cert_file)), ("server.tls.key_file", Some(&t.key_file)), ("server.tls.client_ca_file", t.client_ca_file.as_ref())] {
+            for (k, p) in [
+                ("server.tls.cert_file", Some(&t.cert_file)),
+                ("server.tls.key_file", Some(&t.key_file)),
+                ("server.tls.client_ca_file", t.client_ca_file.as_ref()),
+            ] {
                 if let Some(p) = p {
                     if !p.is_file() {
                         return Err(self.err(k, format!("{} is not a readable file", p.display())));
@@ -315,7 +354,10 @@ impl Checker<'_> {
             }
         }
         if tls.is_none() && !s.allow_plaintext {
-            for (k, a) in [("server.grpc_addr", grpc_addr), ("server.http_addr", http_addr)] {
+            for (k, a) in [
+                ("server.grpc_addr", grpc_addr),
+                ("server.http_addr", http_addr),
+            ] {
                 if !a.ip().is_loopback() {
                     return Err(self.err(k, format!("{a} is not loopback and [server.tls] is not configured; configure TLS or set server.allow_plaintext = true behind a TLS-terminating proxy")));
                 }
@@ -331,16 +373,28 @@ impl Checker<'_> {
 
     /// An absolute http(s) URL; plain http only to a loopback host.
     fn url(&self, key: &str, s: &str, allow_path: bool) -> Result<String, ConfigError> {
-        let u = reqwest::Url::parse(s).map_err(|e| self.err(key, format!("{s:?} is not a URL ({e})")))?;
-        let loopback = matches!(u.host_str(), Some("localhost") | Some("127.0.0.1") | Some("[::1]"))
-            || u.host_str().map(|h| h.starts_with("127.")).unwrap_or(false);
+        let u = reqwest::Url::parse(s)
+            .map_err(|e| self.err(key, format!("{s:?} is not a URL ({e})")))?;
+        let loopback = matches!(
+            u.host_str(),
+            Some("localhost") | Some("127.0.0.1") | Some("[::1]")
+        ) || u.host_str().map(|h| h.starts_with("127.")).unwrap_or(false);
         match u.scheme() {
             "https" => {}
             "http" if loopback => {}
-            "http" => return Err(self.err(key, format!("{s:?} must use https (plain http is allowed only for loopback hosts)"))),
+            "http" => {
+                return Err(self.err(
+                    key,
+                    format!("{s:?} must use https (plain http is allowed only for loopback hosts)"),
+                ))
+            }
             other => return Err(self.err(key, format!("scheme {other:?} is not http(s)"))),
         }
-        if u.query().is_some() || u.fragment().is_some() || !u.username().is_empty() || u.password().is_some() {
+        if u.query().is_some()
+            || u.fragment().is_some()
+            || !u.username().is_empty()
+            || u.password().is_some()
+        {
             return Err(self.err(key, "must not carry credentials, a query or a fragment"));
         }
         if !allow_path && u.path() != "/" {
@@ -361,7 +415,10 @@ impl Checker<'_> {
         // checked as a URL).
         self.url(&format!("{key}.issuer"), &r.issuer, true)?;
         if r.audiences.is_empty() {
-            return Err(self.err(format!("{key}.audiences"), "required: list the audiences this broker accepts (a token must carry one)"));
+            return Err(self.err(
+                format!("{key}.audiences"),
+                "required: list the audiences this broker accepts (a token must carry one)",
+            ));
         }
         for (j, a) in r.audiences.iter().enumerate() {
             if a.trim().is_empty() {
@@ -380,7 +437,15 @@ impl Checker<'_> {
             return Err(self.err(format!("{key}.leeway"), "must be at most 5m"));
         }
         let algorithms = match r.algorithms {
-            None => vec![Alg::RS256, Alg::RS384, Alg::RS512, Alg::PS256, Alg::ES256, Alg::ES384, Alg::EdDSA],
+            None => vec![
+                Alg::RS256,
+                Alg::RS384,
+                Alg::RS512,
+                Alg::PS256,
+                Alg::ES256,
+                Alg::ES384,
+                Alg::EdDSA,
+            ],
             Some(list) => {
                 if list.is_empty() {
                     return Err(self.err(format!("{key}.algorithms"), "must not be empty"));
@@ -394,14 +459,26 @@ impl Checker<'_> {
                 out
             }
         };
-        let jwks_refresh = r.jwks_refresh.map(|d| d.0).unwrap_or(Duration::from_secs(300));
-        let jwks_cooldown = r.jwks_cooldown.map(|d| d.0).unwrap_or(Duration::from_secs(30));
-        let jwks_max_staleness = r.jwks_max_staleness.map(|d| d.0).unwrap_or(Duration::from_secs(24 * 3600));
+        let jwks_refresh = r
+            .jwks_refresh
+            .map(|d| d.0)
+            .unwrap_or(Duration::from_secs(300));
+        let jwks_cooldown = r
+            .jwks_cooldown
+            .map(|d| d.0)
+            .unwrap_or(Duration::from_secs(30));
+        let jwks_max_staleness = r
+            .jwks_max_staleness
+            .map(|d| d.0)
+            .unwrap_or(Duration::from_secs(24 * 3600));
         if jwks_refresh < Duration::from_secs(1) {
             return Err(self.err(format!("{key}.jwks_refresh"), "must be at least 1s"));
         }
         if jwks_max_staleness < jwks_refresh {
-            return Err(self.err(format!("{key}.jwks_max_staleness"), "must be at least jwks_refresh"));
+            return Err(self.err(
+                format!("{key}.jwks_max_staleness"),
+                "must be at least jwks_refresh",
+            ));
         }
         Ok(IssuerConfig {
             name: r.name,
@@ -421,45 +498,69 @@ impl Checker<'_> {
     fn name(&self, key: &str, name: &str) -> Result<(), ConfigError> {
         let ok = !name.is_empty()
             && name.len() <= 64
-            && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
         if ok {
             Ok(())
         } else {
-            Err(self.err(key, format!("{name:?} must be 1-64 characters of letters, digits, '-', '_' or '.'")))
+            Err(self.err(
+                key,
+                format!("{name:?} must be 1-64 characters of letters, digits, '-', '_' or '.'"),
+            ))
         }
     }
 
     fn target(&self, key: &str, r: RawTarget) -> Result<TargetConfig, ConfigError> {
         self.name(&format!("{key}.name"), &r.name)?;
         let max_ttl = r.max_ttl.map(|d| d.0).unwrap_or(Duration::from_secs(3600));
-        let default_ttl = r.default_ttl.map(|d| d.0).unwrap_or(max_ttl.min(Duration::from_secs(900)));
+        let default_ttl = r
+            .default_ttl
+            .map(|d| d.0)
+            .unwrap_or(max_ttl.min(Duration::from_secs(900)));
         if max_ttl < Duration::from_secs(1) || max_ttl > MAX_TTL_CEILING {
             return Err(self.err(format!("{key}.max_ttl"), "must be between 1s and 24h"));
         }
         if default_ttl < Duration::from_secs(1) || default_ttl > max_ttl {
-            return Err(self.err(format!("{key}.default_ttl"), "must be at least 1s and at most max_ttl"));
+            return Err(self.err(
+                format!("{key}.default_ttl"),
+                "must be at least 1s and at most max_ttl",
+            ));
         }
         let kind = match r.kind.as_str() {
             "jwt" => {
                 let audience = match r.audience {
                     Some(a) if !a.trim().is_empty() => a,
-                    _ => return Err(self.err(format!("{key}.audience"), "required for kind \"jwt\"")),
+                    _ => {
+                        return Err(self.err(format!("{key}.audience"), "required for kind \"jwt\""))
+                    }
                 };
                 let algorithm = match r.algorithm.as_deref() {
                     None => Alg::ES256,
                     Some(a @ ("ES256" | "EdDSA" | "RS256")) => Alg::parse(a).unwrap_or(Alg::ES256),
-                    Some(other) => return Err(self.err(format!("{key}.algorithm"), format!("{other:?} is not supported; use ES256, EdDSA or RS256"))),
+                    Some(other) => {
+                        return Err(self.err(
+                            format!("{key}.algorithm"),
+                            format!("{other:?} is not supported; use ES256, EdDSA or RS256"),
+                        ))
+                    }
                 };
                 let subject = match r.subject {
-                    Some(s) => Some(Template::parse(&s).map_err(|e| self.err(format!("{key}.subject"), e))?),
+                    Some(s) => Some(
+                        Template::parse(&s).map_err(|e| self.err(format!("{key}.subject"), e))?,
+                    ),
                     None => None,
                 };
                 let mut claims = Vec::new();
                 for (name, tpl) in r.claims {
                     if RESERVED_CLAIMS.contains(&name.as_str()) {
-                        return Err(self.err(format!("{key}.claims.{name}"), "is set by the broker and cannot be overridden"));
+                        return Err(self.err(
+                            format!("{key}.claims.{name}"),
+                            "is set by the broker and cannot be overridden",
+                        ));
                     }
-                    let t = Template::parse(&tpl).map_err(|e| self.err(format!("{key}.claims.{name}"), e))?;
+                    let t = Template::parse(&tpl)
+                        .map_err(|e| self.err(format!("{key}.claims.{name}"), e))?;
                     claims.push((name, t));
                 }
                 TargetKind::Jwt(JwtTargetConfig {
@@ -470,7 +571,10 @@ impl Checker<'_> {
                 })
             }
             other => {
-                return Err(self.err(format!("{key}.kind"), format!("unknown kind {other:?}; supported: jwt")));
+                return Err(self.err(
+                    format!("{key}.kind"),
+                    format!("unknown kind {other:?}; supported: jwt"),
+                ));
             }
         };
         Ok(TargetConfig {
@@ -481,15 +585,29 @@ impl Checker<'_> {
         })
     }
 
-    fn rule(&self, key: &str, r: RawRule, issuers: &[IssuerConfig], targets: &[TargetConfig]) -> Result<Rule, ConfigError> {
+    fn rule(
+        &self,
+        key: &str,
+        r: RawRule,
+        issuers: &[IssuerConfig],
+        targets: &[TargetConfig],
+    ) -> Result<Rule, ConfigError> {
         self.name(&format!("{key}.name"), &r.name)?;
         if !issuers.iter().any(|i| i.name == r.issuer) {
-            return Err(self.err(format!("{key}.issuer"), format!("no issuer named {:?}", r.issuer)));
+            return Err(self.err(
+                format!("{key}.issuer"),
+                format!("no issuer named {:?}", r.issuer),
+            ));
         }
         let effect = match r.effect.as_deref() {
             None | Some("allow") => Effect::Allow,
             Some("deny") => Effect::Deny,
-            Some(other) => return Err(self.err(format!("{key}.effect"), format!("{other:?} is not \"allow\" or \"deny\""))),
+            Some(other) => {
+                return Err(self.err(
+                    format!("{key}.effect"),
+                    format!("{other:?} is not \"allow\" or \"deny\""),
+                ))
+            }
         };
         let mut claims = Vec::new();
         for (claim, v) in &r.claims {
@@ -501,16 +619,33 @@ impl Checker<'_> {
         for (j, g) in r.grants.into_iter().enumerate() {
             let gk = format!("{key}.grants[{j}]");
             let Some(t) = targets.iter().find(|t| t.name == g.target) else {
-                return Err(self.err(format!("{gk}.target"), format!("no target named {:?}", g.target)));
+                return Err(self.err(
+                    format!("{gk}.target"),
+                    format!("no target named {:?}", g.target),
+                ));
             };
             for (s, scope) in g.scopes.iter().enumerate() {
-                if scope.is_empty() || scope.len() > 256 || scope.chars().any(|c| c.is_whitespace() || c.is_control()) {
-                    return Err(self.err(format!("{gk}.scopes[{s}]"), "a scope is 1-256 characters with no whitespace"));
+                if scope.is_empty()
+                    || scope.len() > 256
+                    || scope.chars().any(|c| c.is_whitespace() || c.is_control())
+                {
+                    return Err(self.err(
+                        format!("{gk}.scopes[{s}]"),
+                        "a scope is 1-256 characters with no whitespace",
+                    ));
                 }
             }
             if let Some(cap) = g.max_ttl {
                 if cap.0 > t.max_ttl {
-                    return Err(self.err(format!("{gk}.max_ttl"), format!("{} exceeds target {}'s max_ttl {}", humantime::format_duration(cap.0), t.name, humantime::format_duration(t.max_ttl))));
+                    return Err(self.err(
+                        format!("{gk}.max_ttl"),
+                        format!(
+                            "{} exceeds target {}'s max_ttl {}",
+                            humantime::format_duration(cap.0),
+                            t.name,
+                            humantime::format_duration(t.max_ttl)
+                        ),
+                    ));
                 }
                 if cap.0 < Duration::from_secs(1) {
                     return Err(self.err(format!("{gk}.max_ttl"), "must be at least 1s"));
@@ -524,22 +659,34 @@ impl Checker<'_> {
         }
         for (j, t) in r.targets.iter().enumerate() {
             if !targets.iter().any(|x| &x.name == t) {
-                return Err(self.err(format!("{key}.targets[{j}]"), format!("no target named {t:?}")));
+                return Err(self.err(
+                    format!("{key}.targets[{j}]"),
+                    format!("no target named {t:?}"),
+                ));
             }
         }
         let mut roles = Vec::new();
         for (j, role) in r.roles.iter().enumerate() {
             roles.push(Role::parse(role).ok_or_else(|| {
-                self.err(format!("{key}.roles[{j}]"), format!("unknown role {role:?}; use rotator, auditor, admin or introspect"))
+                self.err(
+                    format!("{key}.roles[{j}]"),
+                    format!("unknown role {role:?}; use rotator, auditor, admin or introspect"),
+                )
             })?);
         }
         match effect {
             Effect::Allow => {
                 if !r.targets.is_empty() {
-                    return Err(self.err(format!("{key}.targets"), "only deny rules list targets; allow rules use grants"));
+                    return Err(self.err(
+                        format!("{key}.targets"),
+                        "only deny rules list targets; allow rules use grants",
+                    ));
                 }
                 if grants.is_empty() && roles.is_empty() {
-                    return Err(self.err(format!("{key}.grants"), "an allow rule must grant at least one target or role"));
+                    return Err(self.err(
+                        format!("{key}.grants"),
+                        "an allow rule must grant at least one target or role",
+                    ));
                 }
             }
             Effect::Deny => {
@@ -575,17 +722,34 @@ impl Checker<'_> {
             toml::Value::Table(t) if t.len() == 1 => {
                 let (op, arg) = t.iter().next().expect("len checked");
                 let text = |a: &toml::Value| {
-                    a.as_str().map(str::to_string).ok_or_else(|| self.err(format!("{key}.{op}"), "must be a string"))
+                    a.as_str()
+                        .map(str::to_string)
+                        .ok_or_else(|| self.err(format!("{key}.{op}"), "must be a string"))
                 };
                 match op.as_str() {
-                    "glob" => Matcher::glob(&text(arg)?).map_err(|e| self.err(format!("{key}.glob"), e.to_string())),
-                    "regex" => Matcher::regex(&text(arg)?).map_err(|e| self.err(format!("{key}.regex"), e.to_string())),
-                    "not" => Ok(Matcher::Not(Box::new(self.matcher(&format!("{key}.not"), arg)?))),
-                    other => Err(self.err(format!("{key}.{other}"), "unknown matcher; use glob, regex or not")),
+                    "glob" => Matcher::glob(&text(arg)?)
+                        .map_err(|e| self.err(format!("{key}.glob"), e.to_string())),
+                    "regex" => Matcher::regex(&text(arg)?)
+                        .map_err(|e| self.err(format!("{key}.regex"), e.to_string())),
+                    "not" => Ok(Matcher::Not(Box::new(
+                        self.matcher(&format!("{key}.not"), arg)?,
+                    ))),
+                    other => Err(self.err(
+                        format!("{key}.{other}"),
+                        "unknown matcher; use glob, regex or not",
+                    )),
                 }
             }
-            toml::Value::Table(_) => Err(self.err(key, "a matcher table has exactly one of glob, regex, not")),
-            other => Err(self.err(key, format!("a {} is not a matcher (claims are compared as strings: quote it)", other.type_str()))),
+            toml::Value::Table(_) => {
+                Err(self.err(key, "a matcher table has exactly one of glob, regex, not"))
+            }
+            other => Err(self.err(
+                key,
+                format!(
+                    "a {} is not a matcher (claims are compared as strings: quote it)",
+                    other.type_str()
+                ),
+            )),
         }
     }
 }

@@ -58,7 +58,10 @@ fn rejects(edit: impl Fn(&str) -> String, key: &str, reason: &str) {
     let shown = e.to_string();
     assert!(shown.starts_with("bad.toml: "), "{shown}");
     assert!(e.key.contains(key), "expected key {key:?} in {shown:?}");
-    assert!(e.reason.contains(reason), "expected reason {reason:?} in {shown:?}");
+    assert!(
+        e.reason.contains(reason),
+        "expected reason {reason:?} in {shown:?}"
+    );
 }
 
 fn rep(from: &'static str, to: &'static str) -> impl Fn(&str) -> String {
@@ -67,42 +70,183 @@ fn rep(from: &'static str, to: &'static str) -> impl Fn(&str) -> String {
 
 #[test]
 fn each_kind_of_bad_config_names_its_key() {
-    rejects(rep("grpc_addr = \"127.0.0.1:7443\"", "grpc_addr = \"nope\""), "server.grpc_addr", "not an address");
-    rejects(rep("grpc_addr = \"127.0.0.1:7443\"", "grpc_addr = \"0.0.0.0:7443\""), "server.grpc_addr", "not loopback");
-    rejects(rep("issuer_url = \"http://127.0.0.1:7480\"", "issuer_url = \"http://example.com\""), "server.issuer_url", "https");
-    rejects(rep("[store]", "[store]\nbogus = 1"), "line", "unknown field `bogus`");
-    rejects(rep("preset = \"bitbucket\"", "preset = \"jenkins\""), "issuers[0].preset", "unknown preset");
-    rejects(rep("audiences = [\"ari:cloud:bitbucket::workspace/1234\"]", "audiences = []"), "issuers[0].audiences", "required");
-    rejects(rep("audiences = [", "algorithms = [\"HS256\"]\naudiences = ["), "issuers[0].algorithms[0]", "not accepted");
-    rejects(rep("audiences = [", "leeway = \"10m\"\naudiences = ["), "issuers[0].leeway", "at most 5m");
-    rejects(rep("audiences = [", "leeway = \"soon\"\naudiences = ["), "line", "invalid duration");
-    rejects(rep("kind = \"jwt\"", "kind = \"ldap\""), "targets[0].kind", "unknown kind");
-    rejects(rep("audience = \"https://orders.example.com\"\n", ""), "targets[0].audience", "required");
-    rejects(rep("algorithm = \"ES256\"", "algorithm = \"HS256\""), "targets[0].algorithm", "not supported");
-    rejects(rep("default_ttl = \"15m\"", "default_ttl = \"2h\""), "targets[0].default_ttl", "at most max_ttl");
-    rejects(rep("max_ttl = \"1h\"\nsubject", "max_ttl = \"48h\"\nsubject"), "targets[0].max_ttl", "between 1s and 24h");
-    rejects(rep("subject = \"bb:{repositoryUuid}\"", "subject = \"bb:{repositoryUuid\""), "targets[0].subject", "unclosed");
-    rejects(rep("team = \"{workspaceUuid}\"", "exp = \"1\""), "targets[0].claims.exp", "cannot be overridden");
-    rejects(rep("issuer = \"bitbucket\"\neffect = \"allow\"", "issuer = \"github\"\neffect = \"allow\""), "rules[0].issuer", "no issuer named");
-    rejects(rep("effect = \"allow\"", "effect = \"maybe\""), "rules[0].effect", "not \"allow\" or \"deny\"");
-    rejects(rep("{ glob = \"release/*\" }", "{ glob = \"release/[\" }"), "rules[0].claims.branchName.glob", "invalid glob");
-    rejects(rep("{ regex = \"b.*\" }", "{ regex = \"(b\" }"), "rules[0].claims./kubernetes.io/namespace[1].regex", "invalid regex");
-    rejects(rep("{ not = \"prod\" }", "{ fuzzy = \"prod\" }"), "rules[0].claims.env.fuzzy", "unknown matcher");
-    rejects(rep("env = { not = \"prod\" }", "env = 5"), "rules[0].claims.env", "quote it");
-    rejects(rep("[{ target = \"orders-api\", scopes", "[{ target = \"billing\", scopes"), "rules[0].grants[0].target", "no target named");
-    rejects(rep("max_ttl = \"10m\" }", "max_ttl = \"2h\" }"), "rules[0].grants[0].max_ttl", "exceeds target");
-    rejects(rep("\"orders:read\", \"orders:write\"", "\"orders read\""), "rules[0].grants[0].scopes[0]", "no whitespace");
-    rejects(rep("targets = [\"orders-api\"]", "targets = [\"billing\"]"), "rules[1].targets[0]", "no target named");
-    rejects(rep("targets = [\"orders-api\"]", "grants = [{ target = \"orders-api\" }]"), "rules[1].grants", "deny rules do not grant");
-    rejects(rep("name = \"no-forks\"", "name = \"orders-release\""), "rules[1].name", "duplicate rule");
-    rejects(rep("name = \"orders-api\"", "name = \"orders api\""), "targets[0].name", "must be 1-64");
     rejects(
-        |s: &str| s.replacen("grants = [{ target = \"orders-api\", scopes = [\"orders:read\", \"orders:write\"], max_ttl = \"10m\" }]", "roles = [\"superuser\"]", 1),
+        rep("grpc_addr = \"127.0.0.1:7443\"", "grpc_addr = \"nope\""),
+        "server.grpc_addr",
+        "not an address",
+    );
+    rejects(
+        rep(
+            "grpc_addr = \"127.0.0.1:7443\"",
+            "grpc_addr = \"0.0.0.0:7443\"",
+        ),
+        "server.grpc_addr",
+        "not loopback",
+    );
+    rejects(
+        rep(
+            "issuer_url = \"http://127.0.0.1:7480\"",
+            "issuer_url = \"http://example.com\"",
+        ),
+        "server.issuer_url",
+        "https",
+    );
+    rejects(
+        rep("[store]", "[store]\nbogus = 1"),
+        "line",
+        "unknown field `bogus`",
+    );
+    rejects(
+        rep("preset = \"bitbucket\"", "preset = \"jenkins\""),
+        "issuers[0].preset",
+        "unknown preset",
+    );
+    rejects(
+        rep(
+            "audiences = [\"ari:cloud:bitbucket::workspace/1234\"]",
+            "audiences = []",
+        ),
+        "issuers[0].audiences",
+        "required",
+    );
+    rejects(
+        rep("audiences = [", "algorithms = [\"HS256\"]\naudiences = ["),
+        "issuers[0].algorithms[0]",
+        "not accepted",
+    );
+    rejects(
+        rep("audiences = [", "leeway = \"10m\"\naudiences = ["),
+        "issuers[0].leeway",
+        "at most 5m",
+    );
+    rejects(
+        rep("audiences = [", "leeway = \"soon\"\naudiences = ["),
+        "line",
+        "invalid duration",
+    );
+    rejects(
+        rep("kind = \"jwt\"", "kind = \"ldap\""),
+        "targets[0].kind",
+        "unknown kind",
+    );
+    rejects(
+        rep("audience = \"https://orders.example.com\"\n", ""),
+        "targets[0].audience",
+        "required",
+    );
+    rejects(
+        rep("algorithm = \"ES256\"", "algorithm = \"HS256\""),
+        "targets[0].algorithm",
+        "not supported",
+    );
+    rejects(
+        rep("default_ttl = \"15m\"", "default_ttl = \"2h\""),
+        "targets[0].default_ttl",
+        "at most max_ttl",
+    );
+    rejects(
+        rep("max_ttl = \"1h\"\nsubject", "max_ttl = \"48h\"\nsubject"),
+        "targets[0].max_ttl",
+        "between 1s and 24h",
+    );
+    rejects(
+        rep(
+            "subject = \"bb:{repositoryUuid}\"",
+            "subject = \"bb:{repositoryUuid\"",
+        ),
+        "targets[0].subject",
+        "unclosed",
+    );
+    rejects(
+        rep("team = \"{workspaceUuid}\"", "exp = \"1\""),
+        "targets[0].claims.exp",
+        "cannot be overridden",
+    );
+    rejects(
+        rep(
+            "issuer = \"bitbucket\"\neffect = \"allow\"",
+            "issuer = \"github\"\neffect = \"allow\"",
+        ),
+        "rules[0].issuer",
+        "no issuer named",
+    );
+    rejects(
+        rep("effect = \"allow\"", "effect = \"maybe\""),
+        "rules[0].effect",
+        "not \"allow\" or \"deny\"",
+    );
+    rejects(
+        rep("{ glob = \"release/*\" }", "{ glob = \"release/[\" }"),
+        "rules[0].claims.branchName.glob",
+        "invalid glob",
+    );
+    rejects(
+        rep("{ regex = \"b.*\" }", "{ regex = \"(b\" }"),
+        "rules[0].claims./kubernetes.io/namespace[1].regex",
+        "invalid regex",
+    );
+    rejects(
+        rep("{ not = \"prod\" }", "{ fuzzy = \"prod\" }"),
+        "rules[0].claims.env.fuzzy",
+        "unknown matcher",
+    );
+    rejects(
+        rep("env = { not = \"prod\" }", "env = 5"),
+        "rules[0].claims.env",
+        "quote it",
+    );
+    rejects(
+        rep(
+            "[{ target = \"orders-api\", scopes",
+            "[{ target = \"billing\", scopes",
+        ),
+        "rules[0].grants[0].target",
+        "no target named",
+    );
+    rejects(
+        rep("max_ttl = \"10m\" }", "max_ttl = \"2h\" }"),
+        "rules[0].grants[0].max_ttl",
+        "exceeds target",
+    );
+    rejects(
+        rep("\"orders:read\", \"orders:write\"", "\"orders read\""),
+        "rules[0].grants[0].scopes[0]",
+        "no whitespace",
+    );
+    rejects(
+        rep("targets = [\"orders-api\"]", "targets = [\"billing\"]"),
+        "rules[1].targets[0]",
+        "no target named",
+    );
+    rejects(
+        rep(
+            "targets = [\"orders-api\"]",
+            "grants = [{ target = \"orders-api\" }]",
+        ),
+        "rules[1].grants",
+        "deny rules do not grant",
+    );
+    rejects(
+        rep("name = \"no-forks\"", "name = \"orders-release\""),
+        "rules[1].name",
+        "duplicate rule",
+    );
+    rejects(
+        rep("name = \"orders-api\"", "name = \"orders api\""),
+        "targets[0].name",
+        "must be 1-64",
+    );
+    rejects(
+        |s: &str| {
+            s.replacen("grants = [{ target = \"orders-api\", scopes = [\"orders:read\", \"orders:write\"], max_ttl = \"10m\" }]", "roles = [\"superuser\"]", 1)
+        },
         "rules[0].roles[0]",
         "unknown role",
     );
     rejects(
-        |s: &str| s.replacen("grants = [{ target = \"orders-api\", scopes = [\"orders:read\", \"orders:write\"], max_ttl = \"10m\" }]", "", 1),
+        |s: &str| {
+            s.replacen("grants = [{ target = \"orders-api\", scopes = [\"orders:read\", \"orders:write\"], max_ttl = \"10m\" }]", "", 1)
+        },
         "rules[0].grants",
         "must grant at least one",
     );
@@ -110,18 +254,24 @@ fn each_kind_of_bad_config_names_its_key() {
 
 #[test]
 fn kubernetes_default_audience_is_refused() {
-    let text = GOOD.replacen("preset = \"bitbucket\"", "preset = \"kubernetes\"", 1).replacen(
-        "ari:cloud:bitbucket::workspace/1234",
-        "https://kubernetes.default.svc.cluster.local",
-        1,
-    );
+    let text = GOOD
+        .replacen("preset = \"bitbucket\"", "preset = \"kubernetes\"", 1)
+        .replacen(
+            "ari:cloud:bitbucket::workspace/1234",
+            "https://kubernetes.default.svc.cluster.local",
+            1,
+        );
     let e = Config::parse(&text, "k.toml").unwrap_err();
     assert_eq!(e.key, "issuers[0].audiences[0]");
 }
 
 #[test]
 fn plaintext_on_a_public_address_needs_an_explicit_opt_in() {
-    let text = GOOD.replacen("grpc_addr = \"127.0.0.1:7443\"", "grpc_addr = \"0.0.0.0:7443\"\nallow_plaintext = true", 1);
+    let text = GOOD.replacen(
+        "grpc_addr = \"127.0.0.1:7443\"",
+        "grpc_addr = \"0.0.0.0:7443\"\nallow_plaintext = true",
+        1,
+    );
     assert!(Config::parse(&text, "p.toml").is_ok());
 }
 

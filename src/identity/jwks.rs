@@ -32,7 +32,10 @@ pub struct VerifyKey {
 
 #[derive(Debug, Clone)]
 enum PublicKey {
-    Rsa { n: Vec<u8>, e: Vec<u8> },
+    Rsa {
+        n: Vec<u8>,
+        e: Vec<u8>,
+    },
     /// Uncompressed point (0x04 || x || y) or Ed25519 bytes.
     Raw(Vec<u8>),
 }
@@ -67,7 +70,14 @@ impl VerifyKey {
                 point.push(4);
                 point.extend_from_slice(&x);
                 point.extend_from_slice(&y);
-                (if crv == "P-256" { KeyFamily::P256 } else { KeyFamily::P384 }, PublicKey::Raw(point))
+                (
+                    if crv == "P-256" {
+                        KeyFamily::P256
+                    } else {
+                        KeyFamily::P384
+                    },
+                    PublicKey::Raw(point),
+                )
             }
             ("OKP", Some("Ed25519")) => (KeyFamily::Ed25519, PublicKey::Raw(b64_decode(s("x")?)?)),
             _ => return None,
@@ -90,7 +100,9 @@ impl VerifyKey {
     pub fn verify(&self, alg: Alg, msg: &[u8], sig: &[u8]) -> bool {
         match &self.public {
             PublicKey::Rsa { n, e } => match alg.rsa_params() {
-                Some(params) => signature::RsaPublicKeyComponents { n, e }.verify(params, msg, sig).is_ok(),
+                Some(params) => signature::RsaPublicKeyComponents { n, e }
+                    .verify(params, msg, sig)
+                    .is_ok(),
                 None => false,
             },
             PublicKey::Raw(bytes) => signature::UnparsedPublicKey::new(alg.verification(), bytes)
@@ -173,7 +185,11 @@ impl IssuerKeys {
     }
 
     fn fresh(&self) -> Option<Arc<KeySet>> {
-        let cur = self.current.read().unwrap_or_else(|e| e.into_inner()).clone()?;
+        let cur = self
+            .current
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()?;
         let age = self.clock.now() - cur.fetched_at;
         (age <= self.cfg.jwks_max_staleness.as_secs() as i64).then_some(cur)
     }
@@ -181,7 +197,11 @@ impl IssuerKeys {
     /// The key for a token, refreshing once (subject to the cooldown) when the `kid` is
     /// unknown or nothing usable is cached. Fails with `KeysUnavailable` when no usable
     /// key set can be had, `UnknownKey` when the set has no such key.
-    pub async fn key_for(&self, kid: Option<&str>, family: KeyFamily) -> Result<VerifyKey, IdentityError> {
+    pub async fn key_for(
+        &self,
+        kid: Option<&str>,
+        family: KeyFamily,
+    ) -> Result<VerifyKey, IdentityError> {
         if let Some(set) = self.fresh() {
             if let Some(k) = set.find(kid, family) {
                 return Ok(k.clone());
@@ -191,7 +211,10 @@ impl IssuerKeys {
         let _ = self.refresh(false).await;
         match self.fresh() {
             None => Err(IdentityError::KeysUnavailable(self.cfg.name.clone())),
-            Some(set) => set.find(kid, family).cloned().ok_or(IdentityError::UnknownKey),
+            Some(set) => set
+                .find(kid, family)
+                .cloned()
+                .ok_or(IdentityError::UnknownKey),
         }
     }
 
@@ -219,7 +242,10 @@ impl IssuerKeys {
             Ok(keys) => {
                 let now = self.clock.now();
                 let n = keys.len();
-                *self.current.write().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(KeySet { keys, fetched_at: now }));
+                *self.current.write().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(KeySet {
+                    keys,
+                    fetched_at: now,
+                }));
                 let mut st = lock(&self.status);
                 st.keys = n;
                 st.fetched_at = Some(now);
@@ -271,17 +297,32 @@ impl IssuerKeys {
             issuer: String,
             jwks_uri: String,
         }
-        let url = format!("{}/.well-known/openid-configuration", self.cfg.issuer.trim_end_matches('/'));
-        let resp = self.http.get(&url).send().await.map_err(|e| format!("discovery: {}", short_error(&e)))?;
+        let url = format!(
+            "{}/.well-known/openid-configuration",
+            self.cfg.issuer.trim_end_matches('/')
+        );
+        let resp = self
+            .http
+            .get(&url)
+            .send()
+            .await
+            .map_err(|e| format!("discovery: {}", short_error(&e)))?;
         if !resp.status().is_success() {
             return Err(format!("discovery: HTTP {}", resp.status().as_u16()));
         }
-        let doc: Doc = resp.json().await.map_err(|_| "discovery: not an OIDC configuration document".to_string())?;
+        let doc: Doc = resp
+            .json()
+            .await
+            .map_err(|_| "discovery: not an OIDC configuration document".to_string())?;
         if doc.issuer != self.cfg.issuer {
             return Err("discovery: document names a different issuer".into());
         }
-        let u = reqwest::Url::parse(&doc.jwks_uri).map_err(|_| "discovery: jwks_uri is not a URL".to_string())?;
-        let local = u.host_str().map(|h| h == "localhost" || h.starts_with("127.") || h == "[::1]").unwrap_or(false);
+        let u = reqwest::Url::parse(&doc.jwks_uri)
+            .map_err(|_| "discovery: jwks_uri is not a URL".to_string())?;
+        let local = u
+            .host_str()
+            .map(|h| h == "localhost" || h.starts_with("127.") || h == "[::1]")
+            .unwrap_or(false);
         if u.scheme() != "https" && !(u.scheme() == "http" && local) {
             return Err("discovery: jwks_uri must be https".into());
         }
@@ -345,19 +386,30 @@ mod tests {
 
     #[test]
     fn find_without_kid_needs_an_unambiguous_key() {
-        let k = |kid: &str| VerifyKey::from_jwk(&{
-            let (sk, _) = SigningKey::generate(Alg::ES256).unwrap();
-            let mut j = sk.public_jwk();
-            j["kid"] = kid.into();
-            j
-        })
-        .unwrap();
-        let one = KeySet { keys: vec![k("a")], fetched_at: 0 };
+        let k = |kid: &str| {
+            VerifyKey::from_jwk(&{
+                let (sk, _) = SigningKey::generate(Alg::ES256).unwrap();
+                let mut j = sk.public_jwk();
+                j["kid"] = kid.into();
+                j
+            })
+            .unwrap()
+        };
+        let one = KeySet {
+            keys: vec![k("a")],
+            fetched_at: 0,
+        };
         assert!(one.find(None, KeyFamily::P256).is_some());
         assert!(one.find(None, KeyFamily::Rsa).is_none());
-        let two = KeySet { keys: vec![k("a"), k("b")], fetched_at: 0 };
+        let two = KeySet {
+            keys: vec![k("a"), k("b")],
+            fetched_at: 0,
+        };
         assert!(two.find(None, KeyFamily::P256).is_none());
-        assert_eq!(two.find(Some("b"), KeyFamily::P256).unwrap().kid.as_deref(), Some("b"));
+        assert_eq!(
+            two.find(Some("b"), KeyFamily::P256).unwrap().kid.as_deref(),
+            Some("b")
+        );
         assert!(two.find(Some("c"), KeyFamily::P256).is_none());
     }
 }

@@ -32,15 +32,17 @@ pub fn parse(token: &str) -> Result<Parsed<'_>, IdentityError> {
         return Err(IdentityError::Oversized(MAX_TOKEN_BYTES));
     }
     let mut parts = token.split('.');
-    let (Some(h), Some(p), Some(s), None) = (parts.next(), parts.next(), parts.next(), parts.next()) else {
+    let (Some(h), Some(p), Some(s), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
         return Err(IdentityError::Malformed("not a compact JWS"));
     };
     if h.is_empty() || p.is_empty() {
         return Err(IdentityError::Malformed("not a compact JWS"));
     }
     let header_bytes = b64_decode(h).ok_or(IdentityError::Malformed("header is not base64url"))?;
-    let header: Map<String, Value> =
-        serde_json::from_slice(&header_bytes).map_err(|_| IdentityError::Malformed("header is not a JSON object"))?;
+    let header: Map<String, Value> = serde_json::from_slice(&header_bytes)
+        .map_err(|_| IdentityError::Malformed("header is not a JSON object"))?;
     for forbidden in ["jku", "x5u", "jwk", "x5c", "crit"] {
         if header.contains_key(forbidden) {
             return Err(IdentityError::ForbiddenHeader(match forbidden {
@@ -60,7 +62,10 @@ pub fn parse(token: &str) -> Result<Parsed<'_>, IdentityError> {
         return Err(IdentityError::Algorithm("none".into()));
     }
     if alg.to_ascii_uppercase().starts_with("HS") {
-        return Err(IdentityError::Algorithm(format!("{} (HMAC)", sanitize(&alg))));
+        return Err(IdentityError::Algorithm(format!(
+            "{} (HMAC)",
+            sanitize(&alg)
+        )));
     }
     if let Some(typ) = header.get("typ") {
         // Refuse explicitly typed non-JWTs (e.g. encrypted or logout tokens).
@@ -78,8 +83,8 @@ pub fn parse(token: &str) -> Result<Parsed<'_>, IdentityError> {
         Some(_) => return Err(IdentityError::Malformed("kid is not a string")),
     };
     let payload = b64_decode(p).ok_or(IdentityError::Malformed("payload is not base64url"))?;
-    let claims: Map<String, Value> =
-        serde_json::from_slice(&payload).map_err(|_| IdentityError::Malformed("payload is not a JSON object"))?;
+    let claims: Map<String, Value> = serde_json::from_slice(&payload)
+        .map_err(|_| IdentityError::Malformed("payload is not a JSON object"))?;
     let signature = b64_decode(s).ok_or(IdentityError::Malformed("signature is not base64url"))?;
     if signature.is_empty() {
         return Err(IdentityError::Malformed("signature is empty"));
@@ -95,7 +100,10 @@ pub fn parse(token: &str) -> Result<Parsed<'_>, IdentityError> {
 
 /// Keeps attacker-chosen header text short and printable before it reaches a message.
 pub(crate) fn sanitize(s: &str) -> String {
-    s.chars().filter(|c| c.is_ascii_graphic()).take(16).collect()
+    s.chars()
+        .filter(|c| c.is_ascii_graphic())
+        .take(16)
+        .collect()
 }
 
 #[cfg(test)]
@@ -109,7 +117,11 @@ mod tests {
 
     #[test]
     fn parses_a_well_formed_token() {
-        let t = tok(r#"{"alg":"RS256","kid":"k1","typ":"JWT"}"#, r#"{"iss":"x"}"#, "c2ln");
+        let t = tok(
+            r#"{"alg":"RS256","kid":"k1","typ":"JWT"}"#,
+            r#"{"iss":"x"}"#,
+            "c2ln",
+        );
         let p = parse(&t).unwrap();
         assert_eq!(p.alg, "RS256");
         assert_eq!(p.kid.as_deref(), Some("k1"));
@@ -123,24 +135,75 @@ mod tests {
         let good_h = r#"{"alg":"RS256"}"#;
         let cases: Vec<(String, IdentityError)> = vec![
             ("a.b".into(), IdentityError::Malformed("not a compact JWS")),
-            ("a.b.c.d".into(), IdentityError::Malformed("not a compact JWS")),
+            (
+                "a.b.c.d".into(),
+                IdentityError::Malformed("not a compact JWS"),
+            ),
             (".b.c".into(), IdentityError::Malformed("not a compact JWS")),
-            ("!!!.e30.c2ln".into(), IdentityError::Malformed("header is not base64url")),
-            (tok("[1]", "{}", "c2ln"), IdentityError::Malformed("header is not a JSON object")),
-            (tok(r#"{"alg":"none"}"#, "{}", "c2ln"), IdentityError::Algorithm("none".into())),
-            (tok(r#"{"alg":"NONE"}"#, "{}", "c2ln"), IdentityError::Algorithm("none".into())),
-            (tok(r#"{"alg":"HS256"}"#, "{}", "c2ln"), IdentityError::Algorithm("HS256 (HMAC)".into())),
-            (tok(r#"{"alg":"RS256","jku":"http://evil"}"#, "{}", "c2ln"), IdentityError::ForbiddenHeader("jku")),
-            (tok(r#"{"alg":"RS256","x5u":"http://evil"}"#, "{}", "c2ln"), IdentityError::ForbiddenHeader("x5u")),
-            (tok(r#"{"alg":"RS256","jwk":{}}"#, "{}", "c2ln"), IdentityError::ForbiddenHeader("jwk")),
-            (tok(r#"{"alg":"RS256","crit":["exp"]}"#, "{}", "c2ln"), IdentityError::ForbiddenHeader("crit")),
-            (tok("{}", "{}", "c2ln"), IdentityError::Malformed("header has no alg")),
-            (tok(r#"{"alg":"RS256","typ":"JWE"}"#, "{}", "c2ln"), IdentityError::Malformed("typ is not JWT")),
-            (tok(r#"{"alg":"RS256","kid":5}"#, "{}", "c2ln"), IdentityError::Malformed("kid is not a string")),
-            (tok(good_h, "not json", "c2ln"), IdentityError::Malformed("payload is not a JSON object")),
-            (tok(good_h, "{}", "c2ln="), IdentityError::Malformed("signature is not base64url")),
-            (tok(good_h, "{}", ""), IdentityError::Malformed("signature is empty")),
-            ("x".repeat(MAX_TOKEN_BYTES + 1), IdentityError::Oversized(MAX_TOKEN_BYTES)),
+            (
+                "!!!.e30.c2ln".into(),
+                IdentityError::Malformed("header is not base64url"),
+            ),
+            (
+                tok("[1]", "{}", "c2ln"),
+                IdentityError::Malformed("header is not a JSON object"),
+            ),
+            (
+                tok(r#"{"alg":"none"}"#, "{}", "c2ln"),
+                IdentityError::Algorithm("none".into()),
+            ),
+            (
+                tok(r#"{"alg":"NONE"}"#, "{}", "c2ln"),
+                IdentityError::Algorithm("none".into()),
+            ),
+            (
+                tok(r#"{"alg":"HS256"}"#, "{}", "c2ln"),
+                IdentityError::Algorithm("HS256 (HMAC)".into()),
+            ),
+            (
+                tok(r#"{"alg":"RS256","jku":"http://evil"}"#, "{}", "c2ln"),
+                IdentityError::ForbiddenHeader("jku"),
+            ),
+            (
+                tok(r#"{"alg":"RS256","x5u":"http://evil"}"#, "{}", "c2ln"),
+                IdentityError::ForbiddenHeader("x5u"),
+            ),
+            (
+                tok(r#"{"alg":"RS256","jwk":{}}"#, "{}", "c2ln"),
+                IdentityError::ForbiddenHeader("jwk"),
+            ),
+            (
+                tok(r#"{"alg":"RS256","crit":["exp"]}"#, "{}", "c2ln"),
+                IdentityError::ForbiddenHeader("crit"),
+            ),
+            (
+                tok("{}", "{}", "c2ln"),
+                IdentityError::Malformed("header has no alg"),
+            ),
+            (
+                tok(r#"{"alg":"RS256","typ":"JWE"}"#, "{}", "c2ln"),
+                IdentityError::Malformed("typ is not JWT"),
+            ),
+            (
+                tok(r#"{"alg":"RS256","kid":5}"#, "{}", "c2ln"),
+                IdentityError::Malformed("kid is not a string"),
+            ),
+            (
+                tok(good_h, "not json", "c2ln"),
+                IdentityError::Malformed("payload is not a JSON object"),
+            ),
+            (
+                tok(good_h, "{}", "c2ln="),
+                IdentityError::Malformed("signature is not base64url"),
+            ),
+            (
+                tok(good_h, "{}", ""),
+                IdentityError::Malformed("signature is empty"),
+            ),
+            (
+                "x".repeat(MAX_TOKEN_BYTES + 1),
+                IdentityError::Oversized(MAX_TOKEN_BYTES),
+            ),
         ];
         for (t, want) in cases {
             assert_eq!(parse(&t).unwrap_err(), want, "token {t:.60}");
@@ -149,6 +212,9 @@ mod tests {
 
     #[test]
     fn sanitize_bounds_attacker_text() {
-        assert_eq!(sanitize("HS256\n<script>aaaaaaaaaaaaaaaaaaaa"), "HS256<script>aaa");
+        assert_eq!(
+            sanitize("HS256\n<script>aaaaaaaaaaaaaaaaaaaa"),
+            "HS256<script>aaa"
+        );
     }
 }

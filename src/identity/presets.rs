@@ -65,10 +65,18 @@ impl Preset {
                     key.push_str(&format!(":env:{e}"));
                 }
                 let env = s("deploymentEnvironment").or(env_uuid);
-                (key, Some(repo), s("branchName"), env, s("pipelineUuid"), None)
+                (
+                    key,
+                    Some(repo),
+                    s("branchName"),
+                    env,
+                    s("pipelineUuid"),
+                    None,
+                )
             }
             Preset::Github => {
-                let repo_id = claim_id(&claims, "repository_id").ok_or(IdentityError::Claim("repository_id"))?;
+                let repo_id = claim_id(&claims, "repository_id")
+                    .ok_or(IdentityError::Claim("repository_id"))?;
                 let owner_id = claim_id(&claims, "repository_owner_id").unwrap_or_default();
                 let env = s("environment");
                 let mut key = format!("{issuer_name}:{owner_id}/{repo_id}");
@@ -82,24 +90,49 @@ impl Preset {
                 (key, s("repository"), s("ref"), env, run, s("sha"))
             }
             Preset::Gitlab => {
-                let project = claim_id(&claims, "project_id").ok_or(IdentityError::Claim("project_id"))?;
+                let project =
+                    claim_id(&claims, "project_id").ok_or(IdentityError::Claim("project_id"))?;
                 let env = s("environment");
                 let mut key = format!("{issuer_name}:{project}");
                 if let Some(e) = &env {
                     key.push_str(&format!(":env:{e}"));
                 }
-                (key, s("project_path"), s("ref"), env, claim_id(&claims, "pipeline_id"), s("sha"))
+                (
+                    key,
+                    s("project_path"),
+                    s("ref"),
+                    env,
+                    claim_id(&claims, "pipeline_id"),
+                    s("sha"),
+                )
             }
             Preset::Kubernetes => {
-                let k = claims.get("kubernetes.io").and_then(Value::as_object).ok_or(IdentityError::Claim("kubernetes.io"))?;
-                let ns = k.get("namespace").and_then(Value::as_str).ok_or(IdentityError::Claim("kubernetes.io"))?;
+                let k = claims
+                    .get("kubernetes.io")
+                    .and_then(Value::as_object)
+                    .ok_or(IdentityError::Claim("kubernetes.io"))?;
+                let ns = k
+                    .get("namespace")
+                    .and_then(Value::as_str)
+                    .ok_or(IdentityError::Claim("kubernetes.io"))?;
                 let sa = k
                     .get("serviceaccount")
                     .and_then(|v| v.get("name"))
                     .and_then(Value::as_str)
                     .ok_or(IdentityError::Claim("kubernetes.io"))?;
-                let pod = k.get("pod").and_then(|v| v.get("name")).and_then(Value::as_str).map(str::to_string);
-                (format!("{issuer_name}:{ns}/{sa}"), None, None, Some(ns.to_string()), pod, None)
+                let pod = k
+                    .get("pod")
+                    .and_then(|v| v.get("name"))
+                    .and_then(Value::as_str)
+                    .map(str::to_string);
+                (
+                    format!("{issuer_name}:{ns}/{sa}"),
+                    None,
+                    None,
+                    Some(ns.to_string()),
+                    pod,
+                    None,
+                )
             }
             Preset::Generic => (format!("{issuer_name}:{sub}"), None, None, None, None, None),
         };
@@ -156,7 +189,10 @@ mod tests {
         assert_eq!(e.environment.as_deref(), Some("production"));
         let mut missing = base;
         missing.as_object_mut().unwrap().remove("repositoryUuid");
-        assert_eq!(norm(Preset::Bitbucket, missing).unwrap_err(), IdentityError::Claim("repositoryUuid"));
+        assert_eq!(
+            norm(Preset::Bitbucket, missing).unwrap_err(),
+            IdentityError::Claim("repositoryUuid")
+        );
     }
 
     #[test]
@@ -176,8 +212,16 @@ mod tests {
         let k = norm(Preset::Kubernetes, json!({"iss": "i", "sub": "system:serviceaccount:ci:runner", "kubernetes.io": {"namespace": "ci", "serviceaccount": {"name": "runner"}, "pod": {"name": "p1"}}})).unwrap();
         assert_eq!(k.key, "x:ci/runner");
         assert!(norm(Preset::Kubernetes, json!({"iss": "i", "sub": "s"})).is_err());
-        assert_eq!(norm(Preset::Generic, json!({"iss": "i", "sub": "s"})).unwrap().key, "x:s");
-        assert_eq!(norm(Preset::Generic, json!({"iss": "i"})).unwrap_err(), IdentityError::Claim("sub"));
+        assert_eq!(
+            norm(Preset::Generic, json!({"iss": "i", "sub": "s"}))
+                .unwrap()
+                .key,
+            "x:s"
+        );
+        assert_eq!(
+            norm(Preset::Generic, json!({"iss": "i"})).unwrap_err(),
+            IdentityError::Claim("sub")
+        );
         assert!(Preset::parse("jenkins").is_none());
     }
 }

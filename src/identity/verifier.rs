@@ -24,7 +24,9 @@ pub struct Verifier {
 
 impl std::fmt::Debug for Verifier {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Verifier").field("issuers", &self.by_iss.keys().collect::<Vec<_>>()).finish()
+        f.debug_struct("Verifier")
+            .field("issuers", &self.by_iss.keys().collect::<Vec<_>>())
+            .finish()
     }
 }
 
@@ -58,12 +60,19 @@ impl Verifier {
 
     /// Starts one background refresher per issuer (the first run fetches at once).
     pub fn spawn_refreshers(&self) -> Vec<tokio::task::JoinHandle<()>> {
-        self.by_iss.values().map(|i| tokio::spawn(i.keys.clone().run())).collect()
+        self.by_iss
+            .values()
+            .map(|i| tokio::spawn(i.keys.clone().run()))
+            .collect()
     }
 
     /// Key-cache status per issuer name.
     pub fn status(&self) -> Vec<(String, KeyStatus)> {
-        let mut v: Vec<_> = self.by_iss.values().map(|i| (i.cfg.name.clone(), i.keys.status())).collect();
+        let mut v: Vec<_> = self
+            .by_iss
+            .values()
+            .map(|i| (i.cfg.name.clone(), i.keys.status()))
+            .collect();
         v.sort_by(|a, b| a.0.cmp(&b.0));
         v
     }
@@ -80,18 +89,28 @@ impl Verifier {
         let issuer = self.by_iss.get(iss).ok_or(IdentityError::UnknownIssuer)?;
         let cfg = &issuer.cfg;
 
-        let alg = Alg::parse(&parsed.alg)
-            .ok_or_else(|| IdentityError::Algorithm(format!("{} not supported", sanitize(&parsed.alg))))?;
+        let alg = Alg::parse(&parsed.alg).ok_or_else(|| {
+            IdentityError::Algorithm(format!("{} not supported", sanitize(&parsed.alg)))
+        })?;
         if !cfg.algorithms.contains(&alg) {
-            return Err(IdentityError::Algorithm(format!("{alg} not allowed for this issuer")));
+            return Err(IdentityError::Algorithm(format!(
+                "{alg} not allowed for this issuer"
+            )));
         }
-        let key = issuer.keys.key_for(parsed.kid.as_deref(), alg.family()).await?;
+        let key = issuer
+            .keys
+            .key_for(parsed.kid.as_deref(), alg.family())
+            .await?;
         match key.alg {
             Some(pinned) if pinned != alg => {
-                return Err(IdentityError::Algorithm(format!("{alg} does not match the key's {pinned}")));
+                return Err(IdentityError::Algorithm(format!(
+                    "{alg} does not match the key's {pinned}"
+                )));
             }
             None if key.family != alg.family() => {
-                return Err(IdentityError::Algorithm(format!("{alg} does not fit the key type")));
+                return Err(IdentityError::Algorithm(format!(
+                    "{alg} does not fit the key type"
+                )));
             }
             _ => {}
         }
@@ -100,7 +119,8 @@ impl Verifier {
         }
 
         check_claims(&parsed.claims, cfg, self.clock.now())?;
-        cfg.preset.normalise(&cfg.name, parsed.claims, sha256_hex(token))
+        cfg.preset
+            .normalise(&cfg.name, parsed.claims, sha256_hex(token))
     }
 }
 
@@ -116,7 +136,11 @@ fn num(claims: &Map<String, Value>, name: &'static str) -> Result<Option<i64>, I
     }
 }
 
-fn check_claims(claims: &Map<String, Value>, cfg: &IssuerConfig, now: i64) -> Result<(), IdentityError> {
+fn check_claims(
+    claims: &Map<String, Value>,
+    cfg: &IssuerConfig,
+    now: i64,
+) -> Result<(), IdentityError> {
     let leeway = cfg.leeway.as_secs() as i64;
     let exp = num(claims, "exp")?.ok_or(IdentityError::Claim("exp"))?;
     if now >= exp.saturating_add(leeway) {
@@ -181,15 +205,50 @@ mod tests {
     fn time_claims_with_leeway() {
         let now = 10_000;
         assert!(check(json!({"exp": now + 10, "iat": now, "aud": "a1"}), now).is_ok());
-        assert!(check(json!({"exp": now - 10, "iat": now - 100, "aud": "a1"}), now).is_ok(), "within leeway");
-        assert_eq!(check(json!({"exp": now - 30, "iat": now - 100, "aud": "a1"}), now), Err(IdentityError::Expired));
-        assert_eq!(check(json!({"iat": now, "aud": "a1"}), now), Err(IdentityError::Claim("exp")));
-        assert_eq!(check(json!({"exp": "soon", "iat": now, "aud": "a1"}), now), Err(IdentityError::Claim("exp")));
-        assert_eq!(check(json!({"exp": now + 100, "nbf": now + 31, "iat": now, "aud": "a1"}), now), Err(IdentityError::NotYetValid));
-        assert!(check(json!({"exp": now + 100, "nbf": now + 29, "iat": now, "aud": "a1"}), now).is_ok());
-        assert_eq!(check(json!({"exp": now + 100, "iat": now + 60, "aud": "a1"}), now), Err(IdentityError::NotYetValid));
-        assert_eq!(check(json!({"exp": now + 100, "iat": now - 4000, "aud": "a1"}), now), Err(IdentityError::TooOld));
-        assert_eq!(check(json!({"exp": now + 100, "aud": "a1"}), now), Err(IdentityError::Claim("iat")), "max_token_age needs iat");
+        assert!(
+            check(json!({"exp": now - 10, "iat": now - 100, "aud": "a1"}), now).is_ok(),
+            "within leeway"
+        );
+        assert_eq!(
+            check(json!({"exp": now - 30, "iat": now - 100, "aud": "a1"}), now),
+            Err(IdentityError::Expired)
+        );
+        assert_eq!(
+            check(json!({"iat": now, "aud": "a1"}), now),
+            Err(IdentityError::Claim("exp"))
+        );
+        assert_eq!(
+            check(json!({"exp": "soon", "iat": now, "aud": "a1"}), now),
+            Err(IdentityError::Claim("exp"))
+        );
+        assert_eq!(
+            check(
+                json!({"exp": now + 100, "nbf": now + 31, "iat": now, "aud": "a1"}),
+                now
+            ),
+            Err(IdentityError::NotYetValid)
+        );
+        assert!(check(
+            json!({"exp": now + 100, "nbf": now + 29, "iat": now, "aud": "a1"}),
+            now
+        )
+        .is_ok());
+        assert_eq!(
+            check(json!({"exp": now + 100, "iat": now + 60, "aud": "a1"}), now),
+            Err(IdentityError::NotYetValid)
+        );
+        assert_eq!(
+            check(
+                json!({"exp": now + 100, "iat": now - 4000, "aud": "a1"}),
+                now
+            ),
+            Err(IdentityError::TooOld)
+        );
+        assert_eq!(
+            check(json!({"exp": now + 100, "aud": "a1"}), now),
+            Err(IdentityError::Claim("iat")),
+            "max_token_age needs iat"
+        );
     }
 
     #[test]
@@ -201,6 +260,9 @@ mod tests {
         assert_eq!(check(base(json!("x")), now), Err(IdentityError::Audience));
         assert_eq!(check(base(json!([])), now), Err(IdentityError::Audience));
         assert_eq!(check(base(json!(null)), now), Err(IdentityError::Audience));
-        assert_eq!(check(json!({"exp": now + 10, "iat": now}), now), Err(IdentityError::Audience));
+        assert_eq!(
+            check(json!({"exp": now + 10, "iat": now}), now),
+            Err(IdentityError::Audience)
+        );
     }
 }

@@ -53,7 +53,8 @@ impl MasterKey {
         if raw.expose().len() != 32 {
             return Err(MasterKeyError::Malformed(origin.into()));
         }
-        let key = UnboundKey::new(&AES_256_GCM, raw.expose()).map_err(|_| MasterKeyError::Malformed(origin.into()))?;
+        let key = UnboundKey::new(&AES_256_GCM, raw.expose())
+            .map_err(|_| MasterKeyError::Malformed(origin.into()))?;
         Ok(MasterKey {
             key: LessSafeKey::new(key),
             raw,
@@ -94,7 +95,9 @@ impl MasterKey {
     pub fn generate() -> MasterKey {
         let mut b = vec![0u8; 32];
         // The system RNG failing is a startup invariant violation we cannot continue past.
-        SystemRandom::new().fill(&mut b).expect("system random number generator");
+        SystemRandom::new()
+            .fill(&mut b)
+            .expect("system random number generator");
         MasterKey::from_bytes(b, "generated").expect("32 bytes")
     }
 
@@ -106,10 +109,16 @@ impl MasterKey {
     /// Encrypts `plain`, binding it to `aad`. Output: nonce || ciphertext || tag.
     pub fn seal(&self, plain: &[u8], aad: &[u8]) -> Vec<u8> {
         let mut nonce = [0u8; NONCE_LEN];
-        SystemRandom::new().fill(&mut nonce).expect("system random number generator");
+        SystemRandom::new()
+            .fill(&mut nonce)
+            .expect("system random number generator");
         let mut buf = plain.to_vec();
         self.key
-            .seal_in_place_append_tag(Nonce::assume_unique_for_key(nonce), Aad::from(aad), &mut buf)
+            .seal_in_place_append_tag(
+                Nonce::assume_unique_for_key(nonce),
+                Aad::from(aad),
+                &mut buf,
+            )
             .expect("AES-GCM sealing cannot fail for in-memory buffers of this size");
         let mut out = nonce.to_vec();
         out.extend_from_slice(&buf);
@@ -126,7 +135,10 @@ impl MasterKey {
         let (nonce, ct) = sealed.split_at(NONCE_LEN);
         let nonce = Nonce::try_assume_unique_for_key(nonce).map_err(|_| OpenError)?;
         let mut buf = ct.to_vec();
-        let plain = self.key.open_in_place(nonce, Aad::from(aad), &mut buf).map_err(|_| OpenError)?;
+        let plain = self
+            .key
+            .open_in_place(nonce, Aad::from(aad), &mut buf)
+            .map_err(|_| OpenError)?;
         let out = plain.to_vec();
         buf.iter_mut().for_each(|b| *b = 0);
         Ok(Secret::new(out))
@@ -156,11 +168,19 @@ mod tests {
         let b64 = k.to_base64();
         let again = MasterKey::from_base64(&format!("  {}\n", b64.expose()), "test").unwrap();
         assert_eq!(again.open(&k.seal(b"x", b""), b"").unwrap().expose(), b"x");
-        assert!(matches!(MasterKey::from_base64("c2hvcnQ=", "env"), Err(MasterKeyError::Malformed(_))));
-        assert!(matches!(MasterKey::from_base64("!!!", "env"), Err(MasterKeyError::Malformed(_))));
+        assert!(matches!(
+            MasterKey::from_base64("c2hvcnQ=", "env"),
+            Err(MasterKeyError::Malformed(_))
+        ));
+        assert!(matches!(
+            MasterKey::from_base64("!!!", "env"),
+            Err(MasterKeyError::Malformed(_))
+        ));
         let shown = format!("{k:?} {b64:?}");
         assert!(!shown.contains(b64.expose().as_str()));
-        let err = MasterKey::from_base64("c2hvcnQ=", "LATCHKEY_MASTER_KEY").unwrap_err().to_string();
+        let err = MasterKey::from_base64("c2hvcnQ=", "LATCHKEY_MASTER_KEY")
+            .unwrap_err()
+            .to_string();
         assert!(!err.contains("c2hvcnQ"), "{err}");
     }
 

@@ -65,11 +65,14 @@ impl KeyRing {
             })?;
             let pkcs8 = master
                 .open(&sk.sealed, aad(&sk.kid).as_bytes())
-                .map_err(|_| KeyError::WrongMasterKey { kid: sk.kid.clone() })?;
-            let key = SigningKey::from_pkcs8(alg, pkcs8.expose()).map_err(|e| KeyError::Invalid {
-                kid: sk.kid.clone(),
-                reason: e.to_string(),
-            })?;
+                .map_err(|_| KeyError::WrongMasterKey {
+                    kid: sk.kid.clone(),
+                })?;
+            let key =
+                SigningKey::from_pkcs8(alg, pkcs8.expose()).map_err(|e| KeyError::Invalid {
+                    kid: sk.kid.clone(),
+                    reason: e.to_string(),
+                })?;
             if key.kid() != sk.kid {
                 return Err(KeyError::Invalid {
                     kid: sk.kid,
@@ -131,7 +134,10 @@ impl KeyRing {
 
     /// The JWKS document, serialised once per change.
     pub fn jwks_json(&self) -> Arc<Vec<u8>> {
-        self.jwks_json.read().unwrap_or_else(|e| e.into_inner()).clone()
+        self.jwks_json
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// Algorithms of published keys (for the discovery document).
@@ -173,19 +179,28 @@ mod tests {
         let clock: SharedClock = Arc::new(SystemClock);
         let master = MasterKey::generate();
         let wanted = vec![("a".to_string(), Alg::ES256), ("b".to_string(), Alg::EdDSA)];
-        let ring = KeyRing::load(&store, &master, &wanted, &clock).await.unwrap();
+        let ring = KeyRing::load(&store, &master, &wanted, &clock)
+            .await
+            .unwrap();
         let kid_a = ring.signer("a").unwrap().kid().to_string();
         let jwks: Value = serde_json::from_slice(&ring.jwks_json()).unwrap();
         assert_eq!(jwks["keys"].as_array().unwrap().len(), 2);
-        assert!(!String::from_utf8_lossy(&ring.jwks_json()).contains("\"d\""), "no private members");
+        assert!(
+            !String::from_utf8_lossy(&ring.jwks_json()).contains("\"d\""),
+            "no private members"
+        );
 
         // Same master key: same keys, nothing new generated.
-        let again = KeyRing::load(&store, &master, &wanted, &clock).await.unwrap();
+        let again = KeyRing::load(&store, &master, &wanted, &clock)
+            .await
+            .unwrap();
         assert_eq!(again.signer("a").unwrap().kid(), kid_a);
         assert_eq!(store.signing_keys().await.unwrap().len(), 2);
 
         // Other master key: refused with a clear error.
-        let err = KeyRing::load(&store, &MasterKey::generate(), &wanted, &clock).await.unwrap_err();
+        let err = KeyRing::load(&store, &MasterKey::generate(), &wanted, &clock)
+            .await
+            .unwrap_err();
         assert!(matches!(err, KeyError::WrongMasterKey { .. }), "{err}");
         assert!(err.to_string().contains("master key does not match"));
 

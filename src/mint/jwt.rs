@@ -21,7 +21,12 @@ pub struct JwtMinter {
 
 impl JwtMinter {
     /// A minter for `target`, signing with the ring's key for that target.
-    pub fn new(target: &str, cfg: JwtTargetConfig, issuer_url: &str, keys: Arc<KeyRing>) -> JwtMinter {
+    pub fn new(
+        target: &str,
+        cfg: JwtTargetConfig,
+        issuer_url: &str,
+        keys: Arc<KeyRing>,
+    ) -> JwtMinter {
         JwtMinter {
             target: target.to_string(),
             cfg,
@@ -39,7 +44,10 @@ impl JwtMinter {
         };
         let mut claims = Map::new();
         for (name, t) in &self.cfg.claims {
-            claims.insert(name.clone(), Value::String(t.render(&id.claims).map_err(MintError::MissingClaim)?));
+            claims.insert(
+                name.clone(),
+                Value::String(t.render(&id.claims).map_err(MintError::MissingClaim)?),
+            );
         }
         let exp = ctx.now + ctx.ttl.as_secs() as i64;
         for (k, v) in [
@@ -67,7 +75,10 @@ impl Minter for JwtMinter {
 
     async fn mint(&self, ctx: &MintContext<'_>) -> Result<Credential, MintError> {
         let claims = self.claims(ctx)?;
-        let signer = self.keys.signer(&self.target).map_err(|_| MintError::Signing(self.target.clone()))?;
+        let signer = self
+            .keys
+            .signer(&self.target)
+            .map_err(|_| MintError::Signing(self.target.clone()))?;
         let token = signer
             .sign_jwt(&claims, None)
             .map_err(|_| MintError::Signing(self.target.clone()))?;

@@ -38,7 +38,9 @@ impl Template {
                     loop {
                         match chars.next() {
                             Some('}') => break,
-                            Some('{') | None => return Err(format!("unclosed '{{' in template {s:?}")),
+                            Some('{') | None => {
+                                return Err(format!("unclosed '{{' in template {s:?}"))
+                            }
                             Some(c) => name.push(c),
                         }
                     }
@@ -49,9 +51,15 @@ impl Template {
                     if !lit.is_empty() {
                         parts.push(Part::Lit(std::mem::take(&mut lit)));
                     }
-                    parts.push(Part::Claim(ClaimPath::parse(name).map_err(|e| e.to_string())?));
+                    parts.push(Part::Claim(
+                        ClaimPath::parse(name).map_err(|e| e.to_string())?,
+                    ));
                 }
-                '}' => return Err(format!("unmatched '}}' in template {s:?} (write '}}}}' for a literal brace)")),
+                '}' => {
+                    return Err(format!(
+                        "unmatched '}}' in template {s:?} (write '}}}}' for a literal brace)"
+                    ))
+                }
                 c => lit.push(c),
             }
         }
@@ -96,11 +104,32 @@ mod tests {
     fn renders_claims_pointers_and_literal_braces() {
         let c = json!({"repositoryUuid": "{abc}", "n": 7, "kubernetes.io": {"namespace": "ci"}});
         let c = c.as_object().unwrap();
-        assert_eq!(Template::parse("bb:{repositoryUuid}").unwrap().render(c).unwrap(), "bb:{abc}");
-        assert_eq!(Template::parse("{/kubernetes.io/namespace}-{n}").unwrap().render(c).unwrap(), "ci-7");
+        assert_eq!(
+            Template::parse("bb:{repositoryUuid}")
+                .unwrap()
+                .render(c)
+                .unwrap(),
+            "bb:{abc}"
+        );
+        assert_eq!(
+            Template::parse("{/kubernetes.io/namespace}-{n}")
+                .unwrap()
+                .render(c)
+                .unwrap(),
+            "ci-7"
+        );
         assert_eq!(Template::parse("{{x}}").unwrap().render(c).unwrap(), "{x}");
-        assert_eq!(Template::parse("{missing}").unwrap().render(c).unwrap_err(), "missing");
-        assert_eq!(Template::parse("{kubernetes.io}").unwrap().render(c).unwrap_err(), "kubernetes.io");
+        assert_eq!(
+            Template::parse("{missing}").unwrap().render(c).unwrap_err(),
+            "missing"
+        );
+        assert_eq!(
+            Template::parse("{kubernetes.io}")
+                .unwrap()
+                .render(c)
+                .unwrap_err(),
+            "kubernetes.io"
+        );
     }
 
     #[test]

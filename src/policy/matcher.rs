@@ -129,7 +129,13 @@ impl Matcher {
             .build()
             .map_err(|e| MatcherError::Regex {
                 pattern: pattern.to_string(),
-                reason: e.to_string().lines().last().unwrap_or("").trim().to_string(),
+                reason: e
+                    .to_string()
+                    .lines()
+                    .last()
+                    .unwrap_or("")
+                    .trim()
+                    .to_string(),
             })?;
         Ok(Matcher::Regex(pattern.to_string(), r))
     }
@@ -201,16 +207,29 @@ mod tests {
 
     #[test]
     fn bad_patterns_are_rejected() {
-        assert!(matches!(Matcher::regex("(unclosed"), Err(MatcherError::Regex { .. })));
-        assert!(matches!(Matcher::glob("a[b"), Err(MatcherError::Glob { .. })));
-        assert_eq!(Matcher::any_of(vec![]).unwrap_err(), MatcherError::EmptyAnyOf);
+        assert!(matches!(
+            Matcher::regex("(unclosed"),
+            Err(MatcherError::Regex { .. })
+        ));
+        assert!(matches!(
+            Matcher::glob("a[b"),
+            Err(MatcherError::Glob { .. })
+        ));
+        assert_eq!(
+            Matcher::any_of(vec![]).unwrap_err(),
+            MatcherError::EmptyAnyOf
+        );
         assert!(ClaimPath::parse("/a~2b").is_err());
     }
 
     #[test]
     fn not_and_any_of_compose() {
         let m = Matcher::Not(Box::new(
-            Matcher::any_of(vec![Matcher::Exact("a".into()), Matcher::glob("b*").unwrap()]).unwrap(),
+            Matcher::any_of(vec![
+                Matcher::Exact("a".into()),
+                Matcher::glob("b*").unwrap(),
+            ])
+            .unwrap(),
         ));
         assert!(!m.matches("a"));
         assert!(!m.matches("bee"));
@@ -225,9 +244,21 @@ mod tests {
         assert_eq!(p.lookup(claims), Some(&json!("ci")));
         let p = ClaimPath::parse("/kubernetes.io/serviceaccount/name").unwrap();
         assert_eq!(p.lookup(claims), Some(&json!("x")));
-        assert_eq!(ClaimPath::parse("/a~1b").unwrap().lookup(claims), Some(&json!("slash")));
-        assert_eq!(ClaimPath::parse("/list/0").unwrap().lookup(claims), Some(&json!("z")));
+        assert_eq!(
+            ClaimPath::parse("/a~1b").unwrap().lookup(claims),
+            Some(&json!("slash"))
+        );
+        assert_eq!(
+            ClaimPath::parse("/list/0").unwrap().lookup(claims),
+            Some(&json!("z"))
+        );
         assert_eq!(ClaimPath::parse("/missing/x").unwrap().lookup(claims), None);
-        assert_eq!(ClaimPath::parse("kubernetes.io").unwrap().lookup(claims).map(|v| v.is_object()), Some(true));
+        assert_eq!(
+            ClaimPath::parse("kubernetes.io")
+                .unwrap()
+                .lookup(claims)
+                .map(|v| v.is_object()),
+            Some(true)
+        );
     }
 }

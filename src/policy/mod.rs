@@ -239,7 +239,12 @@ impl Policy {
 
     /// Whether the caller holds a broker role: an allow rule grants it and no untargeted
     /// deny rule matches. `Admin` implies every role.
-    pub fn has_role(&self, issuer: &str, claims: &Map<String, Value>, role: Role) -> Result<(), Denied> {
+    pub fn has_role(
+        &self,
+        issuer: &str,
+        claims: &Map<String, Value>,
+        role: Role,
+    ) -> Result<(), Denied> {
         let none = Vec::new();
         for &i in self.deny_all.get(issuer).unwrap_or(&none) {
             if self.rules[i].matches(claims).is_ok() {
@@ -250,7 +255,9 @@ impl Policy {
         }
         for &i in self.with_roles.get(issuer).unwrap_or(&none) {
             let r = &self.rules[i];
-            if (r.roles.contains(&role) || r.roles.contains(&Role::Admin)) && r.matches(claims).is_ok() {
+            if (r.roles.contains(&role) || r.roles.contains(&Role::Admin))
+                && r.matches(claims).is_ok()
+            {
                 return Ok(());
             }
         }
@@ -293,7 +300,11 @@ impl Policy {
                     Effect::Deny => "deny",
                 };
                 t.push(match &outcome {
-                    Ok(held) => format!("rule {} ({effect}): matched: {}", rule.name, held.join("; ")),
+                    Ok(held) => format!(
+                        "rule {} ({effect}): matched: {}",
+                        rule.name,
+                        held.join("; ")
+                    ),
                     Err(failed) => format!("rule {} ({effect}): not matched: {failed}", rule.name),
                 });
             }
@@ -318,7 +329,12 @@ impl Policy {
         }
         let grants: Vec<(&Rule, &Grant)> = matched
             .iter()
-            .flat_map(|r| r.grants.iter().filter(|g| g.target == req.target).map(move |g| (*r, g)))
+            .flat_map(|r| {
+                r.grants
+                    .iter()
+                    .filter(|g| g.target == req.target)
+                    .map(move |g| (*r, g))
+            })
             .collect();
         if grants.is_empty() {
             return Err(Denied::NoRuleMatched {

@@ -11,12 +11,21 @@ fn claims(v: Value) -> Map<String, Value> {
     v.as_object().unwrap().clone()
 }
 
-fn allow(name: &str, m: Vec<(&str, Matcher)>, target: &str, scopes: &[&str], max_ttl: Option<u64>) -> Rule {
+fn allow(
+    name: &str,
+    m: Vec<(&str, Matcher)>,
+    target: &str,
+    scopes: &[&str],
+    max_ttl: Option<u64>,
+) -> Rule {
     Rule {
         name: name.into(),
         issuer: "bb".into(),
         effect: Effect::Allow,
-        claims: m.into_iter().map(|(k, m)| (ClaimPath::parse(k).unwrap(), m)).collect(),
+        claims: m
+            .into_iter()
+            .map(|(k, m)| (ClaimPath::parse(k).unwrap(), m))
+            .collect(),
         grants: vec![Grant {
             target: target.into(),
             scopes: scopes.iter().map(|s| s.to_string()).collect(),
@@ -32,7 +41,10 @@ fn deny(name: &str, m: Vec<(&str, Matcher)>, targets: &[&str]) -> Rule {
         name: name.into(),
         issuer: "bb".into(),
         effect: Effect::Deny,
-        claims: m.into_iter().map(|(k, m)| (ClaimPath::parse(k).unwrap(), m)).collect(),
+        claims: m
+            .into_iter()
+            .map(|(k, m)| (ClaimPath::parse(k).unwrap(), m))
+            .collect(),
         grants: vec![],
         deny_targets: targets.iter().map(|s| s.to_string()).collect(),
         roles: vec![],
@@ -53,19 +65,35 @@ fn exact(s: &str) -> Matcher {
 
 #[test]
 fn allow_grants_all_scopes_when_none_requested() {
-    let p = Policy::new(vec![allow("r", vec![("repo", exact("a"))], "t", &["w", "r"], Some(600))]);
+    let p = Policy::new(vec![allow(
+        "r",
+        vec![("repo", exact("a"))],
+        "t",
+        &["w", "r"],
+        Some(600),
+    )]);
     let c = claims(json!({"repo": "a"}));
     let a = p.decide("bb", &c, LIMITS, req("t", &[], None)).unwrap();
     assert_eq!(a.scopes, vec!["r", "w"]);
-    assert_eq!(a.ttl, Duration::from_secs(600), "default 900 clamped to grant cap 600");
+    assert_eq!(
+        a.ttl,
+        Duration::from_secs(600),
+        "default 900 clamped to grant cap 600"
+    );
     assert_eq!(a.rule, "r");
 }
 
 #[test]
 fn deny_beats_allow_regardless_of_order() {
     for rules in [
-        vec![allow("a", vec![], "t", &["s"], None), deny("d", vec![("branch", exact("main"))], &[])],
-        vec![deny("d", vec![("branch", exact("main"))], &["t"]), allow("a", vec![], "t", &["s"], None)],
+        vec![
+            allow("a", vec![], "t", &["s"], None),
+            deny("d", vec![("branch", exact("main"))], &[]),
+        ],
+        vec![
+            deny("d", vec![("branch", exact("main"))], &["t"]),
+            allow("a", vec![], "t", &["s"], None),
+        ],
     ] {
         let p = Policy::new(rules);
         let c = claims(json!({"branch": "main"}));
@@ -94,14 +122,20 @@ fn targeted_deny_leaves_other_targets_alone() {
 fn no_match_means_deny_with_the_failing_clause() {
     let p = Policy::new(vec![allow(
         "r",
-        vec![("repo", exact("a")), ("branch", Matcher::glob("release/*").unwrap())],
+        vec![
+            ("repo", exact("a")),
+            ("branch", Matcher::glob("release/*").unwrap()),
+        ],
         "t",
         &["s"],
         None,
     )]);
     let c = claims(json!({"repo": "a", "branch": "main"}));
     match p.decide("bb", &c, LIMITS, req("t", &[], None)) {
-        Err(Denied::NoRuleMatched { target, hint: Some(h) }) => {
+        Err(Denied::NoRuleMatched {
+            target,
+            hint: Some(h),
+        }) => {
             assert_eq!(target, "t");
             assert!(h.contains("branch") && h.contains("release/*"), "{h}");
         }
@@ -120,12 +154,48 @@ fn no_match_means_deny_with_the_failing_clause() {
 
 #[test]
 fn absent_or_non_string_claims_never_match_even_under_not() {
-    let p = Policy::new(vec![allow("r", vec![("env", Matcher::Not(Box::new(exact("prod"))))], "t", &[], None)]);
-    assert!(p.decide("bb", &claims(json!({"env": "dev"})), LIMITS, req("t", &[], None)).is_ok());
-    assert!(p.decide("bb", &claims(json!({"env": "prod"})), LIMITS, req("t", &[], None)).is_err());
-    assert!(p.decide("bb", &claims(json!({})), LIMITS, req("t", &[], None)).is_err());
-    assert!(p.decide("bb", &claims(json!({"env": 5})), LIMITS, req("t", &[], None)).is_err());
-    assert!(p.decide("bb", &claims(json!({"env": ["dev"]})), LIMITS, req("t", &[], None)).is_err());
+    let p = Policy::new(vec![allow(
+        "r",
+        vec![("env", Matcher::Not(Box::new(exact("prod"))))],
+        "t",
+        &[],
+        None,
+    )]);
+    assert!(p
+        .decide(
+            "bb",
+            &claims(json!({"env": "dev"})),
+            LIMITS,
+            req("t", &[], None)
+        )
+        .is_ok());
+    assert!(p
+        .decide(
+            "bb",
+            &claims(json!({"env": "prod"})),
+            LIMITS,
+            req("t", &[], None)
+        )
+        .is_err());
+    assert!(p
+        .decide("bb", &claims(json!({})), LIMITS, req("t", &[], None))
+        .is_err());
+    assert!(p
+        .decide(
+            "bb",
+            &claims(json!({"env": 5})),
+            LIMITS,
+            req("t", &[], None)
+        )
+        .is_err());
+    assert!(p
+        .decide(
+            "bb",
+            &claims(json!({"env": ["dev"]})),
+            LIMITS,
+            req("t", &[], None)
+        )
+        .is_err());
 }
 
 #[test]
@@ -133,19 +203,35 @@ fn json_pointer_and_any_of_and_regex() {
     let p = Policy::new(vec![allow(
         "k8s",
         vec![
-            ("/kubernetes.io/namespace", Matcher::any_of(vec![exact("ci"), exact("build")]).unwrap()),
-            ("sub", Matcher::regex("system:serviceaccount:[a-z]+:runner").unwrap()),
+            (
+                "/kubernetes.io/namespace",
+                Matcher::any_of(vec![exact("ci"), exact("build")]).unwrap(),
+            ),
+            (
+                "sub",
+                Matcher::regex("system:serviceaccount:[a-z]+:runner").unwrap(),
+            ),
         ],
         "t",
         &["s"],
         None,
     )]);
-    let ok = claims(json!({"sub": "system:serviceaccount:ci:runner", "kubernetes.io": {"namespace": "ci"}}));
+    let ok = claims(
+        json!({"sub": "system:serviceaccount:ci:runner", "kubernetes.io": {"namespace": "ci"}}),
+    );
     assert!(p.decide("bb", &ok, LIMITS, req("t", &[], None)).is_ok());
-    let bad_ns = claims(json!({"sub": "system:serviceaccount:ci:runner", "kubernetes.io": {"namespace": "prod"}}));
-    assert!(p.decide("bb", &bad_ns, LIMITS, req("t", &[], None)).is_err());
-    let unanchored = claims(json!({"sub": "x-system:serviceaccount:ci:runner", "kubernetes.io": {"namespace": "ci"}}));
-    assert!(p.decide("bb", &unanchored, LIMITS, req("t", &[], None)).is_err());
+    let bad_ns = claims(
+        json!({"sub": "system:serviceaccount:ci:runner", "kubernetes.io": {"namespace": "prod"}}),
+    );
+    assert!(p
+        .decide("bb", &bad_ns, LIMITS, req("t", &[], None))
+        .is_err());
+    let unanchored = claims(
+        json!({"sub": "x-system:serviceaccount:ci:runner", "kubernetes.io": {"namespace": "ci"}}),
+    );
+    assert!(p
+        .decide("bb", &unanchored, LIMITS, req("t", &[], None))
+        .is_err());
 }
 
 #[test]
@@ -156,12 +242,24 @@ fn scope_narrowing_and_refusal() {
     ]);
     let c = claims(json!({}));
     let only_read = ["orders:read".to_string()];
-    let a = p.decide("bb", &c, LIMITS, req("t", &only_read, Some(3600))).unwrap();
+    let a = p
+        .decide("bb", &c, LIMITS, req("t", &only_read, Some(3600)))
+        .unwrap();
     assert_eq!(a.scopes, only_read);
-    assert_eq!(a.ttl, Duration::from_secs(3000), "only the read grant caps a read-only request");
+    assert_eq!(
+        a.ttl,
+        Duration::from_secs(3000),
+        "only the read grant caps a read-only request"
+    );
     assert_eq!(a.rule, "read");
-    let a = p.decide("bb", &c, LIMITS, req("t", &[], Some(3600))).unwrap();
-    assert_eq!(a.ttl, Duration::from_secs(300), "the most restrictive contributing grant caps");
+    let a = p
+        .decide("bb", &c, LIMITS, req("t", &[], Some(3600)))
+        .unwrap();
+    assert_eq!(
+        a.ttl,
+        Duration::from_secs(300),
+        "the most restrictive contributing grant caps"
+    );
     let admin = ["orders:admin".to_string()];
     assert_eq!(
         p.decide("bb", &c, LIMITS, req("t", &admin, None)),
@@ -176,9 +274,22 @@ fn scope_narrowing_and_refusal() {
 fn ttl_is_clamped_to_target_cap() {
     let p = Policy::new(vec![allow("r", vec![], "t", &[], None)]);
     let c = claims(json!({}));
-    assert_eq!(p.decide("bb", &c, LIMITS, req("t", &[], Some(99999))).unwrap().ttl, LIMITS.max_ttl);
-    assert_eq!(p.decide("bb", &c, LIMITS, req("t", &[], Some(60))).unwrap().ttl, Duration::from_secs(60));
-    assert_eq!(p.decide("bb", &c, LIMITS, req("t", &[], None)).unwrap().ttl, LIMITS.default_ttl);
+    assert_eq!(
+        p.decide("bb", &c, LIMITS, req("t", &[], Some(99999)))
+            .unwrap()
+            .ttl,
+        LIMITS.max_ttl
+    );
+    assert_eq!(
+        p.decide("bb", &c, LIMITS, req("t", &[], Some(60)))
+            .unwrap()
+            .ttl,
+        Duration::from_secs(60)
+    );
+    assert_eq!(
+        p.decide("bb", &c, LIMITS, req("t", &[], None)).unwrap().ttl,
+        LIMITS.default_ttl
+    );
 }
 
 #[test]
@@ -188,7 +299,12 @@ fn explain_traces_every_rule_considered() {
         allow("b", vec![("repo", exact("y"))], "t", &["s"], None),
         allow("other-target", vec![], "u", &["s"], None),
     ]);
-    let e = p.explain("bb", &claims(json!({"repo": "y"})), LIMITS, req("t", &[], None));
+    let e = p.explain(
+        "bb",
+        &claims(json!({"repo": "y"})),
+        LIMITS,
+        req("t", &[], None),
+    );
     assert!(e.decision.is_ok());
     assert_eq!(e.trace.len(), 3, "{:?}", e.trace);
     assert!(e.trace[0].starts_with("rule a (allow): not matched: claim repo"));
@@ -204,11 +320,27 @@ fn roles_come_from_allow_rules_and_admin_implies_all() {
     let mut admin = allow("adm", vec![("team", exact("ops"))], "t", &[], None);
     admin.grants.clear();
     admin.roles = vec![Role::Admin];
-    let p = Policy::new(vec![auditor, admin, deny("no-forks", vec![("fork", exact("true"))], &[])]);
-    assert!(p.has_role("bb", &claims(json!({"team": "sec"})), Role::Auditor).is_ok());
-    assert!(p.has_role("bb", &claims(json!({"team": "sec"})), Role::Rotator).is_err());
-    assert!(p.has_role("bb", &claims(json!({"team": "ops"})), Role::Rotator).is_ok());
-    assert!(p.has_role("bb", &claims(json!({"team": "ops", "fork": "true"})), Role::Rotator).is_err());
+    let p = Policy::new(vec![
+        auditor,
+        admin,
+        deny("no-forks", vec![("fork", exact("true"))], &[]),
+    ]);
+    assert!(p
+        .has_role("bb", &claims(json!({"team": "sec"})), Role::Auditor)
+        .is_ok());
+    assert!(p
+        .has_role("bb", &claims(json!({"team": "sec"})), Role::Rotator)
+        .is_err());
+    assert!(p
+        .has_role("bb", &claims(json!({"team": "ops"})), Role::Rotator)
+        .is_ok());
+    assert!(p
+        .has_role(
+            "bb",
+            &claims(json!({"team": "ops", "fork": "true"})),
+            Role::Rotator
+        )
+        .is_err());
     assert!(Role::parse("superuser").is_none());
 }
 
@@ -242,12 +374,18 @@ fn arb_rule(i: usize) -> impl Strategy<Value = Rule> {
         any::<bool>(),
     )
         .prop_map(move |(is_deny, m, scopes, cap, targeted)| {
-            let m: Vec<(&str, Matcher)> = m.into_iter().map(|(k, m)| (&*Box::leak(k.into_boxed_str()), m)).collect();
+            let m: Vec<(&str, Matcher)> = m
+                .into_iter()
+                .map(|(k, m)| (&*Box::leak(k.into_boxed_str()), m))
+                .collect();
             let name = format!("r{i}");
             if is_deny {
                 deny(&name, m, if targeted { &["t"] } else { &[] })
             } else {
-                let s: Vec<&str> = scopes.iter().map(|s| &*Box::leak(s.clone().into_boxed_str())).collect();
+                let s: Vec<&str> = scopes
+                    .iter()
+                    .map(|s| &*Box::leak(s.clone().into_boxed_str()))
+                    .collect();
                 allow(&name, m, "t", &s, cap)
             }
         })

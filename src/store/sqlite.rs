@@ -126,16 +126,20 @@ impl SqliteStore {
         self.tx
             .send(make(reply))
             .map_err(|_| StoreError::Unavailable("writer thread stopped".into()))?;
-        rx.await.map_err(|_| StoreError::Unavailable("writer thread stopped".into()))?
+        rx.await
+            .map_err(|_| StoreError::Unavailable("writer thread stopped".into()))?
     }
 }
 
 fn open_conn(path: &Path, busy: Duration) -> Result<Connection, StoreError> {
     let conn = Connection::open(path).map_err(unavailable)?;
     conn.busy_timeout(busy).map_err(unavailable)?;
-    conn.pragma_update(None, "journal_mode", "WAL").map_err(unavailable)?;
-    conn.pragma_update(None, "synchronous", "FULL").map_err(unavailable)?;
-    conn.pragma_update(None, "foreign_keys", "ON").map_err(unavailable)?;
+    conn.pragma_update(None, "journal_mode", "WAL")
+        .map_err(unavailable)?;
+    conn.pragma_update(None, "synchronous", "FULL")
+        .map_err(unavailable)?;
+    conn.pragma_update(None, "foreign_keys", "ON")
+        .map_err(unavailable)?;
     conn.execute_batch(SCHEMA).map_err(unavailable)?;
     conn.execute(
         "INSERT OR IGNORE INTO meta(key, value) VALUES ('schema_version', ?1)",
@@ -147,7 +151,11 @@ fn open_conn(path: &Path, busy: Duration) -> Result<Connection, StoreError> {
 
 fn load_head(conn: &Connection) -> Result<(i64, String), StoreError> {
     Ok(conn
-        .query_row("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1", [], |r| Ok((r.get(0)?, r.get(1)?)))
+        .query_row(
+            "SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
         .optional()
         .map_err(unavailable)?
         .unwrap_or((0, GENESIS_HASH.to_string())))
@@ -187,7 +195,10 @@ impl Writer {
     fn append_batch(&mut self, batch: Vec<(Box<AuditEntry>, Reply<Appended>)>) {
         let mut head = self.head.clone();
         let result = (|| -> Result<Vec<Appended>, StoreError> {
-            let tx = self.conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate).map_err(unavailable)?;
+            let tx = self
+                .conn
+                .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+                .map_err(unavailable)?;
             let mut out = Vec::with_capacity(batch.len());
             {
                 let mut stmt = tx
@@ -305,22 +316,31 @@ mod erased {
     }
 }
 
-fn read_records(conn: &Connection, after: i64, limit: usize) -> Result<Vec<AuditRecord>, StoreError> {
+fn read_records(
+    conn: &Connection,
+    after: i64,
+    limit: usize,
+) -> Result<Vec<AuditRecord>, StoreError> {
     let mut stmt = conn
-        .prepare_cached(&format!("SELECT {AUDIT_COLUMNS} FROM audit WHERE seq > ?1 ORDER BY seq LIMIT ?2"))
+        .prepare_cached(&format!(
+            "SELECT {AUDIT_COLUMNS} FROM audit WHERE seq > ?1 ORDER BY seq LIMIT ?2"
+        ))
         .map_err(unavailable)?;
     let rows = stmt
         .query_map(params![after, limit as i64], row_to_record)
         .map_err(unavailable)?;
-    rows.map(|r| r.map_err(unavailable).and_then(|r| r)).collect()
+    rows.map(|r| r.map_err(unavailable).and_then(|r| r))
+        .collect()
 }
 
 fn row_to_record(r: &rusqlite::Row<'_>) -> rusqlite::Result<Result<AuditRecord, StoreError>> {
     fn j<T: serde::de::DeserializeOwned>(s: String, seq: i64) -> Result<T, StoreError> {
-        serde_json::from_str(&s).map_err(|_| StoreError::Corrupt(format!("audit record {seq}: invalid JSON column")))
+        serde_json::from_str(&s)
+            .map_err(|_| StoreError::Corrupt(format!("audit record {seq}: invalid JSON column")))
     }
     let seq: i64 = r.get(0)?;
-    let (rs, gs, ctx, claims): (String, String, String, String) = (r.get(14)?, r.get(15)?, r.get(22)?, r.get(23)?);
+    let (rs, gs, ctx, claims): (String, String, String, String) =
+        (r.get(14)?, r.get(15)?, r.get(22)?, r.get(23)?);
     let build = || -> Result<AuditRecord, StoreError> {
         Ok(AuditRecord {
             seq,
@@ -431,7 +451,9 @@ mod tests {
         let mut handles = Vec::new();
         for i in 0..200 {
             let s = s.clone();
-            handles.push(tokio::spawn(async move { s.append(entry(i)).await.unwrap() }));
+            handles.push(tokio::spawn(
+                async move { s.append(entry(i)).await.unwrap() },
+            ));
         }
         let mut seqs = Vec::new();
         for h in handles {
@@ -455,7 +477,9 @@ mod tests {
         let s = store(&dir);
         s.append(entry(1)).await.unwrap();
         let c = Connection::open(dir.path().join("t.db")).unwrap();
-        let e = c.execute("UPDATE audit SET outcome = 'denied'", []).unwrap_err();
+        let e = c
+            .execute("UPDATE audit SET outcome = 'denied'", [])
+            .unwrap_err();
         assert!(e.to_string().contains("append-only"), "{e}");
         let e = c.execute("DELETE FROM audit", []).unwrap_err();
         assert!(e.to_string().contains("append-only"), "{e}");
@@ -468,10 +492,17 @@ mod tests {
         s.append(entry(1)).await.unwrap();
         let c = Connection::open(dir.path().join("t.db")).unwrap();
         c.execute_batch("BEGIN EXCLUSIVE").unwrap();
-        assert!(matches!(s.append(entry(2)).await, Err(StoreError::Unavailable(_))));
+        assert!(matches!(
+            s.append(entry(2)).await,
+            Err(StoreError::Unavailable(_))
+        ));
         assert!(s.check_writable().await.is_err());
         c.execute_batch("COMMIT").unwrap();
-        assert_eq!(s.append(entry(3)).await.unwrap().seq, 2, "the failed append left no gap");
+        assert_eq!(
+            s.append(entry(3)).await.unwrap().seq,
+            2,
+            "the failed append left no gap"
+        );
         assert!(s.check_writable().await.is_ok());
     }
 

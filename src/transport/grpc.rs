@@ -24,11 +24,18 @@ impl BrokerService {
 }
 
 fn token<T>(req: &Request<T>) -> Option<&str> {
-    super::bearer(req.metadata().get("authorization").and_then(|v| v.to_str().ok()))
+    super::bearer(
+        req.metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok()),
+    )
 }
 
 fn timestamp(secs: i64) -> prost_types::Timestamp {
-    prost_types::Timestamp { seconds: secs, nanos: 0 }
+    prost_types::Timestamp {
+        seconds: secs,
+        nanos: 0,
+    }
 }
 
 fn duration(d: Duration) -> prost_types::Duration {
@@ -45,9 +52,14 @@ impl TryFrom<pb::MintRequest> for MintRequest {
         let ttl = match r.ttl {
             None => None,
             Some(d) if d.seconds < 0 || d.nanos < 0 || (d.seconds == 0 && d.nanos == 0) => {
-                return Err(Status::invalid_argument("invalid request: ttl must be positive"))
+                return Err(Status::invalid_argument(
+                    "invalid request: ttl must be positive",
+                ))
             }
-            Some(d) => Some(Duration::new(d.seconds as u64, d.nanos.clamp(0, 999_999_999) as u32)),
+            Some(d) => Some(Duration::new(
+                d.seconds as u64,
+                d.nanos.clamp(0, 999_999_999) as u32,
+            )),
         };
         Ok(MintRequest {
             target: r.target,
@@ -85,18 +97,33 @@ fn with_id<T>(mut resp: Response<T>, id: &str) -> Response<T> {
 #[tonic::async_trait]
 impl CredentialBroker for BrokerService {
     #[tracing::instrument(skip_all, fields(request_id))]
-    async fn mint(&self, request: Request<pb::MintRequest>) -> Result<Response<pb::MintResponse>, Status> {
+    async fn mint(
+        &self,
+        request: Request<pb::MintRequest>,
+    ) -> Result<Response<pb::MintResponse>, Status> {
         let id = request_id();
         tracing::Span::current().record("request_id", id.as_str());
         let token = token(&request).map(str::to_string);
         let req = MintRequest::try_from(request.into_inner())?;
-        let minted = self.broker.mint(token.as_deref(), req, &id).await.map_err(|e| to_status(&e, &id))?;
+        let minted = self
+            .broker
+            .mint(token.as_deref(), req, &id)
+            .await
+            .map_err(|e| to_status(&e, &id))?;
         let c = minted.credential;
         let credential = pb::Credential {
             kind: c.kind.to_string(),
-            token: c.token.as_ref().map(|t| t.expose().clone()).unwrap_or_default(),
+            token: c
+                .token
+                .as_ref()
+                .map(|t| t.expose().clone())
+                .unwrap_or_default(),
             username: c.username.clone().unwrap_or_default(),
-            password: c.password.as_ref().map(|p| p.expose().clone()).unwrap_or_default(),
+            password: c
+                .password
+                .as_ref()
+                .map(|p| p.expose().clone())
+                .unwrap_or_default(),
             fields: c.fields.clone().into_iter().collect(),
             expires_at: Some(timestamp(c.expires_at)),
         };
@@ -109,16 +136,29 @@ impl CredentialBroker for BrokerService {
         ))
     }
 
-    async fn renew(&self, _request: Request<pb::RenewRequest>) -> Result<Response<pb::RenewResponse>, Status> {
-        Err(Status::unimplemented("renew is not available yet: leases are not tracked in this version"))
+    async fn renew(
+        &self,
+        _request: Request<pb::RenewRequest>,
+    ) -> Result<Response<pb::RenewResponse>, Status> {
+        Err(Status::unimplemented(
+            "renew is not available yet: leases are not tracked in this version",
+        ))
     }
 
-    async fn revoke(&self, _request: Request<pb::RevokeRequest>) -> Result<Response<pb::RevokeResponse>, Status> {
-        Err(Status::unimplemented("revoke is not available yet: leases are not tracked in this version"))
+    async fn revoke(
+        &self,
+        _request: Request<pb::RevokeRequest>,
+    ) -> Result<Response<pb::RevokeResponse>, Status> {
+        Err(Status::unimplemented(
+            "revoke is not available yet: leases are not tracked in this version",
+        ))
     }
 
     #[tracing::instrument(skip_all, fields(request_id))]
-    async fn explain(&self, request: Request<pb::ExplainRequest>) -> Result<Response<pb::ExplainResponse>, Status> {
+    async fn explain(
+        &self,
+        request: Request<pb::ExplainRequest>,
+    ) -> Result<Response<pb::ExplainResponse>, Status> {
         let id = request_id();
         tracing::Span::current().record("request_id", id.as_str());
         let token = token(&request).map(str::to_string);
@@ -135,7 +175,11 @@ impl CredentialBroker for BrokerService {
                 scopes: ex.scopes,
                 max_ttl: Some(duration(ex.max_ttl)),
                 trace: ex.trace,
-                identity: ex.identity.into_iter().map(|(k, v)| (k.to_string(), v)).collect(),
+                identity: ex
+                    .identity
+                    .into_iter()
+                    .map(|(k, v)| (k.to_string(), v))
+                    .collect(),
                 reason: ex.reason,
             }),
             &id,
@@ -150,5 +194,8 @@ pub fn seconds(ts: Option<&prost_types::Timestamp>) -> i64 {
 
 /// Now, for clients printing relative times.
 pub fn unix_now() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
 }

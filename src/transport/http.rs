@@ -17,7 +17,10 @@ pub fn router(broker: Arc<Broker>) -> Router {
         .map(|u| u.path().trim_end_matches('/').to_string())
         .unwrap_or_default();
     Router::new()
-        .route(&format!("{prefix}/.well-known/openid-configuration"), get(discovery))
+        .route(
+            &format!("{prefix}/.well-known/openid-configuration"),
+            get(discovery),
+        )
         .route(&format!("{prefix}/.well-known/jwks.json"), get(jwks))
         .route("/healthz", get(healthz))
         .with_state(broker)
@@ -41,7 +44,10 @@ async fn discovery(State(b): State<Arc<Broker>>) -> impl IntoResponse {
 
 async fn jwks(State(b): State<Arc<Broker>>) -> impl IntoResponse {
     (
-        [(header::CONTENT_TYPE, "application/json"), (header::CACHE_CONTROL, "public, max-age=300")],
+        [
+            (header::CONTENT_TYPE, "application/json"),
+            (header::CACHE_CONTROL, "public, max-age=300"),
+        ],
         b.keys().jwks_json().as_ref().clone(),
     )
 }

@@ -17,9 +17,23 @@ pub mod pb {
         fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
             f.debug_struct("Credential")
                 .field("kind", &self.kind)
-                .field("token", &if self.token.is_empty() { "" } else { "[REDACTED]" })
+                .field(
+                    "token",
+                    &if self.token.is_empty() {
+                        ""
+                    } else {
+                        "[REDACTED]"
+                    },
+                )
                 .field("username", &self.username)
-                .field("password", &if self.password.is_empty() { "" } else { "[REDACTED]" })
+                .field(
+                    "password",
+                    &if self.password.is_empty() {
+                        ""
+                    } else {
+                        "[REDACTED]"
+                    },
+                )
                 .field("fields", &self.fields)
                 .field("expires_at", &self.expires_at)
                 .finish()
@@ -31,7 +45,10 @@ pub mod pb {
 pub fn bearer(value: Option<&str>) -> Option<&str> {
     let v = value?.trim();
     let (scheme, token) = v.split_once(' ')?;
-    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim()).filter(|t| !t.is_empty())
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim())
+        .filter(|t| !t.is_empty())
 }
 
 #[cfg(test)]
@@ -52,7 +69,10 @@ mod tests {
             lease: None,
         };
         let shown = format!("{r:?}");
-        assert!(!shown.contains("secret") && !shown.contains("pa55word"), "{shown}");
+        assert!(
+            !shown.contains("secret") && !shown.contains("pa55word"),
+            "{shown}"
+        );
         assert!(shown.contains("[REDACTED]"));
     }
 

@@ -26,9 +26,12 @@ pub fn code(e: &BrokerError) -> Code {
             | IdentityError::Audience
             | IdentityError::Claim(_),
         ) => Code::Unauthenticated,
-        BrokerError::Denied(Denied::DenyRule { .. } | Denied::NoRuleMatched { .. } | Denied::ScopeNotGranted { .. } | Denied::RoleNotGranted(_)) => {
-            Code::PermissionDenied
-        }
+        BrokerError::Denied(
+            Denied::DenyRule { .. }
+            | Denied::NoRuleMatched { .. }
+            | Denied::ScopeNotGranted { .. }
+            | Denied::RoleNotGranted(_),
+        ) => Code::PermissionDenied,
         BrokerError::InvalidRequest(_) => Code::InvalidArgument,
         BrokerError::UnknownTarget(_) => Code::NotFound,
         BrokerError::Mint(MintError::MissingClaim(_)) => Code::PermissionDenied,
@@ -60,11 +63,26 @@ mod tests {
     #[test]
     fn codes_follow_the_contract() {
         assert_eq!(code(&IdentityError::Expired.into()), Code::Unauthenticated);
-        assert_eq!(code(&IdentityError::KeysUnavailable("x".into()).into()), Code::Unavailable);
-        assert_eq!(code(&Denied::RoleNotGranted("admin").into()), Code::PermissionDenied);
-        assert_eq!(code(&BrokerError::UnknownTarget("t".into())), Code::NotFound);
-        assert_eq!(code(&BrokerError::InvalidRequest("x".into())), Code::InvalidArgument);
-        assert_eq!(code(&BrokerError::Audit(StoreError::Unavailable("x".into()))), Code::Unavailable);
+        assert_eq!(
+            code(&IdentityError::KeysUnavailable("x".into()).into()),
+            Code::Unavailable
+        );
+        assert_eq!(
+            code(&Denied::RoleNotGranted("admin").into()),
+            Code::PermissionDenied
+        );
+        assert_eq!(
+            code(&BrokerError::UnknownTarget("t".into())),
+            Code::NotFound
+        );
+        assert_eq!(
+            code(&BrokerError::InvalidRequest("x".into())),
+            Code::InvalidArgument
+        );
+        assert_eq!(
+            code(&BrokerError::Audit(StoreError::Unavailable("x".into()))),
+            Code::Unavailable
+        );
         let s = to_status(&MintError::Signing("t".into()).into(), "req-1");
         assert_eq!(s.code(), Code::Internal);
         assert!(s.message().contains("req-1"));

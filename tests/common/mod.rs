@@ -24,7 +24,13 @@ pub struct Env {
     pub config: Config,
 }
 
-pub fn config_text(issuer_url: &str, audience: &str, db: &str, issuer_extra: &str, store_extra: &str) -> String {
+pub fn config_text(
+    issuer_url: &str,
+    audience: &str,
+    db: &str,
+    issuer_extra: &str,
+    store_extra: &str,
+) -> String {
     format!(
         r#"
 [server]
@@ -114,13 +120,26 @@ impl Env {
     }
 
     pub async fn start_with(issuer_extra: &str, store_extra: &str) -> Env {
-        let issuer = DevIssuer::spawn("127.0.0.1:0".parse().unwrap(), Alg::RS256).await.unwrap();
+        let issuer = DevIssuer::spawn("127.0.0.1:0".parse().unwrap(), Alg::RS256)
+            .await
+            .unwrap();
         let dir = tempfile::tempdir().unwrap();
         let db = dir.path().join("latchkey.db");
-        let text = config_text(issuer.issuer_url(), &issuer.audience(), &db.display().to_string(), issuer_extra, store_extra);
+        let text = config_text(
+            issuer.issuer_url(),
+            &issuer.audience(),
+            &db.display().to_string(),
+            issuer_extra,
+            store_extra,
+        );
         let config = Config::parse(&text, "test.toml").unwrap();
-        let running = latchkey::server::start(&config, &MasterKey::generate(), Arc::new(SystemClock)).await.unwrap();
-        let client = CredentialBrokerClient::connect(format!("http://{}", running.grpc_addr)).await.unwrap();
+        let running =
+            latchkey::server::start(&config, &MasterKey::generate(), Arc::new(SystemClock))
+                .await
+                .unwrap();
+        let client = CredentialBrokerClient::connect(format!("http://{}", running.grpc_addr))
+            .await
+            .unwrap();
         Env {
             http: format!("http://{}", running.http_addr),
             issuer,
@@ -140,18 +159,32 @@ impl Env {
         self.issuer.bitbucket_claims(branch)
     }
 
-    pub async fn mint(&self, token: &str, target: &str, scopes: &[&str], ttl: Option<i64>) -> Result<MintResponse, tonic::Status> {
+    pub async fn mint(
+        &self,
+        token: &str,
+        target: &str,
+        scopes: &[&str],
+        ttl: Option<i64>,
+    ) -> Result<MintResponse, tonic::Status> {
         let mut c = self.client.clone();
         let req = MintRequest {
             target: target.into(),
             scopes: scopes.iter().map(|s| s.to_string()).collect(),
-            ttl: ttl.map(|s| prost_types::Duration { seconds: s, nanos: 0 }),
+            ttl: ttl.map(|s| prost_types::Duration {
+                seconds: s,
+                nanos: 0,
+            }),
             context: [("commit".to_string(), "abc123".to_string())].into(),
         };
         c.mint(authed(req, token)).await.map(|r| r.into_inner())
     }
 
-    pub async fn explain(&self, token: &str, target: &str, scopes: &[&str]) -> Result<latchkey::transport::pb::ExplainResponse, tonic::Status> {
+    pub async fn explain(
+        &self,
+        token: &str,
+        target: &str,
+        scopes: &[&str],
+    ) -> Result<latchkey::transport::pb::ExplainResponse, tonic::Status> {
         let mut c = self.client.clone();
         let req = ExplainRequest {
             target: target.into(),
@@ -161,7 +194,14 @@ impl Env {
     }
 
     pub async fn records(&self) -> Vec<latchkey::audit::AuditRecord> {
-        self.running.as_ref().unwrap().broker.store().records(0, 100_000).await.unwrap()
+        self.running
+            .as_ref()
+            .unwrap()
+            .broker
+            .store()
+            .records(0, 100_000)
+            .await
+            .unwrap()
     }
 
     /// Stops the broker but keeps the files for inspection.
@@ -181,7 +221,8 @@ impl Env {
 pub fn authed<T>(msg: T, token: &str) -> tonic::Request<T> {
     let mut r = tonic::Request::new(msg);
     if !token.is_empty() {
-        r.metadata_mut().insert("authorization", format!("Bearer {token}").parse().unwrap());
+        r.metadata_mut()
+            .insert("authorization", format!("Bearer {token}").parse().unwrap());
     }
     r
 }

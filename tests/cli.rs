@@ -1,0 +1,444 @@
+//! The `latchkey` binary end to end: check-config, policy test, serve + mint + explain
+//! over real sockets, `dev`, and the logs (which must never contain a token).
+
+mod common;
+
+use latchkey::devissuer::{DevIssuer, DEV_REPOSITORY};
+use latchkey::jose::Alg;
+use std::io::{BufRead, BufReader};
+use std::net::TcpListener;
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_latchkey");
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn run(args: &[&str], envs: &[(&str, &str)]) -> Output {
+    let mut c = Command::new(BIN);
+    c.args(args)
+        .env_remove("BITBUCKET_STEP_OIDC_TOKEN")
+        .env_remove("LATCHKEY_TOKEN")
+        .env_remove("LATCHKEY_MASTER_KEY");
+    for (k, v) in envs {
+        c.env(k, v);
+    }
+    c.output().unwrap()
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+fn wait_for_port(port: u16) {
+    let start = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "server did not start on {port}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+struct Killed(Child);
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn sigterm(child: &mut Child) {
+    let _ = Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status();
+    let start = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "server did not stop on SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn write_config(dir: &Path, issuer: &DevIssuer, grpc: u16, http: u16) -> String {
+    let db = dir.join("latchkey.db").display().to_string();
+    let mut text = common::config_text(issuer.issuer_url(), &issuer.audience(), &db, "", "");
+    text = text
+        .replace(
+            "grpc_addr = \"127.0.0.1:0\"",
+            &format!("grpc_addr = \"127.0.0.1:{grpc}\""),
+        )
+        .replace(
+            "http_addr = \"127.0.0.1:0\"",
+            &format!("http_addr = \"127.0.0.1:{http}\""),
+        );
+    let path = dir.join("latchkey.toml");
+    std::fs::write(&path, text).unwrap();
+    path.display().to_string()
+}
+
+#[test]
+fn check_config_accepts_good_and_names_the_key_in_bad() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = dir.path().join("good.toml");
+    std::fs::write(
+        &good,
+        common::config_text("https://issuer.example.com", "aud", "x.db", "", ""),
+    )
+    .unwrap();
+    let out = run(&["check-config", "--config", good.to_str().unwrap()], &[]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("ok (1 issuers, 5 targets, 4 rules)"));
+
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(
+        &bad,
+        common::config_text("https://issuer.example.com", "aud", "x.db", "", "")
+            .replace("glob = \"release/*\"", "regex = \"release/(\""),
+    )
+    .unwrap();
+    let out = run(&["check-config", "--config", bad.to_str().unwrap()], &[]);
+    assert_eq!(out.status.code(), Some(64));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("bad.toml")
+            && err.contains("rules[0].claims.branchName[1].regex")
+            && err.contains("invalid regex"),
+        "{err}"
+    );
+
+    let out = run(&["serve", "--config", bad.to_str().unwrap()], &[]);
+    assert_eq!(
+        out.status.code(),
+        Some(64),
+        "serve runs the same check before binding"
+    );
+    let out = run(&["serve", "--config", good.to_str().unwrap()], &[]);
+    assert_eq!(
+        out.status.code(),
+        Some(64),
+        "no master key is a configuration error"
+    );
+    assert!(
+        text(&out.stderr).contains("no master key"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = run(
+        &["serve", "--config", good.to_str().unwrap()],
+        &[("LATCHKEY_MASTER_KEY", "too-short")],
+    );
+    assert_eq!(out.status.code(), Some(64));
+    assert!(text(&out.stderr).contains("malformed"));
+    assert!(
+        !text(&out.stderr).contains("too-short"),
+        "the key itself is never echoed"
+    );
+}
+
+#[test]
+fn policy_test_decides_offline() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("c.toml");
+    std::fs::write(
+        &cfg,
+        common::config_text("https://issuer.example.com", "aud", "x.db", "", ""),
+    )
+    .unwrap();
+    let claims = dir.path().join("claims.json");
+    let mut c =
+        latchkey::devissuer::bitbucket_claims("https://issuer.example.com", "aud", "release/3");
+    std::fs::write(&claims, c.to_string()).unwrap();
+    let args = |target: &str| {
+        vec![
+            "policy".to_string(),
+            "test".into(),
+            "--config".into(),
+            cfg.display().to_string(),
+            "--claims".into(),
+            claims.display().to_string(),
+            "--target".into(),
+            target.into(),
+        ]
+    };
+    let out = Command::new(BIN).args(args("orders-api")).output().unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let o = text(&out.stdout);
+    assert!(
+        o.contains("decision: allowed by orders-main-and-release"),
+        "{o}"
+    );
+    assert!(o.contains(&format!("identity.repository: {DEV_REPOSITORY}")));
+    c["branchName"] = "experimental/1".into();
+    std::fs::write(&claims, c.to_string()).unwrap();
+    let out = Command::new(BIN).args(args("reports")).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stdout).contains("decision: denied: denied by rule no-experimental"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn serve_then_mint_and_explain_with_the_cli_and_logs_hold_no_token() {
+    let issuer = DevIssuer::spawn("127.0.0.1:0".parse().unwrap(), Alg::RS256)
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (grpc, http) = (free_port(), free_port());
+    let cfg = write_config(dir.path(), &issuer, grpc, http);
+    let master = latchkey::keys::MasterKey::generate().to_base64();
+    let log = std::fs::File::create(dir.path().join("serve.log")).unwrap();
+    let child = Command::new(BIN)
+        .args(["--log-format", "json", "serve", "--config", &cfg])
+        .env("LATCHKEY_MASTER_KEY", master.expose())
+        .env("RUST_LOG", "debug")
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let mut server = Killed(child);
+    wait_for_port(grpc);
+    let server_url = format!("http://127.0.0.1:{grpc}");
+    let caller = issuer.sign(&issuer.bitbucket_claims("main"));
+
+    let mint = |format: &str, target: &str, token: &str| {
+        let mut c = Command::new(BIN);
+        c.args([
+            "mint",
+            "--server",
+            &server_url,
+            "--target",
+            target,
+            "--format",
+            format,
+            "--context",
+            "reason=test",
+        ])
+        .env_remove("LATCHKEY_TOKEN");
+        c.env("BITBUCKET_STEP_OIDC_TOKEN", token);
+        c.output().unwrap()
+    };
+    let out = tokio::task::block_in_place(|| mint("raw", "orders-api", &caller));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let minted = text(&out.stdout).trim().to_string();
+    assert_eq!(minted.split('.').count(), 3);
+    let out = tokio::task::block_in_place(|| mint("env", "orders-api", &caller));
+    let env_out = text(&out.stdout);
+    assert!(
+        env_out.contains("export LATCHKEY_TOKEN='ey")
+            && env_out.contains("export LATCHKEY_LEASE_ID="),
+        "{env_out}"
+    );
+    let out = tokio::task::block_in_place(|| mint("json", "orders-api", &caller));
+    let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(j["kind"], "jwt");
+    assert_eq!(
+        j["lease"]["scopes"],
+        serde_json::json!(["orders:read", "orders:write"])
+    );
+    // Denied: exit 1, the status on stderr.
+    let denied = issuer.sign(&issuer.bitbucket_claims("experimental/z"));
+    let out = tokio::task::block_in_place(|| mint("raw", "reports", &denied));
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("PermissionDenied: denied by rule no-experimental"),
+        "{}",
+        text(&out.stderr)
+    );
+    // Explain via the CLI, token from a file.
+    let tf = dir.path().join("token");
+    std::fs::write(&tf, &caller).unwrap();
+    let out = tokio::task::block_in_place(|| {
+        Command::new(BIN)
+            .args([
+                "explain",
+                "--server",
+                &server_url,
+                "--target",
+                "orders-api",
+                "--token-file",
+                tf.to_str().unwrap(),
+            ])
+            .output()
+            .unwrap()
+    });
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("decision: allowed by orders-main-and-release"));
+    // JWKS over HTTP serves the key that signed it.
+    let jwks: serde_json::Value = reqwest::get(format!(
+        "http://127.0.0.1:{http}/latchkey/.well-known/jwks.json"
+    ))
+    .await
+    .unwrap()
+    .json()
+    .await
+    .unwrap();
+    let kid = jsonwebtoken::decode_header(&minted).unwrap().kid.unwrap();
+    assert!(jwks["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|k| k["kid"] == kid.as_str()));
+
+    tokio::task::block_in_place(|| sigterm(&mut server.0));
+    let logs = std::fs::read_to_string(dir.path().join("serve.log")).unwrap();
+    let decisions: Vec<serde_json::Value> = BufReader::new(logs.as_bytes())
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(&l.unwrap()).ok())
+        .filter(|v| v["message"] == "decision")
+        .collect();
+    assert_eq!(
+        decisions.len(),
+        5,
+        "one structured line per decision: {logs}"
+    );
+    assert!(decisions.iter().all(|d| d["request_id"].is_string()
+        && d["identity_key"].is_string()
+        && d["latency_us"].is_number()));
+    for secret in [&caller, &minted, &denied] {
+        assert!(!logs.contains(secret.as_str()), "a token reached the logs");
+        assert!(
+            !logs.contains(secret.rsplit('.').next().unwrap()),
+            "a token signature reached the logs"
+        );
+    }
+    assert!(
+        !logs.contains(master.expose().as_str()),
+        "the master key reached the logs"
+    );
+    std::fs::remove_file(&tf).unwrap();
+    let db = common::all_bytes_under(dir.path());
+    assert!(!common::contains(&db, &minted) && !common::contains(&db, &caller));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn dev_runs_the_whole_flow_in_one_command() {
+    let dir = tempfile::tempdir().unwrap();
+    let (grpc, http, iss) = (free_port(), free_port(), free_port());
+    let child = Command::new(BIN)
+        .args([
+            "dev",
+            "--grpc-addr",
+            &format!("127.0.0.1:{grpc}"),
+            "--http-addr",
+            &format!("127.0.0.1:{http}"),
+            "--issuer-addr",
+            &format!("127.0.0.1:{iss}"),
+            "--state-dir",
+        ])
+        .arg(dir.path().join("state"))
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(dir.path().join("dev.log")).unwrap())
+        .spawn()
+        .unwrap();
+    let mut dev = Killed(child);
+    let stdout = dev.0.stdout.take().unwrap();
+    let token = tokio::task::block_in_place(|| {
+        let mut lines = BufReader::new(stdout).lines();
+        let token = lines
+            .by_ref()
+            .map(|l| l.unwrap())
+            .find_map(|l| l.strip_prefix("export LATCHKEY_TOKEN=").map(str::to_string))
+            .expect("dev prints a token");
+        // Keep draining so the rest of the banner has somewhere to go.
+        std::thread::spawn(move || lines.for_each(drop));
+        token
+    });
+    if std::panic::catch_unwind(|| wait_for_port(grpc)).is_err() {
+        panic!(
+            "dev did not serve: {}",
+            std::fs::read_to_string(dir.path().join("dev.log")).unwrap_or_default()
+        );
+    }
+    let out = tokio::task::block_in_place(|| {
+        Command::new(BIN)
+            .args([
+                "mint",
+                "--server",
+                &format!("http://127.0.0.1:{grpc}"),
+                "--target",
+                "orders-api",
+                "--format",
+                "raw",
+            ])
+            .env("LATCHKEY_TOKEN", &token)
+            .env_remove("BITBUCKET_STEP_OIDC_TOKEN")
+            .output()
+            .unwrap()
+    });
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout).trim().split('.').count(), 3);
+    // Fresh tokens from the dev issuer, with claim overrides.
+    let t = reqwest::Client::new()
+        .post(format!("http://127.0.0.1:{iss}/token"))
+        .json(&serde_json::json!({"branchName": "experimental/x"}))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let out = tokio::task::block_in_place(|| {
+        Command::new(BIN)
+            .args([
+                "mint",
+                "--server",
+                &format!("http://127.0.0.1:{grpc}"),
+                "--target",
+                "orders-api",
+            ])
+            .env("LATCHKEY_TOKEN", &t)
+            .env_remove("BITBUCKET_STEP_OIDC_TOKEN")
+            .output()
+            .unwrap()
+    });
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("denied by rule no-experimental"),
+        "{}",
+        text(&out.stderr)
+    );
+    tokio::task::block_in_place(|| sigterm(&mut dev.0));
+    assert!(dir.path().join("state/latchkey.db").exists());
+}
+
+#[test]
+fn mint_without_a_token_says_where_it_looked() {
+    let out = run(
+        &["mint", "--server", "http://127.0.0.1:1", "--target", "x"],
+        &[],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("BITBUCKET_STEP_OIDC_TOKEN or LATCHKEY_TOKEN"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = run(
+        &["mint", "--server", "http://127.0.0.1:1", "--target", "x"],
+        &[("LATCHKEY_TOKEN", "abc")],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("cannot connect"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+#[test]
+fn keygen_prints_a_usable_master_key() {
+    let out = run(&["keygen"], &[]);
+    assert!(out.status.success());
+    let k = text(&out.stdout);
+    assert!(latchkey::keys::MasterKey::from_base64(&k, "test").is_ok());
+}
