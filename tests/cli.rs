@@ -442,3 +442,23 @@ fn keygen_prints_a_usable_master_key() {
     let k = text(&out.stdout);
     assert!(latchkey::keys::MasterKey::from_base64(&k, "test").is_ok());
 }
+
+#[test]
+fn shipped_configs_pass_check_config() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy");
+    let mut checked = 0;
+    for e in std::fs::read_dir(&dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.extension().and_then(|x| x.to_str()) == Some("toml") {
+            let out = run(&["check-config", "--config", p.to_str().unwrap()], &[]);
+            assert!(
+                out.status.success(),
+                "{}: {}",
+                p.display(),
+                text(&out.stderr)
+            );
+            checked += 1;
+        }
+    }
+    assert!(checked >= 1, "deploy/ holds at least one example config");
+}
