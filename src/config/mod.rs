@@ -353,14 +353,14 @@ impl Checker<'_> {
                 }
             }
         }
-        if tls.is_none() && !s.allow_plaintext {
-            for (k, a) in [
-                ("server.grpc_addr", grpc_addr),
-                ("server.http_addr", http_addr),
-            ] {
-                if !a.ip().is_loopback() {
-                    return Err(self.err(k, format!("{a} is not loopback and [server.tls] is not configured; configure TLS or set server.allow_plaintext = true behind a TLS-terminating proxy")));
-                }
+        if !s.allow_plaintext {
+            if tls.is_none() && !grpc_addr.ip().is_loopback() {
+                return Err(self.err("server.grpc_addr", format!("{grpc_addr} is not loopback and [server.tls] is not configured; configure TLS or set server.allow_plaintext = true behind a TLS-terminating proxy")));
+            }
+            // [server.tls] covers the gRPC listener; the HTTP listener (discovery, JWKS)
+            // serves plaintext in this version.
+            if !http_addr.ip().is_loopback() {
+                return Err(self.err("server.http_addr", format!("{http_addr} is not loopback and the HTTP listener does not serve TLS yet; bind it to loopback behind a TLS-terminating proxy, or set server.allow_plaintext = true")));
             }
         }
         Ok(ServerConfig {

@@ -85,6 +85,14 @@ fn each_kind_of_bad_config_names_its_key() {
     );
     rejects(
         rep(
+            "http_addr = \"127.0.0.1:7480\"",
+            "http_addr = \"10.0.0.1:7480\"",
+        ),
+        "server.http_addr",
+        "does not serve TLS yet",
+    );
+    rejects(
+        rep(
             "issuer_url = \"http://127.0.0.1:7480\"",
             "issuer_url = \"http://example.com\"",
         ),
