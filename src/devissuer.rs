@@ -102,10 +102,7 @@ impl DevIssuer {
 
     /// The audience its Bitbucket-shaped tokens carry.
     pub fn audience(&self) -> String {
-        format!(
-            "ari:cloud:bitbucket::workspace/{}",
-            DEV_WORKSPACE.trim_matches(|c| c == '{' || c == '}')
-        )
+        dev_audience()
     }
 
     /// Signs `claims` with the current key.
@@ -187,6 +184,14 @@ impl Drop for DevIssuer {
     }
 }
 
+/// The default Bitbucket audience of the development workspace.
+fn dev_audience() -> String {
+    format!(
+        "ari:cloud:bitbucket::workspace/{}",
+        DEV_WORKSPACE.trim_matches(|c| c == '{' || c == '}')
+    )
+}
+
 /// Signs `claims` with `key` as a JWT.
 pub fn sign_with(key: &SigningKey, claims: &Value) -> String {
     key.sign_jwt(claims, None)
@@ -253,11 +258,7 @@ async fn token(State(s): State<Arc<DevState>>, body: Option<Json<Value>>) -> Res
     if s.down.load(Ordering::SeqCst) {
         return unavailable();
     }
-    let aud = format!(
-        "ari:cloud:bitbucket::workspace/{}",
-        DEV_WORKSPACE.trim_matches(|c| c == '{' || c == '}')
-    );
-    let mut claims = bitbucket_claims(&s.issuer, &aud, "main");
+    let mut claims = bitbucket_claims(&s.issuer, &dev_audience(), "main");
     if let (Some(Json(Value::Object(over))), Value::Object(c)) = (body, &mut claims) {
         for (k, v) in over {
             if k != "iss" {
