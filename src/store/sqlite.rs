@@ -209,7 +209,6 @@ impl Writer {
                 for (entry, _) in &batch {
                     let rec = AuditRecord::chain(head.0, &head.1, (**entry).clone());
                     let e = &rec.entry;
-                    let json = |v: &dyn erased::Json| v.to_json();
                     stmt.execute(params![
                         rec.seq,
                         e.time_ms,
@@ -303,17 +302,10 @@ impl Writer {
     }
 }
 
-/// JSON text for the JSON-valued columns. The same canonical serde_json form the hash
+/// JSON text for the JSON-valued columns: the same canonical serde_json form the hash
 /// covers, so reading back reproduces the hash input exactly.
-mod erased {
-    pub trait Json {
-        fn to_json(&self) -> String;
-    }
-    impl<T: serde::Serialize> Json for T {
-        fn to_json(&self) -> String {
-            serde_json::to_string(self).unwrap_or_else(|_| "null".into())
-        }
-    }
+fn json<T: serde::Serialize>(v: &T) -> String {
+    serde_json::to_string(v).unwrap_or_else(|_| "null".into())
 }
 
 fn read_records(
