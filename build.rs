@@ -7,8 +7,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     let fds = protox::compile(protos, ["proto"])?;
     tonic_prost_build::configure()
-        // Messages carrying secrets get a hand-written, redacted Debug (src/transport/proto.rs).
-        .skip_debug(["latchkey.v1.Credential"])
+        // Messages carrying secrets get a hand-written, redacted Debug (src/transport/mod.rs).
+        .skip_debug([
+            "latchkey.v1.Credential",
+            "latchkey.v1.MintResponse",
+            "latchkey.v1.RenewRequest",
+            "latchkey.v1.RevokeRequest",
+            "latchkey.v1.IntrospectRequest",
+        ])
         .compile_fds(fds)?;
     Ok(())
 }

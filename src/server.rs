@@ -8,7 +8,9 @@ use crate::keys::{KeyError, KeyRing, MasterKey};
 use crate::store::sqlite::{self, SqliteStore};
 use crate::store::{Store, StoreError};
 use crate::transport::grpc::{BrokerService, MAX_REQUEST_BYTES};
+use crate::transport::leases::LeasesService;
 use crate::transport::pb::credential_broker_server::CredentialBrokerServer;
+use crate::transport::pb::leases_server::LeasesServer;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -100,7 +102,13 @@ pub async fn start(
         })
         .collect();
     let keys = Arc::new(KeyRing::load(store.as_ref(), master, &wanted, &clock).await?);
-    let broker = Arc::new(Broker::new(cfg, store, keys, clock));
+    let broker = Arc::new(Broker::new(
+        cfg,
+        store,
+        keys,
+        Arc::new(master.duplicate()),
+        clock,
+    ));
 
     let grpc_listener = bind(cfg.server.grpc_addr).await?;
     let http_listener = bind(cfg.server.http_addr).await?;
@@ -137,7 +145,9 @@ pub async fn start(
     }
     let service = CredentialBrokerServer::new(BrokerService::new(broker.clone()))
         .max_decoding_message_size(MAX_REQUEST_BYTES);
-    let router = builder.add_service(service);
+    let leases = LeasesServer::new(LeasesService::new(broker.clone()))
+        .max_decoding_message_size(MAX_REQUEST_BYTES);
+    let router = builder.add_service(service).add_service(leases);
     let mut s1 = stopped.clone();
     let grpc_task = tokio::spawn(async move {
         let incoming = tokio_stream::wrappers::TcpListenerStream::new(grpc_listener);
@@ -162,7 +172,13 @@ pub async fn start(
             tracing::error!(error = %e, "http server stopped");
         }
     });
-    let refreshers = broker.verifier().spawn_refreshers();
+    let mut refreshers = broker.verifier().spawn_refreshers();
+    refreshers.push(tokio::spawn(
+        broker
+            .reaper()
+            .clone()
+            .run(cfg.leases.reap_interval, stop.subscribe()),
+    ));
     tracing::info!(%grpc_addr, %http_addr, issuer = %broker.issuer_url(), "latchkey serving");
     Ok(Running {
         grpc_addr,

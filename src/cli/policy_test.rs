@@ -2,7 +2,7 @@
 //! and trace for a set of claims, offline (no signature check, no broker).
 
 use crate::config::Config;
-use crate::policy::{Request, TargetLimits};
+use crate::policy::Request;
 use serde_json::{Map, Value};
 use std::path::PathBuf;
 
@@ -83,10 +83,7 @@ pub fn decide(cfg: &Config, args: &Args) -> Result<(bool, String), String> {
     let ex = cfg.policy.explain(
         &issuer.name,
         &identity.claims,
-        TargetLimits {
-            default_ttl: target.default_ttl,
-            max_ttl: target.max_ttl,
-        },
+        target.limits(),
         Request {
             target: &args.target,
             scopes: &args.scopes,

@@ -51,6 +51,32 @@ pub struct Config {
     pub targets: Vec<TargetConfig>,
     /// The compiled policy.
     pub policy: Policy,
+    /// Lease bookkeeping.
+    pub leases: LeaseConfig,
+}
+
+/// Lease bookkeeping: the reaper's pace and how long finished leases are kept.
+#[derive(Debug, Clone)]
+pub struct LeaseConfig {
+    /// How often the reaper runs.
+    pub reap_interval: Duration,
+    /// How long revoked and expired leases stay listable before they are purged.
+    pub retain: Duration,
+    /// Longest wait between retries of a failed upstream revocation.
+    pub retry_max_backoff: Duration,
+    /// After this many failed attempts a revocation is reported as stuck.
+    pub stuck_after: u32,
+}
+
+impl Default for LeaseConfig {
+    fn default() -> Self {
+        LeaseConfig {
+            reap_interval: Duration::from_secs(30),
+            retain: Duration::from_secs(7 * 24 * 3600),
+            retry_max_backoff: Duration::from_secs(3600),
+            stuck_after: 8,
+        }
+    }
 }
 
 /// Listener settings.
@@ -122,6 +148,9 @@ pub struct IssuerConfig {
     pub jwks_cooldown: Duration,
     /// How long the last good key set keeps serving while the issuer is unreachable.
     pub jwks_max_staleness: Duration,
+    /// Replay guard: how many credentials one identity token (by `jti`, else by its
+    /// fingerprint) may mint; `None` means unlimited.
+    pub max_mints_per_token: Option<u32>,
 }
 
 /// One target.
@@ -133,8 +162,23 @@ pub struct TargetConfig {
     pub default_ttl: Duration,
     /// Hard TTL cap.
     pub max_ttl: Duration,
+    /// Longest total lifetime of a lease, renewals included.
+    pub max_lifetime: Duration,
+    /// Most live leases one identity key may hold on this target; `None` is unlimited.
+    pub max_live_leases: Option<u32>,
     /// Kind-specific settings.
     pub kind: TargetKind,
+}
+
+impl TargetConfig {
+    /// The limits policy applies on this target.
+    pub fn limits(&self) -> crate::policy::TargetLimits {
+        crate::policy::TargetLimits {
+            default_ttl: self.default_ttl,
+            max_ttl: self.max_ttl,
+            max_lifetime: self.max_lifetime,
+        }
+    }
 }
 
 /// Kind-specific target settings.
@@ -170,6 +214,7 @@ const RESERVED_CLAIMS: &[&str] = &[
     "iss", "sub", "aud", "exp", "nbf", "iat", "jti", "scope", "act",
 ];
 const MAX_TTL_CEILING: Duration = Duration::from_secs(24 * 3600);
+const MAX_LIFETIME_CEILING: Duration = Duration::from_secs(30 * 24 * 3600);
 
 impl Config {
     /// Reads and checks a file. Fails with the file, key and reason.
@@ -315,7 +360,31 @@ impl Checker<'_> {
             issuers,
             targets,
             policy: Policy::new(rules),
+            leases: self.leases(raw.leases)?,
         })
+    }
+
+    fn leases(&self, r: RawLeases) -> Result<LeaseConfig, ConfigError> {
+        let d = LeaseConfig::default();
+        let c = LeaseConfig {
+            reap_interval: r.reap_interval.map(|x| x.0).unwrap_or(d.reap_interval),
+            retain: r.retain.map(|x| x.0).unwrap_or(d.retain),
+            retry_max_backoff: r
+                .retry_max_backoff
+                .map(|x| x.0)
+                .unwrap_or(d.retry_max_backoff),
+            stuck_after: r.stuck_after.unwrap_or(d.stuck_after),
+        };
+        if c.reap_interval < Duration::from_secs(1) || c.reap_interval > Duration::from_secs(3600) {
+            return Err(self.err("leases.reap_interval", "must be between 1s and 1h"));
+        }
+        if c.retry_max_backoff < Duration::from_secs(1) {
+            return Err(self.err("leases.retry_max_backoff", "must be at least 1s"));
+        }
+        if c.stuck_after == 0 {
+            return Err(self.err("leases.stuck_after", "must be at least 1"));
+        }
+        Ok(c)
     }
 
     fn server(&self, s: RawServer) -> Result<ServerConfig, ConfigError> {
@@ -492,6 +561,15 @@ impl Checker<'_> {
             jwks_refresh,
             jwks_cooldown,
             jwks_max_staleness,
+            max_mints_per_token: match r.max_mints_per_token {
+                Some(0) => {
+                    return Err(self.err(
+                        format!("{key}.max_mints_per_token"),
+                        "must be at least 1 (leave it out for no limit)",
+                    ))
+                }
+                n => n,
+            },
         })
     }
 
@@ -525,6 +603,19 @@ impl Checker<'_> {
             return Err(self.err(
                 format!("{key}.default_ttl"),
                 "must be at least 1s and at most max_ttl",
+            ));
+        }
+        let max_lifetime = r.max_lifetime.map(|d| d.0).unwrap_or(max_ttl);
+        if max_lifetime < max_ttl || max_lifetime > MAX_LIFETIME_CEILING {
+            return Err(self.err(
+                format!("{key}.max_lifetime"),
+                "must be at least max_ttl and at most 30d",
+            ));
+        }
+        if r.max_live_leases == Some(0) {
+            return Err(self.err(
+                format!("{key}.max_live_leases"),
+                "must be at least 1 (leave it out for no limit)",
             ));
         }
         let kind = match r.kind.as_str() {
@@ -581,6 +672,8 @@ impl Checker<'_> {
             name: r.name,
             default_ttl,
             max_ttl,
+            max_lifetime,
+            max_live_leases: r.max_live_leases,
             kind,
         })
     }
@@ -651,10 +744,23 @@ impl Checker<'_> {
                     return Err(self.err(format!("{gk}.max_ttl"), "must be at least 1s"));
                 }
             }
+            if let Some(cap) = g.max_lifetime {
+                if cap.0 > t.max_lifetime || cap.0 < Duration::from_secs(1) {
+                    return Err(self.err(
+                        format!("{gk}.max_lifetime"),
+                        format!(
+                            "must be between 1s and target {}'s max_lifetime {}",
+                            t.name,
+                            humantime::format_duration(t.max_lifetime)
+                        ),
+                    ));
+                }
+            }
             grants.push(Grant {
                 target: g.target,
                 scopes: g.scopes,
                 max_ttl: g.max_ttl.map(|d| d.0),
+                max_lifetime: g.max_lifetime.map(|d| d.0),
             });
         }
         for (j, t) in r.targets.iter().enumerate() {

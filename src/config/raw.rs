@@ -31,6 +31,17 @@ pub struct RawConfig {
     pub targets: Vec<RawTarget>,
     #[serde(default)]
     pub rules: Vec<RawRule>,
+    #[serde(default)]
+    pub leases: RawLeases,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawLeases {
+    pub reap_interval: Option<Dur>,
+    pub retain: Option<Dur>,
+    pub retry_max_backoff: Option<Dur>,
+    pub stuck_after: Option<u32>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -83,6 +94,7 @@ pub struct RawIssuer {
     pub jwks_refresh: Option<Dur>,
     pub jwks_cooldown: Option<Dur>,
     pub jwks_max_staleness: Option<Dur>,
+    pub max_mints_per_token: Option<u32>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -92,6 +104,8 @@ pub struct RawTarget {
     pub kind: String,
     pub default_ttl: Option<Dur>,
     pub max_ttl: Option<Dur>,
+    pub max_lifetime: Option<Dur>,
+    pub max_live_leases: Option<u32>,
     // kind = "jwt"
     pub audience: Option<String>,
     pub algorithm: Option<String>,
@@ -126,4 +140,5 @@ pub struct RawGrant {
     #[serde(default)]
     pub scopes: Vec<String>,
     pub max_ttl: Option<Dur>,
+    pub max_lifetime: Option<Dur>,
 }

@@ -289,3 +289,67 @@ fn missing_file_is_a_clear_error() {
     assert_eq!(e.file, "/nonexistent/latchkey.toml");
     assert!(e.reason.contains("cannot read"));
 }
+
+#[test]
+fn lease_settings_default_and_are_checked() {
+    let c = Config::parse(GOOD, "good.toml").unwrap();
+    let t = &c.targets[0];
+    assert_eq!(t.max_lifetime, t.max_ttl, "lifetime defaults to max_ttl");
+    assert_eq!(t.max_live_leases, None);
+    assert_eq!(c.issuers[0].max_mints_per_token, None);
+    assert_eq!(c.leases.reap_interval, Duration::from_secs(30));
+    let c = Config::parse(
+        &(GOOD
+            .replacen(
+                "max_ttl = \"1h\"",
+                "max_ttl = \"1h\"\nmax_lifetime = \"8h\"\nmax_live_leases = 5",
+                1,
+            )
+            .replacen("audiences = [", "max_mints_per_token = 3\naudiences = [", 1)
+            + "\n[leases]\nreap_interval = \"10s\"\nstuck_after = 3\n"),
+        "good.toml",
+    )
+    .unwrap();
+    assert_eq!(c.targets[0].max_lifetime, Duration::from_secs(8 * 3600));
+    assert_eq!(c.targets[0].max_live_leases, Some(5));
+    assert_eq!(c.issuers[0].max_mints_per_token, Some(3));
+    assert_eq!(c.leases.reap_interval, Duration::from_secs(10));
+    assert_eq!(c.leases.stuck_after, 3);
+
+    rejects(
+        rep(
+            "max_ttl = \"1h\"",
+            "max_ttl = \"1h\"\nmax_lifetime = \"30m\"",
+        ),
+        "targets[0].max_lifetime",
+        "at least max_ttl",
+    );
+    rejects(
+        rep("max_ttl = \"1h\"", "max_ttl = \"1h\"\nmax_live_leases = 0"),
+        "targets[0].max_live_leases",
+        "at least 1",
+    );
+    rejects(
+        rep("audiences = [", "max_mints_per_token = 0\naudiences = ["),
+        "issuers[0].max_mints_per_token",
+        "at least 1",
+    );
+    rejects(
+        rep(
+            "max_ttl = \"10m\" }",
+            "max_ttl = \"10m\", max_lifetime = \"2h\" }",
+        ),
+        "rules[0].grants[0].max_lifetime",
+        "max_lifetime",
+    );
+    rejects(
+        |s: &str| format!("{s}\n[leases]\nreap_interval = \"0s\"\n"),
+        "leases.reap_interval",
+        "between 1s and 1h",
+    );
+    rejects(
+        |s: &str| format!("{s}\n[leases]\nstuck_after = 0\n"),
+        "leases.stuck_after",
+        "at least 1",
+    );
+}

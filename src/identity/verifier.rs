@@ -77,6 +77,24 @@ impl Verifier {
         v
     }
 
+    /// The identity recorded claims describe, normalised by the preset of the issuer named
+    /// `issuer_name` (renewals re-decide policy on the claims verified at mint time).
+    pub fn identity_from_claims(
+        &self,
+        issuer_name: &str,
+        claims: Map<String, Value>,
+    ) -> Result<WorkloadIdentity, IdentityError> {
+        let issuer = self
+            .by_iss
+            .values()
+            .find(|i| i.cfg.name == issuer_name)
+            .ok_or(IdentityError::UnknownIssuer)?;
+        issuer
+            .cfg
+            .preset
+            .normalise(&issuer.cfg.name, claims, String::new())
+    }
+
     /// Verifies a token: size, structure, header, issuer, key, algorithm, signature, then
     /// `exp`/`nbf`/`iat`/`aud`, then the preset's required claims. Fails with the first
     /// check that does not hold.
@@ -194,6 +212,7 @@ mod tests {
             jwks_refresh: Duration::from_secs(300),
             jwks_cooldown: Duration::from_secs(30),
             jwks_max_staleness: Duration::from_secs(3600),
+            max_mints_per_token: None,
         }
     }
 

@@ -72,6 +72,15 @@ impl MasterKey {
         MasterKey::from_bytes(bytes, origin)
     }
 
+    /// A second handle on the same key (for components that outlive the caller's borrow).
+    pub fn duplicate(&self) -> MasterKey {
+        // The bytes were accepted once, so they are accepted again.
+        match MasterKey::from_bytes(self.raw.expose().clone(), "copy") {
+            Ok(k) => k,
+            Err(_) => unreachable!("a valid master key is valid again"),
+        }
+    }
+
     /// `LATCHKEY_MASTER_KEY` if set, else the file, else `Missing`.
     pub fn load(file: Option<&Path>) -> Result<MasterKey, MasterKeyError> {
         if let Ok(v) = std::env::var(MASTER_KEY_ENV) {

@@ -132,6 +132,21 @@ impl KeyRing {
             .ok_or_else(|| KeyError::Missing(target.to_string()))
     }
 
+    /// Whether `sig` over `msg` is a signature by the published key `kid` with `alg`
+    /// (retired keys included while they are published).
+    pub fn verify(&self, kid: &str, alg: Alg, msg: &[u8], sig: &[u8]) -> bool {
+        let published = self
+            .published
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        published
+            .iter()
+            .filter(|j| j.get("kid").and_then(Value::as_str) == Some(kid))
+            .filter_map(crate::identity::jwks::VerifyKey::from_jwk)
+            .any(|k| k.alg == Some(alg) && k.verify(alg, msg, sig))
+    }
+
     /// The JWKS document, serialised once per change.
     pub fn jwks_json(&self) -> Arc<Vec<u8>> {
         self.jwks_json

@@ -4,7 +4,7 @@
 use super::{Credential, MintContext, MintError, Minter};
 use crate::config::JwtTargetConfig;
 use crate::keys::KeyRing;
-use crate::secret::Secret;
+use crate::secret::{Secret, SecretString};
 use async_trait::async_trait;
 use serde_json::{json, Map, Value};
 use std::collections::BTreeMap;
@@ -73,6 +73,20 @@ impl Minter for JwtMinter {
         "jwt"
     }
 
+    /// A JWT cannot be extended; renewal issues a fresh one for the same lease (same
+    /// `jti`), so revoking the lease covers every token it was given.
+    fn renewable(&self) -> bool {
+        true
+    }
+
+    async fn renew(
+        &self,
+        ctx: &MintContext<'_>,
+        _upstream: Option<&SecretString>,
+    ) -> Result<Option<Credential>, MintError> {
+        self.mint(ctx).await.map(Some)
+    }
+
     async fn mint(&self, ctx: &MintContext<'_>) -> Result<Credential, MintError> {
         let claims = self.claims(ctx)?;
         let signer = self
@@ -90,6 +104,7 @@ impl Minter for JwtMinter {
             fields: BTreeMap::from([("kid".to_string(), signer.kid().to_string())]),
             expires_at: ctx.now + ctx.ttl.as_secs() as i64,
             id: ctx.lease_id.to_string(),
+            upstream: None,
         })
     }
 }

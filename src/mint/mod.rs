@@ -45,6 +45,9 @@ pub struct Credential {
     pub expires_at: i64,
     /// Unique id of the credential at the target (`jti` for JWTs).
     pub id: String,
+    /// What the target needs to revoke it later (a token id, a role name); sealed
+    /// before it is stored. `None` for self-contained credentials.
+    pub upstream: Option<SecretString>,
 }
 
 impl fmt::Debug for Credential {
@@ -57,6 +60,7 @@ impl fmt::Debug for Credential {
             .field("fields", &self.fields)
             .field("expires_at", &self.expires_at)
             .field("id", &self.id)
+            .field("upstream", &self.upstream.as_ref().map(|_| "[REDACTED]"))
             .finish()
     }
 }
@@ -80,6 +84,14 @@ pub enum MintError {
     /// The broker cannot sign (no key, signing failure).
     #[error("signing failed for target {0}")]
     Signing(String),
+    /// The kind cannot do this (renew a credential it cannot extend, ...).
+    #[error("target kind {kind} cannot {action}")]
+    Unsupported {
+        /// The kind.
+        kind: &'static str,
+        /// What was asked.
+        action: &'static str,
+    },
     /// The upstream system failed or refused.
     #[error("upstream {target} unavailable: {reason}")]
     Upstream {
@@ -104,4 +116,31 @@ pub trait Minter: Send + Sync + fmt::Debug {
     /// Mints a credential. Fails without side effects at the target, or, if it created
     /// something upstream before failing, removes it again.
     async fn mint(&self, ctx: &MintContext<'_>) -> Result<Credential, MintError>;
+
+    /// Extends a lease to `ctx.now + ctx.ttl`. Answers a fresh credential for kinds whose
+    /// credential carries its own expiry, `None` where the target extended the existing
+    /// one. Called only when [`Minter::renewable`] holds.
+    async fn renew(
+        &self,
+        ctx: &MintContext<'_>,
+        upstream: Option<&SecretString>,
+    ) -> Result<Option<Credential>, MintError> {
+        let _ = (ctx, upstream);
+        Err(MintError::Unsupported {
+            kind: self.kind(),
+            action: "renew",
+        })
+    }
+
+    /// Revokes the credential at the target. Idempotent: revoking what is already gone
+    /// succeeds. Self-contained credentials (no upstream handle) need nothing here: the
+    /// lease's state is what introspection reports.
+    async fn revoke(
+        &self,
+        lease_id: &str,
+        upstream: Option<&SecretString>,
+    ) -> Result<(), MintError> {
+        let _ = (lease_id, upstream);
+        Ok(())
+    }
 }

@@ -70,6 +70,8 @@ pub struct Grant {
     pub scopes: Vec<String>,
     /// TTL cap for this grant; `None` means the target's own cap.
     pub max_ttl: Option<Duration>,
+    /// Cap on a lease's total lifetime, renewals included; `None` means the target's.
+    pub max_lifetime: Option<Duration>,
 }
 
 /// One policy rule.
@@ -98,6 +100,8 @@ pub struct TargetLimits {
     pub default_ttl: Duration,
     /// Hard cap.
     pub max_ttl: Duration,
+    /// Longest total lifetime of a lease, renewals included.
+    pub max_lifetime: Duration,
 }
 
 /// A request as policy sees it.
@@ -122,6 +126,8 @@ pub struct Allowed {
     pub ttl: Duration,
     /// The cap that applied.
     pub max_ttl: Duration,
+    /// Longest total lifetime of the lease, renewals included.
+    pub max_lifetime: Duration,
 }
 
 /// Why a request was refused. Messages are stable and safe to show the caller.
@@ -366,6 +372,7 @@ impl Policy {
         // Every grant that contributes a wanted scope (or, for a scope-less target, every
         // grant) caps the TTL: the most restrictive cap wins.
         let mut max_ttl = limits.max_ttl;
+        let mut max_lifetime = limits.max_lifetime;
         let mut rules: Vec<&str> = Vec::new();
         for (rule, g) in &grants {
             let contributes = g.scopes.is_empty() && wanted.is_empty()
@@ -374,11 +381,16 @@ impl Policy {
                 if let Some(cap) = g.max_ttl {
                     max_ttl = max_ttl.min(cap);
                 }
+                if let Some(cap) = g.max_lifetime {
+                    max_lifetime = max_lifetime.min(cap);
+                }
                 if !rules.contains(&rule.name.as_str()) {
                     rules.push(&rule.name);
                 }
             }
         }
+        // No single credential outlives the lease it belongs to.
+        let max_ttl = max_ttl.min(max_lifetime);
         let ttl = req.ttl.unwrap_or(limits.default_ttl).min(max_ttl);
         if let Some(t) = trace {
             t.push(format!(
@@ -394,6 +406,7 @@ impl Policy {
             scopes: wanted.into_iter().map(str::to_string).collect(),
             ttl,
             max_ttl,
+            max_lifetime,
         })
     }
 }

@@ -5,6 +5,7 @@ use serde_json::json;
 const LIMITS: TargetLimits = TargetLimits {
     default_ttl: Duration::from_secs(900),
     max_ttl: Duration::from_secs(3600),
+    max_lifetime: Duration::from_secs(4 * 3600),
 };
 
 fn claims(v: Value) -> Map<String, Value> {
@@ -30,6 +31,7 @@ fn allow(
             target: target.into(),
             scopes: scopes.iter().map(|s| s.to_string()).collect(),
             max_ttl: max_ttl.map(Duration::from_secs),
+            max_lifetime: None,
         }],
         deny_targets: vec![],
         roles: vec![],
@@ -434,4 +436,32 @@ proptest! {
             prop_assert!(n.max_ttl >= f.max_ttl, "fewer scopes never tighten less than the full set");
         }
     }
+}
+
+#[test]
+fn lifetime_cap_is_the_smallest_contributing_and_bounds_the_ttl() {
+    let mut r = allow("a", vec![], "t", &["read"], None);
+    r.grants[0].max_lifetime = Some(Duration::from_secs(7200));
+    let p = Policy::new(vec![r, allow("b", vec![], "t", &["write"], None)]);
+    let c = claims(json!({}));
+    let a = p.decide("bb", &c, LIMITS, req("t", &[], None)).unwrap();
+    assert_eq!(a.max_lifetime, Duration::from_secs(7200));
+    let w = p
+        .decide("bb", &c, LIMITS, req("t", &["write".to_string()], None))
+        .unwrap();
+    assert_eq!(
+        w.max_lifetime, LIMITS.max_lifetime,
+        "rule a did not contribute"
+    );
+    let mut short = allow("s", vec![], "t", &[], None);
+    short.grants[0].max_lifetime = Some(Duration::from_secs(60));
+    let a = Policy::new(vec![short])
+        .decide("bb", &c, LIMITS, req("t", &[], Some(3000)))
+        .unwrap();
+    assert_eq!(
+        a.ttl,
+        Duration::from_secs(60),
+        "ttl never exceeds the lifetime"
+    );
+    assert_eq!(a.max_ttl, Duration::from_secs(60));
 }

@@ -5,6 +5,7 @@
 pub mod sqlite;
 
 use crate::audit::{AuditEntry, AuditRecord};
+use crate::lease::{CommitError, LeaseChange, LeaseFilter, LeaseRecord, MintGuard};
 use async_trait::async_trait;
 
 /// A store fault. Messages never contain record contents or key material.
@@ -63,4 +64,56 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
 
     /// Whether the store can commit right now (for readiness).
     async fn check_writable(&self) -> Result<(), StoreError>;
+
+    /// Commits a mint: checks `guard` (live-lease quota of the lease's identity key on
+    /// its target, the token's replay counter), inserts the lease and appends its audit
+    /// record, all in one transaction. Nothing is written when a check fails.
+    async fn commit_mint(
+        &self,
+        lease: LeaseRecord,
+        guard: MintGuard,
+        entry: AuditEntry,
+        now: i64,
+    ) -> Result<Appended, CommitError>;
+
+    /// The same checks as [`Store::commit_mint`], without writing: lets the broker refuse
+    /// before it creates anything upstream.
+    async fn check_mint_guard(
+        &self,
+        identity_key: &str,
+        target: &str,
+        guard: &MintGuard,
+        now: i64,
+    ) -> Result<(), CommitError>;
+
+    /// One lease.
+    async fn lease(&self, id: &str) -> Result<Option<LeaseRecord>, StoreError>;
+
+    /// Leases matching `filter` at `now`, newest first, after the `(issued_at, id)`
+    /// cursor, at most `limit`.
+    async fn leases(
+        &self,
+        filter: &LeaseFilter,
+        now: i64,
+        after: Option<(i64, String)>,
+        limit: usize,
+    ) -> Result<Vec<LeaseRecord>, StoreError>;
+
+    /// Applies each compare-and-set change, appending its audit record only when the
+    /// change applied; one transaction. Answers, per change, whether it applied.
+    async fn commit_changes(
+        &self,
+        changes: Vec<(LeaseChange, Option<AuditEntry>)>,
+    ) -> Result<Vec<bool>, StoreError>;
+
+    /// Live leases whose expiry has passed, oldest first, at most `limit`.
+    async fn expired_live(&self, now: i64, limit: usize) -> Result<Vec<LeaseRecord>, StoreError>;
+
+    /// Leases in `revoking` whose next attempt is due, at most `limit`.
+    async fn due_revocations(&self, now: i64, limit: usize)
+        -> Result<Vec<LeaseRecord>, StoreError>;
+
+    /// Deletes revoked and expired leases that ended before `before`, and replay counters
+    /// of tokens expired before `now`; at most `limit` leases. Answers how many leases.
+    async fn purge(&self, before: i64, now: i64, limit: usize) -> Result<usize, StoreError>;
 }

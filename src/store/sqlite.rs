@@ -7,8 +7,10 @@
 
 use super::{Appended, Store, StoreError, StoredKey};
 use crate::audit::{AuditEntry, AuditRecord, GENESIS_HASH};
+use crate::lease::{CommitError, LeaseChange, LeaseFilter, LeaseRecord, LeaseState, MintGuard};
 use async_trait::async_trait;
-use rusqlite::{params, Connection, OptionalExtension};
+use rusqlite::types::Value as SqlValue;
+use rusqlite::{params, params_from_iter, Connection, OptionalExtension};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::time::Duration;
@@ -59,19 +61,82 @@ CREATE TABLE IF NOT EXISTS signing_keys (
     created_at INTEGER NOT NULL,
     sealed BLOB NOT NULL
 );
+CREATE TABLE IF NOT EXISTS leases (
+    id TEXT PRIMARY KEY,
+    issuer TEXT NOT NULL,
+    identity_key TEXT NOT NULL,
+    subject TEXT NOT NULL,
+    repository TEXT,
+    target TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    rule TEXT NOT NULL,
+    scopes TEXT NOT NULL,
+    issued_at INTEGER NOT NULL,
+    expires_at INTEGER NOT NULL,
+    max_expires_at INTEGER NOT NULL,
+    renew_count INTEGER NOT NULL,
+    state TEXT NOT NULL,
+    revoked_at INTEGER,
+    secret_hash TEXT NOT NULL,
+    claims TEXT NOT NULL,
+    upstream BLOB,
+    attempts INTEGER NOT NULL,
+    next_attempt_at INTEGER,
+    last_error TEXT
+);
+CREATE INDEX IF NOT EXISTS leases_quota ON leases(identity_key, target, state, expires_at);
+CREATE INDEX IF NOT EXISTS leases_state ON leases(state, expires_at);
+CREATE INDEX IF NOT EXISTS leases_issued ON leases(issued_at, id);
+CREATE INDEX IF NOT EXISTS leases_repository ON leases(repository, issued_at);
+CREATE INDEX IF NOT EXISTS leases_target ON leases(target, issued_at);
+CREATE TABLE IF NOT EXISTS token_uses (
+    issuer TEXT NOT NULL,
+    token_key TEXT NOT NULL,
+    uses INTEGER NOT NULL,
+    expires_at INTEGER NOT NULL,
+    PRIMARY KEY (issuer, token_key)
+);
 "#;
 
 const AUDIT_COLUMNS: &str = "seq, time_ms, request_id, action, outcome, issuer, identity_key, subject, repository, git_ref, environment, pipeline, token_fingerprint, target, requested_scopes, granted_scopes, ttl_secs, rule, reason, lease_id, credential_jti, credential_fingerprint, context, claims, prev_hash, hash";
 
-/// Largest number of appends one transaction commits.
+const LEASE_COLUMNS: &str = "id, issuer, identity_key, subject, repository, target, kind, rule, scopes, issued_at, expires_at, max_expires_at, renew_count, state, revoked_at, secret_hash, claims, upstream, attempts, next_attempt_at, last_error";
+
+/// Largest number of writes one transaction commits.
 const MAX_BATCH: usize = 1024;
 
 type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
 
-enum Cmd {
+/// A mint to commit: the lease, its guard, its audit record.
+struct MintWrite {
+    lease: LeaseRecord,
+    guard: MintGuard,
+    entry: AuditEntry,
+    now: i64,
+}
+
+/// Writes that share one transaction (group commit).
+enum Write {
     Append(Box<AuditEntry>, Reply<Appended>),
-    Records(i64, usize, Reply<Vec<AuditRecord>>),
-    Keys(Reply<Vec<StoredKey>>),
+    Mint(
+        Box<MintWrite>,
+        oneshot::Sender<Result<Appended, CommitError>>,
+    ),
+    Changes(Vec<(LeaseChange, Option<AuditEntry>)>, Reply<Vec<bool>>),
+}
+
+/// What a write produced, before the transaction commits.
+enum Done {
+    Append(Appended),
+    Mint(Result<Appended, CommitError>),
+    Changes(Vec<bool>),
+}
+
+type ReadFn = Box<dyn FnOnce(&Connection) + Send>;
+
+enum Cmd {
+    Write(Write),
+    Read(ReadFn),
     InsertKey(Box<StoredKey>, Reply<()>),
     CheckWritable(Reply<()>),
 }
@@ -99,6 +164,10 @@ fn unavailable(e: rusqlite::Error) -> StoreError {
     })
 }
 
+fn stopped() -> StoreError {
+    StoreError::Unavailable("writer thread stopped".into())
+}
+
 impl SqliteStore {
     /// Opens (creating if needed) the database and starts the writer thread. Fails when
     /// the file cannot be opened or the schema cannot be applied.
@@ -123,11 +192,22 @@ impl SqliteStore {
 
     async fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Cmd) -> Result<T, StoreError> {
         let (reply, rx) = oneshot::channel();
+        self.tx.send(make(reply)).map_err(|_| stopped())?;
+        rx.await.map_err(|_| stopped())?
+    }
+
+    /// Runs `f` on the store's connection (reads are served between write batches).
+    async fn read<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let (reply, rx) = oneshot::channel();
         self.tx
-            .send(make(reply))
-            .map_err(|_| StoreError::Unavailable("writer thread stopped".into()))?;
-        rx.await
-            .map_err(|_| StoreError::Unavailable("writer thread stopped".into()))?
+            .send(Cmd::Read(Box::new(move |c| {
+                let _ = reply.send(f(c));
+            })))
+            .map_err(|_| stopped())?;
+        rx.await.map_err(|_| stopped())?
     }
 }
 
@@ -172,19 +252,19 @@ impl Writer {
         while let Ok(first) = rx.recv() {
             let mut batch = Vec::new();
             match first {
-                Cmd::Append(e, r) => batch.push((e, r)),
+                Cmd::Write(w) => batch.push(w),
                 other => deferred.push(other),
             }
             // Take whatever else is already waiting: this is the group commit.
             while batch.len() < MAX_BATCH {
                 match rx.try_recv() {
-                    Ok(Cmd::Append(e, r)) => batch.push((e, r)),
+                    Ok(Cmd::Write(w)) => batch.push(w),
                     Ok(other) => deferred.push(other),
                     Err(_) => break,
                 }
             }
             if !batch.is_empty() {
-                self.append_batch(batch);
+                self.write_batch(batch);
             }
             for cmd in deferred.drain(..) {
                 self.handle(cmd);
@@ -192,58 +272,23 @@ impl Writer {
         }
     }
 
-    fn append_batch(&mut self, batch: Vec<(Box<AuditEntry>, Reply<Appended>)>) {
+    fn write_batch(&mut self, batch: Vec<Write>) {
         let mut head = self.head.clone();
-        let result = (|| -> Result<Vec<Appended>, StoreError> {
+        let result = (|| -> Result<Vec<Done>, StoreError> {
             let tx = self
                 .conn
                 .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
                 .map_err(unavailable)?;
             let mut out = Vec::with_capacity(batch.len());
-            {
-                let mut stmt = tx
-                    .prepare_cached(&format!(
-                        "INSERT INTO audit ({AUDIT_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22, ?23, ?24, ?25, ?26)"
-                    ))
-                    .map_err(unavailable)?;
-                for (entry, _) in &batch {
-                    let rec = AuditRecord::chain(head.0, &head.1, (**entry).clone());
-                    let e = &rec.entry;
-                    stmt.execute(params![
-                        rec.seq,
-                        e.time_ms,
-                        e.request_id,
-                        e.action,
-                        e.outcome,
-                        e.issuer,
-                        e.identity_key,
-                        e.subject,
-                        e.repository,
-                        e.git_ref,
-                        e.environment,
-                        e.pipeline,
-                        e.token_fingerprint,
-                        e.target,
-                        json(&e.requested_scopes),
-                        json(&e.granted_scopes),
-                        e.ttl_secs,
-                        e.rule,
-                        e.reason,
-                        e.lease_id,
-                        e.credential_jti,
-                        e.credential_fingerprint,
-                        json(&e.context),
-                        json(&e.claims),
-                        rec.prev_hash,
-                        rec.hash,
-                    ])
-                    .map_err(unavailable)?;
-                    out.push(Appended {
-                        seq: rec.seq,
-                        hash: rec.hash.clone(),
-                    });
-                    head = (rec.seq, rec.hash);
-                }
+            for w in &batch {
+                out.push(match w {
+                    Write::Append(e, _) => Done::Append(append_row(&tx, &mut head, e)?),
+                    Write::Mint(m, _) => Done::Mint(match apply_mint(&tx, &mut head, m) {
+                        Err(CommitError::Store(e)) => return Err(e),
+                        other => other,
+                    }),
+                    Write::Changes(c, _) => Done::Changes(apply_changes(&tx, &mut head, c)?),
+                });
             }
             tx.commit().map_err(unavailable)?;
             Ok(out)
@@ -251,18 +296,40 @@ impl Writer {
         match result {
             Ok(done) => {
                 self.head = head;
-                for ((_, reply), appended) in batch.into_iter().zip(done) {
-                    let _ = reply.send(Ok(appended));
+                for (w, d) in batch.into_iter().zip(done) {
+                    match (w, d) {
+                        (Write::Append(_, r), Done::Append(a)) => {
+                            let _ = r.send(Ok(a));
+                        }
+                        (Write::Mint(_, r), Done::Mint(a)) => {
+                            let _ = r.send(a);
+                        }
+                        (Write::Changes(_, r), Done::Changes(a)) => {
+                            let _ = r.send(Ok(a));
+                        }
+                        // `done` is built from `batch` in order, one for one.
+                        _ => unreachable!("write and result out of step"),
+                    }
                 }
             }
             Err(e) => {
-                tracing::error!(error = %e, records = batch.len(), "audit commit failed; requests fail closed");
+                tracing::error!(error = %e, writes = batch.len(), "store commit failed; requests fail closed");
                 // The transaction rolled back; re-read the head in case of partial state.
                 if let Ok(h) = load_head(&self.conn) {
                     self.head = h;
                 }
-                for (_, reply) in batch {
-                    let _ = reply.send(Err(e.clone()));
+                for w in batch {
+                    match w {
+                        Write::Append(_, r) => {
+                            let _ = r.send(Err(e.clone()));
+                        }
+                        Write::Mint(_, r) => {
+                            let _ = r.send(Err(CommitError::Store(e.clone())));
+                        }
+                        Write::Changes(_, r) => {
+                            let _ = r.send(Err(e.clone()));
+                        }
+                    }
                 }
             }
         }
@@ -270,13 +337,8 @@ impl Writer {
 
     fn handle(&mut self, cmd: Cmd) {
         match cmd {
-            Cmd::Append(e, r) => self.append_batch(vec![(e, r)]),
-            Cmd::Records(after, limit, r) => {
-                let _ = r.send(read_records(&self.conn, after, limit));
-            }
-            Cmd::Keys(r) => {
-                let _ = r.send(read_keys(&self.conn));
-            }
+            Cmd::Write(w) => self.write_batch(vec![w]),
+            Cmd::Read(f) => f(&self.conn),
             Cmd::InsertKey(k, r) => {
                 let res = self
                     .conn
@@ -300,6 +362,307 @@ impl Writer {
             }
         }
     }
+}
+
+/// Appends one audit record after `head` and moves `head` to it.
+fn append_row(
+    conn: &Connection,
+    head: &mut (i64, String),
+    entry: &AuditEntry,
+) -> Result<Appended, StoreError> {
+    let rec = AuditRecord::chain(head.0, &head.1, entry.clone());
+    let e = &rec.entry;
+    conn.prepare_cached(&format!(
+        "INSERT INTO audit ({AUDIT_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22, ?23, ?24, ?25, ?26)"
+    ))
+    .and_then(|mut stmt| {
+        stmt.execute(params![
+            rec.seq,
+            e.time_ms,
+            e.request_id,
+            e.action,
+            e.outcome,
+            e.issuer,
+            e.identity_key,
+            e.subject,
+            e.repository,
+            e.git_ref,
+            e.environment,
+            e.pipeline,
+            e.token_fingerprint,
+            e.target,
+            json(&e.requested_scopes),
+            json(&e.granted_scopes),
+            e.ttl_secs,
+            e.rule,
+            e.reason,
+            e.lease_id,
+            e.credential_jti,
+            e.credential_fingerprint,
+            json(&e.context),
+            json(&e.claims),
+            rec.prev_hash,
+            rec.hash,
+        ])
+    })
+    .map_err(unavailable)?;
+    *head = (rec.seq, rec.hash.clone());
+    Ok(Appended {
+        seq: rec.seq,
+        hash: rec.hash,
+    })
+}
+
+/// The quota and replay checks of a mint, without writing.
+fn check_guard(
+    conn: &Connection,
+    identity_key: &str,
+    target: &str,
+    guard: &MintGuard,
+    now: i64,
+) -> Result<(), CommitError> {
+    if let Some(limit) = guard.max_live {
+        let live: i64 = conn
+            .prepare_cached("SELECT COUNT(*) FROM leases WHERE identity_key = ?1 AND target = ?2 AND state = 'live' AND expires_at > ?3")
+            .and_then(|mut s| s.query_row(params![identity_key, target, now], |r| r.get(0)))
+            .map_err(unavailable)?;
+        if live >= i64::from(limit) {
+            return Err(CommitError::Quota { limit });
+        }
+    }
+    if let Some(r) = &guard.replay {
+        let used: i64 = conn
+            .prepare_cached("SELECT uses FROM token_uses WHERE issuer = ?1 AND token_key = ?2")
+            .and_then(|mut s| {
+                s.query_row(params![r.issuer, r.token_key], |row| row.get(0))
+                    .optional()
+            })
+            .map_err(unavailable)?
+            .unwrap_or(0);
+        if used >= i64::from(r.max_uses) {
+            return Err(CommitError::Replay { limit: r.max_uses });
+        }
+    }
+    Ok(())
+}
+
+fn apply_mint(
+    conn: &Connection,
+    head: &mut (i64, String),
+    m: &MintWrite,
+) -> Result<Appended, CommitError> {
+    check_guard(
+        conn,
+        &m.lease.identity_key,
+        &m.lease.target,
+        &m.guard,
+        m.now,
+    )?;
+    if let Some(r) = &m.guard.replay {
+        conn.prepare_cached("INSERT INTO token_uses (issuer, token_key, uses, expires_at) VALUES (?1, ?2, 1, ?3) ON CONFLICT (issuer, token_key) DO UPDATE SET uses = uses + 1")
+            .and_then(|mut s| s.execute(params![r.issuer, r.token_key, r.expires_at]))
+            .map_err(unavailable)?;
+    }
+    insert_lease(conn, &m.lease)?;
+    Ok(append_row(conn, head, &m.entry)?)
+}
+
+fn insert_lease(conn: &Connection, l: &LeaseRecord) -> Result<(), StoreError> {
+    conn.prepare_cached(&format!(
+        "INSERT INTO leases ({LEASE_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21)"
+    ))
+    .and_then(|mut s| {
+        s.execute(params![
+            l.id,
+            l.issuer,
+            l.identity_key,
+            l.subject,
+            l.repository,
+            l.target,
+            l.kind,
+            l.rule,
+            json(&l.scopes),
+            l.issued_at,
+            l.expires_at,
+            l.max_expires_at,
+            l.renew_count,
+            l.state.as_str(),
+            l.revoked_at,
+            l.secret_hash,
+            json(&l.claims),
+            l.upstream,
+            l.attempts,
+            l.next_attempt_at,
+            l.last_error,
+        ])
+    })
+    .map(|_| ())
+    .map_err(unavailable)
+}
+
+fn apply_changes(
+    conn: &Connection,
+    head: &mut (i64, String),
+    changes: &[(LeaseChange, Option<AuditEntry>)],
+) -> Result<Vec<bool>, StoreError> {
+    let mut out = Vec::with_capacity(changes.len());
+    for (c, entry) in changes {
+        let n = conn
+            .prepare_cached(
+                "UPDATE leases SET
+                    state = COALESCE(?3, state),
+                    expires_at = COALESCE(?4, expires_at),
+                    renew_count = COALESCE(?5, renew_count),
+                    revoked_at = COALESCE(?6, revoked_at),
+                    attempts = COALESCE(?7, attempts),
+                    next_attempt_at = CASE WHEN ?8 THEN ?9 ELSE next_attempt_at END,
+                    last_error = CASE WHEN ?10 THEN ?11 ELSE last_error END
+                 WHERE id = ?1 AND state = ?2 AND (?12 IS NULL OR renew_count = ?12)",
+            )
+            .and_then(|mut s| {
+                s.execute(params![
+                    c.id,
+                    c.expect_state.as_str(),
+                    c.state.map(LeaseState::as_str),
+                    c.expires_at,
+                    c.renew_count,
+                    c.revoked_at,
+                    c.attempts,
+                    c.next_attempt_at.is_some(),
+                    c.next_attempt_at.flatten(),
+                    c.last_error.is_some(),
+                    c.last_error.clone().flatten(),
+                    c.expect_renew_count,
+                ])
+            })
+            .map_err(unavailable)?;
+        let applied = n == 1;
+        if applied {
+            if let Some(e) = entry {
+                append_row(conn, head, e)?;
+            }
+        }
+        out.push(applied);
+    }
+    Ok(out)
+}
+
+/// The WHERE clause (and its parameters) for a lease filter at `now`.
+fn filter_sql(f: &LeaseFilter, now: i64) -> (String, Vec<SqlValue>) {
+    let mut clauses: Vec<&str> = Vec::new();
+    let mut args: Vec<SqlValue> = Vec::new();
+    let mut text = |clause: &'static str, v: &Option<String>| {
+        if let Some(v) = v {
+            clauses.push(clause);
+            args.push(SqlValue::Text(v.clone()));
+        }
+    };
+    text("id = ?", &f.id);
+    text("identity_key = ?", &f.identity_key);
+    text("issuer = ?", &f.issuer);
+    text("repository = ?", &f.repository);
+    text("target = ?", &f.target);
+    text("instr(',' || rule || ',', ',' || ? || ',') > 0", &f.rule);
+    if let Some(t) = f.issued_before {
+        clauses.push("issued_at < ?");
+        args.push(SqlValue::Integer(t));
+    }
+    if !f.include_inactive {
+        clauses.push("state = 'live' AND expires_at > ?");
+        args.push(SqlValue::Integer(now));
+    }
+    let sql = if clauses.is_empty() {
+        "1".to_string()
+    } else {
+        clauses.join(" AND ")
+    };
+    (sql, args)
+}
+
+fn read_leases(
+    conn: &Connection,
+    filter: &LeaseFilter,
+    now: i64,
+    after: Option<(i64, String)>,
+    limit: usize,
+) -> Result<Vec<LeaseRecord>, StoreError> {
+    let (mut sql, mut args) = filter_sql(filter, now);
+    if let Some((t, id)) = after {
+        sql.push_str(" AND (issued_at, id) < (?, ?)");
+        args.push(SqlValue::Integer(t));
+        args.push(SqlValue::Text(id));
+    }
+    args.push(SqlValue::Integer(limit as i64));
+    query_leases(
+        conn,
+        &format!("SELECT {LEASE_COLUMNS} FROM leases WHERE {sql} ORDER BY issued_at DESC, id DESC LIMIT ?"),
+        args,
+    )
+}
+
+fn query_leases(
+    conn: &Connection,
+    sql: &str,
+    args: Vec<SqlValue>,
+) -> Result<Vec<LeaseRecord>, StoreError> {
+    let mut stmt = conn.prepare_cached(sql).map_err(unavailable)?;
+    let rows = stmt
+        .query_map(params_from_iter(args), row_to_lease)
+        .map_err(unavailable)?;
+    rows.map(|r| r.map_err(unavailable).and_then(|r| r))
+        .collect()
+}
+
+fn row_to_lease(r: &rusqlite::Row<'_>) -> rusqlite::Result<Result<LeaseRecord, StoreError>> {
+    let id: String = r.get(0)?;
+    let corrupt = |what: &str| StoreError::Corrupt(format!("lease {id}: invalid {what}"));
+    let scopes: String = r.get(8)?;
+    let claims: String = r.get(16)?;
+    let state: String = r.get(13)?;
+    let Ok(scopes) = serde_json::from_str(&scopes) else {
+        return Ok(Err(corrupt("scopes")));
+    };
+    let Ok(claims) = serde_json::from_str(&claims) else {
+        return Ok(Err(corrupt("claims")));
+    };
+    let Some(state) = LeaseState::parse(&state) else {
+        return Ok(Err(corrupt("state")));
+    };
+    Ok(Ok(LeaseRecord {
+        issuer: r.get(1)?,
+        identity_key: r.get(2)?,
+        subject: r.get(3)?,
+        repository: r.get(4)?,
+        target: r.get(5)?,
+        kind: r.get(6)?,
+        rule: r.get(7)?,
+        scopes,
+        issued_at: r.get(9)?,
+        expires_at: r.get(10)?,
+        max_expires_at: r.get(11)?,
+        renew_count: r.get(12)?,
+        state,
+        revoked_at: r.get(14)?,
+        secret_hash: r.get(15)?,
+        claims,
+        upstream: r.get(17)?,
+        attempts: r.get(18)?,
+        next_attempt_at: r.get(19)?,
+        last_error: r.get(20)?,
+        id,
+    }))
+}
+
+fn purge(conn: &Connection, before: i64, now: i64, limit: usize) -> Result<usize, StoreError> {
+    let n = conn
+        .execute(
+            "DELETE FROM leases WHERE id IN (SELECT id FROM leases WHERE state IN ('revoked', 'expired') AND expires_at < ?1 AND COALESCE(revoked_at, expires_at) < ?1 LIMIT ?2)",
+            params![before, limit as i64],
+        )
+        .map_err(unavailable)?;
+    conn.execute("DELETE FROM token_uses WHERE expires_at < ?1", params![now])
+        .map_err(unavailable)?;
+    Ok(n)
 }
 
 /// JSON text for the JSON-valued columns: the same canonical serde_json form the hash
@@ -390,15 +753,16 @@ fn read_keys(conn: &Connection) -> Result<Vec<StoredKey>, StoreError> {
 #[async_trait]
 impl Store for SqliteStore {
     async fn append(&self, entry: AuditEntry) -> Result<Appended, StoreError> {
-        self.call(|r| Cmd::Append(Box::new(entry), r)).await
+        self.call(|r| Cmd::Write(Write::Append(Box::new(entry), r)))
+            .await
     }
 
     async fn records(&self, after: i64, limit: usize) -> Result<Vec<AuditRecord>, StoreError> {
-        self.call(|r| Cmd::Records(after, limit, r)).await
+        self.read(move |c| read_records(c, after, limit)).await
     }
 
     async fn signing_keys(&self) -> Result<Vec<StoredKey>, StoreError> {
-        self.call(Cmd::Keys).await
+        self.read(read_keys).await
     }
 
     async fn insert_signing_key(&self, key: StoredKey) -> Result<(), StoreError> {
@@ -407,6 +771,109 @@ impl Store for SqliteStore {
 
     async fn check_writable(&self) -> Result<(), StoreError> {
         self.call(Cmd::CheckWritable).await
+    }
+
+    async fn commit_mint(
+        &self,
+        lease: LeaseRecord,
+        guard: MintGuard,
+        entry: AuditEntry,
+        now: i64,
+    ) -> Result<Appended, CommitError> {
+        let (reply, rx) = oneshot::channel();
+        let w = MintWrite {
+            lease,
+            guard,
+            entry,
+            now,
+        };
+        self.tx
+            .send(Cmd::Write(Write::Mint(Box::new(w), reply)))
+            .map_err(|_| stopped())?;
+        rx.await.map_err(|_| stopped())?
+    }
+
+    async fn check_mint_guard(
+        &self,
+        identity_key: &str,
+        target: &str,
+        guard: &MintGuard,
+        now: i64,
+    ) -> Result<(), CommitError> {
+        let (k, t, g) = (identity_key.to_string(), target.to_string(), guard.clone());
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Cmd::Read(Box::new(move |c| {
+                let _ = reply.send(check_guard(c, &k, &t, &g, now));
+            })))
+            .map_err(|_| stopped())?;
+        rx.await.map_err(|_| stopped())?
+    }
+
+    async fn lease(&self, id: &str) -> Result<Option<LeaseRecord>, StoreError> {
+        let id = id.to_string();
+        self.read(move |c| {
+            Ok(query_leases(
+                c,
+                &format!("SELECT {LEASE_COLUMNS} FROM leases WHERE id = ?"),
+                vec![SqlValue::Text(id)],
+            )?
+            .pop())
+        })
+        .await
+    }
+
+    async fn leases(
+        &self,
+        filter: &LeaseFilter,
+        now: i64,
+        after: Option<(i64, String)>,
+        limit: usize,
+    ) -> Result<Vec<LeaseRecord>, StoreError> {
+        let f = filter.clone();
+        self.read(move |c| read_leases(c, &f, now, after, limit))
+            .await
+    }
+
+    async fn commit_changes(
+        &self,
+        changes: Vec<(LeaseChange, Option<AuditEntry>)>,
+    ) -> Result<Vec<bool>, StoreError> {
+        if changes.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.call(|r| Cmd::Write(Write::Changes(changes, r))).await
+    }
+
+    async fn expired_live(&self, now: i64, limit: usize) -> Result<Vec<LeaseRecord>, StoreError> {
+        self.read(move |c| {
+            query_leases(
+                c,
+                &format!("SELECT {LEASE_COLUMNS} FROM leases WHERE state = 'live' AND expires_at <= ? ORDER BY expires_at LIMIT ?"),
+                vec![SqlValue::Integer(now), SqlValue::Integer(limit as i64)],
+            )
+        })
+        .await
+    }
+
+    async fn due_revocations(
+        &self,
+        now: i64,
+        limit: usize,
+    ) -> Result<Vec<LeaseRecord>, StoreError> {
+        self.read(move |c| {
+            query_leases(
+                c,
+                &format!("SELECT {LEASE_COLUMNS} FROM leases WHERE state = 'revoking' AND COALESCE(next_attempt_at, 0) <= ? ORDER BY next_attempt_at LIMIT ?"),
+                vec![SqlValue::Integer(now), SqlValue::Integer(limit as i64)],
+            )
+        })
+        .await
+    }
+
+    async fn purge(&self, before: i64, now: i64, limit: usize) -> Result<usize, StoreError> {
+        // A write, but not one that belongs in an audited batch: run it between batches.
+        self.read(move |c| purge(c, before, now, limit)).await
     }
 }
 
@@ -513,5 +980,141 @@ mod tests {
         s.insert_signing_key(k.clone()).await.unwrap();
         assert!(s.insert_signing_key(k.clone()).await.is_err());
         assert_eq!(s.signing_keys().await.unwrap(), vec![k]);
+    }
+
+    fn lease(id: &str, key: &str) -> LeaseRecord {
+        LeaseRecord {
+            id: id.into(),
+            issuer: "bb".into(),
+            identity_key: key.into(),
+            subject: "s".into(),
+            repository: Some("{r}".into()),
+            target: "t".into(),
+            kind: "jwt".into(),
+            rule: "a,b_c".into(),
+            scopes: vec!["x".into()],
+            issued_at: 100,
+            expires_at: 200,
+            max_expires_at: 300,
+            renew_count: 0,
+            state: LeaseState::Live,
+            revoked_at: None,
+            secret_hash: "h".into(),
+            claims: serde_json::json!({"sub": "s"}),
+            upstream: None,
+            attempts: 0,
+            next_attempt_at: None,
+            last_error: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn concurrent_mints_never_exceed_the_quota_or_replay_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = std::sync::Arc::new(store(&dir));
+        let guard = MintGuard {
+            max_live: Some(5),
+            replay: None,
+        };
+        let mut handles = Vec::new();
+        for i in 0..40 {
+            let (s, g) = (s.clone(), guard.clone());
+            handles.push(tokio::spawn(async move {
+                s.commit_mint(lease(&format!("L{i}"), "k"), g, entry(i), 150)
+                    .await
+            }));
+        }
+        let mut ok = 0;
+        for h in handles {
+            match h.await.unwrap() {
+                Ok(_) => ok += 1,
+                Err(CommitError::Quota { limit: 5 }) => {}
+                Err(e) => panic!("{e}"),
+            }
+        }
+        assert_eq!(ok, 5);
+        // Refused mints left no lease and no audit record behind.
+        assert_eq!(s.records(0, 100).await.unwrap().len(), 5);
+        let all = LeaseFilter {
+            include_inactive: true,
+            ..Default::default()
+        };
+        assert_eq!(s.leases(&all, 150, None, 100).await.unwrap().len(), 5);
+        // Past their expiry they no longer count.
+        s.commit_mint(lease("late", "k"), guard.clone(), entry(99), 250)
+            .await
+            .unwrap();
+
+        let replay = MintGuard {
+            max_live: None,
+            replay: Some(crate::lease::ReplayGuard {
+                issuer: "bb".into(),
+                token_key: "jti:1".into(),
+                max_uses: 2,
+                expires_at: 500,
+            }),
+        };
+        for (i, expect_ok) in [(0, true), (1, true), (2, false)] {
+            let r = s
+                .commit_mint(
+                    lease(&format!("R{i}"), "other"),
+                    replay.clone(),
+                    entry(i),
+                    150,
+                )
+                .await;
+            assert_eq!(r.is_ok(), expect_ok, "{r:?}");
+        }
+        assert!(matches!(
+            s.check_mint_guard("other", "t", &replay, 150).await,
+            Err(CommitError::Replay { limit: 2 })
+        ));
+        // The counter is forgotten once the token has expired.
+        s.purge(0, 501, 10).await.unwrap();
+        assert!(s.check_mint_guard("other", "t", &replay, 501).await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn changes_are_compare_and_set_and_filters_match_exactly() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = store(&dir);
+        s.commit_mint(lease("A", "k"), MintGuard::default(), entry(1), 150)
+            .await
+            .unwrap();
+        let mut c = LeaseChange::new("A", LeaseState::Live);
+        c.expect_renew_count = Some(0);
+        c.renew_count = Some(1);
+        c.expires_at = Some(250);
+        let stale = c.clone();
+        assert_eq!(
+            s.commit_changes(vec![(c, Some(entry(2)))]).await.unwrap(),
+            vec![true]
+        );
+        assert_eq!(
+            s.commit_changes(vec![(stale, Some(entry(3)))])
+                .await
+                .unwrap(),
+            vec![false],
+            "a stale renewal does not apply"
+        );
+        assert_eq!(
+            s.records(0, 10).await.unwrap().len(),
+            2,
+            "nor is it audited"
+        );
+        let l = s.lease("A").await.unwrap().unwrap();
+        assert_eq!((l.renew_count, l.expires_at), (1, 250));
+        let f = |rule: &str| LeaseFilter {
+            rule: Some(rule.into()),
+            ..Default::default()
+        };
+        assert_eq!(s.leases(&f("b_c"), 150, None, 10).await.unwrap().len(), 1);
+        assert_eq!(s.leases(&f("b"), 150, None, 10).await.unwrap().len(), 0);
+        assert_eq!(s.leases(&f("b%"), 150, None, 10).await.unwrap().len(), 0);
+        assert_eq!(
+            s.leases(&f("a"), 260, None, 10).await.unwrap().len(),
+            0,
+            "expired"
+        );
     }
 }

@@ -2,7 +2,9 @@
 
 use super::pb::{self, credential_broker_server::CredentialBroker};
 use super::status::to_status;
-use crate::broker::{Broker, Lease, MintRequest};
+use crate::broker::{Broker, Lease, LeaseProof, MintRequest, RenewRequest};
+use crate::mint::Credential;
+use crate::secret::SecretString;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tonic::{Request, Response, Status};
@@ -23,7 +25,12 @@ impl BrokerService {
     }
 }
 
-fn token<T>(req: &Request<T>) -> Option<&str> {
+/// A secret from a proto string field; `None` when empty.
+pub(crate) fn secret(s: String) -> Option<SecretString> {
+    (!s.is_empty()).then(|| SecretString::new(s))
+}
+
+pub(crate) fn token<T>(req: &Request<T>) -> Option<&str> {
     super::bearer(
         req.metadata()
             .get("authorization")
@@ -31,7 +38,7 @@ fn token<T>(req: &Request<T>) -> Option<&str> {
     )
 }
 
-fn timestamp(secs: i64) -> prost_types::Timestamp {
+pub(crate) fn timestamp(secs: i64) -> prost_types::Timestamp {
     prost_types::Timestamp {
         seconds: secs,
         nanos: 0,
@@ -49,22 +56,10 @@ fn duration(d: Duration) -> prost_types::Duration {
 impl TryFrom<pb::MintRequest> for MintRequest {
     type Error = Status;
     fn try_from(r: pb::MintRequest) -> Result<Self, Status> {
-        let ttl = match r.ttl {
-            None => None,
-            Some(d) if d.seconds < 0 || d.nanos < 0 || (d.seconds == 0 && d.nanos == 0) => {
-                return Err(Status::invalid_argument(
-                    "invalid request: ttl must be positive",
-                ))
-            }
-            Some(d) => Some(Duration::new(
-                d.seconds as u64,
-                d.nanos.clamp(0, 999_999_999) as u32,
-            )),
-        };
         Ok(MintRequest {
             target: r.target,
             scopes: r.scopes,
-            ttl,
+            ttl: ttl_from_pb(r.ttl)?,
             context: r.context.into_iter().collect(),
         })
     }
@@ -79,15 +74,57 @@ impl From<Lease> for pb::Lease {
             issued_at: Some(timestamp(l.issued_at)),
             expires_at: Some(timestamp(l.expires_at)),
             renewable: l.renewable,
+            state: l.state.to_string(),
+            max_expires_at: Some(timestamp(l.max_expires_at)),
+            renew_count: l.renew_count,
+            identity_key: l.identity_key,
+            issuer: l.issuer,
+            repository: l.repository.unwrap_or_default(),
+            rule: l.rule,
+            revoked_at: l.revoked_at.map(timestamp),
         }
     }
 }
 
-fn request_id() -> String {
+/// The credential as it goes on the wire: the one place secrets leave their wrappers.
+pub(crate) fn credential_to_pb(c: &Credential) -> pb::Credential {
+    pb::Credential {
+        kind: c.kind.to_string(),
+        token: c
+            .token
+            .as_ref()
+            .map(|t| t.expose().clone())
+            .unwrap_or_default(),
+        username: c.username.clone().unwrap_or_default(),
+        password: c
+            .password
+            .as_ref()
+            .map(|p| p.expose().clone())
+            .unwrap_or_default(),
+        fields: c.fields.clone().into_iter().collect(),
+        expires_at: Some(timestamp(c.expires_at)),
+    }
+}
+
+/// A proto TTL in domain form; `None` when unset. Refuses negative or zero.
+pub(crate) fn ttl_from_pb(d: Option<prost_types::Duration>) -> Result<Option<Duration>, Status> {
+    match d {
+        None => Ok(None),
+        Some(d) if d.seconds < 0 || d.nanos < 0 || (d.seconds == 0 && d.nanos == 0) => Err(
+            Status::invalid_argument("invalid request: ttl must be positive"),
+        ),
+        Some(d) => Ok(Some(Duration::new(
+            d.seconds as u64,
+            d.nanos.clamp(0, 999_999_999) as u32,
+        ))),
+    }
+}
+
+pub(crate) fn request_id() -> String {
     uuid::Uuid::new_v4().to_string()
 }
 
-fn with_id<T>(mut resp: Response<T>, id: &str) -> Response<T> {
+pub(crate) fn with_id<T>(mut resp: Response<T>, id: &str) -> Response<T> {
     if let Ok(v) = id.parse() {
         resp.metadata_mut().insert("x-request-id", v);
     }
@@ -110,47 +147,69 @@ impl CredentialBroker for BrokerService {
             .mint(token.as_deref(), req, &id)
             .await
             .map_err(|e| to_status(&e, &id))?;
-        let c = minted.credential;
-        let credential = pb::Credential {
-            kind: c.kind.to_string(),
-            token: c
-                .token
-                .as_ref()
-                .map(|t| t.expose().clone())
-                .unwrap_or_default(),
-            username: c.username.clone().unwrap_or_default(),
-            password: c
-                .password
-                .as_ref()
-                .map(|p| p.expose().clone())
-                .unwrap_or_default(),
-            fields: c.fields.clone().into_iter().collect(),
-            expires_at: Some(timestamp(c.expires_at)),
-        };
         Ok(with_id(
             Response::new(pb::MintResponse {
-                credential: Some(credential),
+                credential: Some(credential_to_pb(&minted.credential)),
                 lease: Some(minted.lease.into()),
+                lease_secret: minted.lease_secret.expose().clone(),
             }),
             &id,
         ))
     }
 
+    #[tracing::instrument(skip_all, fields(request_id))]
     async fn renew(
         &self,
-        _request: Request<pb::RenewRequest>,
+        request: Request<pb::RenewRequest>,
     ) -> Result<Response<pb::RenewResponse>, Status> {
-        Err(Status::unimplemented(
-            "renew is not available yet: leases are not tracked in this version",
+        let id = request_id();
+        tracing::Span::current().record("request_id", id.as_str());
+        let token = token(&request).map(str::to_string);
+        let r = request.into_inner();
+        let req = RenewRequest {
+            lease_id: r.lease_id,
+            ttl: ttl_from_pb(r.ttl)?,
+            lease_secret: secret(r.lease_secret),
+        };
+        let renewed = self
+            .broker
+            .renew(token.as_deref(), req, &id)
+            .await
+            .map_err(|e| to_status(&e, &id))?;
+        Ok(with_id(
+            Response::new(pb::RenewResponse {
+                lease: Some(renewed.lease.into()),
+                credential: renewed.credential.as_ref().map(credential_to_pb),
+            }),
+            &id,
         ))
     }
 
+    #[tracing::instrument(skip_all, fields(request_id))]
     async fn revoke(
         &self,
-        _request: Request<pb::RevokeRequest>,
+        request: Request<pb::RevokeRequest>,
     ) -> Result<Response<pb::RevokeResponse>, Status> {
-        Err(Status::unimplemented(
-            "revoke is not available yet: leases are not tracked in this version",
+        let id = request_id();
+        tracing::Span::current().record("request_id", id.as_str());
+        let token = token(&request).map(str::to_string);
+        let r = request.into_inner();
+        let lease_secret = secret(r.lease_secret);
+        let proof = LeaseProof {
+            token: token.as_deref(),
+            lease_secret: lease_secret.as_ref(),
+        };
+        let done = self
+            .broker
+            .revoke(proof, &r.lease_id, &id)
+            .await
+            .map_err(|e| to_status(&e, &id))?;
+        Ok(with_id(
+            Response::new(pb::RevokeResponse {
+                revoked: done.revoked,
+                upstream_pending: done.upstream_pending,
+            }),
+            &id,
         ))
     }
 

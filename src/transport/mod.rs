@@ -4,6 +4,7 @@
 
 pub mod grpc;
 pub mod http;
+pub mod leases;
 pub mod status;
 
 /// Generated protobuf and gRPC code for `latchkey.v1`.
@@ -39,6 +40,51 @@ pub mod pb {
                 .finish()
         }
     }
+
+    fn shown(secret: &str) -> &'static str {
+        if secret.is_empty() {
+            ""
+        } else {
+            "[REDACTED]"
+        }
+    }
+
+    impl std::fmt::Debug for MintResponse {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.debug_struct("MintResponse")
+                .field("credential", &self.credential)
+                .field("lease", &self.lease)
+                .field("lease_secret", &shown(&self.lease_secret))
+                .finish()
+        }
+    }
+
+    impl std::fmt::Debug for RenewRequest {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.debug_struct("RenewRequest")
+                .field("lease_id", &self.lease_id)
+                .field("ttl", &self.ttl)
+                .field("lease_secret", &shown(&self.lease_secret))
+                .finish()
+        }
+    }
+
+    impl std::fmt::Debug for RevokeRequest {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.debug_struct("RevokeRequest")
+                .field("lease_id", &self.lease_id)
+                .field("lease_secret", &shown(&self.lease_secret))
+                .finish()
+        }
+    }
+
+    impl std::fmt::Debug for IntrospectRequest {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.debug_struct("IntrospectRequest")
+                .field("token", &shown(&self.token))
+                .finish()
+        }
+    }
 }
 
 /// Extracts the bearer token from an `authorization` header value.
@@ -67,13 +113,31 @@ mod tests {
         let r = pb::MintResponse {
             credential: Some(c),
             lease: None,
+            lease_secret: "lease-s3cret".into(),
         };
-        let shown = format!("{r:?}");
-        assert!(
-            !shown.contains("secret") && !shown.contains("pa55word"),
-            "{shown}"
-        );
-        assert!(shown.contains("[REDACTED]"));
+        let renew = pb::RenewRequest {
+            lease_id: "L".into(),
+            ttl: None,
+            lease_secret: "lease-s3cret".into(),
+        };
+        let revoke = pb::RevokeRequest {
+            lease_id: "L".into(),
+            lease_secret: "lease-s3cret".into(),
+        };
+        let intro = pb::IntrospectRequest {
+            token: "eyJhbGciOiJFUzI1NiJ9.secret.sig".into(),
+        };
+        for shown in [
+            format!("{r:?}"),
+            format!("{renew:?}"),
+            format!("{revoke:?}"),
+            format!("{intro:?}"),
+        ] {
+            for secret in ["lease-s3cret", "secret.sig", "pa55word"] {
+                assert!(!shown.contains(secret), "{shown}");
+            }
+            assert!(shown.contains("[REDACTED]"), "{shown}");
+        }
     }
 
     #[test]

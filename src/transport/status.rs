@@ -37,7 +37,13 @@ pub fn code(e: &BrokerError) -> Code {
         BrokerError::Mint(MintError::MissingClaim(_)) => Code::PermissionDenied,
         BrokerError::Mint(MintError::Upstream { .. }) => Code::Unavailable,
         BrokerError::Mint(MintError::Signing(_)) => Code::Internal,
-        BrokerError::Audit(_) => Code::Unavailable,
+        BrokerError::Mint(MintError::Unsupported { .. }) => Code::FailedPrecondition,
+        BrokerError::Audit(_) | BrokerError::Store(_) => Code::Unavailable,
+        BrokerError::Quota(_) | BrokerError::Replay(_) => Code::ResourceExhausted,
+        BrokerError::UnknownLease => Code::NotFound,
+        BrokerError::NotLeaseOwner => Code::PermissionDenied,
+        BrokerError::NotRenewable(_) => Code::FailedPrecondition,
+        BrokerError::Conflict => Code::Aborted,
     }
 }
 
@@ -83,6 +89,15 @@ mod tests {
             code(&BrokerError::Audit(StoreError::Unavailable("x".into()))),
             Code::Unavailable
         );
+        assert_eq!(code(&BrokerError::Quota(3)), Code::ResourceExhausted);
+        assert_eq!(code(&BrokerError::Replay(1)), Code::ResourceExhausted);
+        assert_eq!(code(&BrokerError::UnknownLease), Code::NotFound);
+        assert_eq!(code(&BrokerError::NotLeaseOwner), Code::PermissionDenied);
+        assert_eq!(
+            code(&BrokerError::NotRenewable("x".into())),
+            Code::FailedPrecondition
+        );
+        assert_eq!(code(&BrokerError::Conflict), Code::Aborted);
         let s = to_status(&MintError::Signing("t".into()).into(), "req-1");
         assert_eq!(s.code(), Code::Internal);
         assert!(s.message().contains("req-1"));

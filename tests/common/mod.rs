@@ -19,6 +19,7 @@ pub struct Env {
     pub running: Option<Running>,
     pub dir: tempfile::TempDir,
     pub client: CredentialBrokerClient<Channel>,
+    pub channel: Channel,
     pub http: String,
     pub db: PathBuf,
     pub config: Config,
@@ -120,6 +121,17 @@ impl Env {
     }
 
     pub async fn start_with(issuer_extra: &str, store_extra: &str) -> Env {
+        Env::start_full(issuer_extra, store_extra, "", Arc::new(SystemClock)).await
+    }
+
+    /// A broker whose config has `extra` appended (more targets, rules, a [leases]
+    /// section), reading time from `clock`.
+    pub async fn start_full(
+        issuer_extra: &str,
+        store_extra: &str,
+        extra: &str,
+        clock: latchkey::clock::SharedClock,
+    ) -> Env {
         let issuer = DevIssuer::spawn("127.0.0.1:0".parse().unwrap(), Alg::RS256)
             .await
             .unwrap();
@@ -131,16 +143,19 @@ impl Env {
             &db.display().to_string(),
             issuer_extra,
             store_extra,
-        );
+        ) + extra;
         let config = Config::parse(&text, "test.toml").unwrap();
-        let running =
-            latchkey::server::start(&config, &MasterKey::generate(), Arc::new(SystemClock))
-                .await
-                .unwrap();
-        let client = CredentialBrokerClient::connect(format!("http://{}", running.grpc_addr))
+        let running = latchkey::server::start(&config, &MasterKey::generate(), clock)
             .await
             .unwrap();
+        let channel = Channel::from_shared(format!("http://{}", running.grpc_addr))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let client = CredentialBrokerClient::new(channel.clone());
         Env {
+            channel,
             http: format!("http://{}", running.http_addr),
             issuer,
             running: Some(running),
@@ -149,6 +164,14 @@ impl Env {
             db,
             config,
         }
+    }
+
+    pub fn leases(&self) -> latchkey::transport::pb::leases_client::LeasesClient<Channel> {
+        latchkey::transport::pb::leases_client::LeasesClient::new(self.channel.clone())
+    }
+
+    pub fn broker(&self) -> &Arc<latchkey::broker::Broker> {
+        &self.running.as_ref().unwrap().broker
     }
 
     pub fn token(&self, branch: &str) -> String {

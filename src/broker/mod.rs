@@ -1,13 +1,24 @@
 //! The use case: verify → decide → mint → audit → answer. Both transports (gRPC and
-//! HTTP) call exactly this; no decision logic lives in handlers.
+//! HTTP) call exactly this; no decision logic lives in handlers. Lease operations
+//! (renew, revoke, bulk revoke, list, introspect) are in [`leases`].
+
+mod leases;
+
+pub use leases::{
+    Introspection, LeaseLister, LeaseProof, RenewRequest, Renewed, RevokeMatching, RevokeSummary,
+    Revoked,
+};
 
 use crate::audit::AuditEntry;
 use crate::clock::SharedClock;
-use crate::config::{Config, TargetConfig, TargetKind};
+use crate::config::{Config, LeaseConfig, TargetConfig, TargetKind};
 use crate::identity::{IdentityError, Verifier, WorkloadIdentity};
-use crate::keys::KeyRing;
+use crate::keys::{KeyRing, MasterKey};
+use crate::lease::reaper::Reaper;
+use crate::lease::{self, CommitError, LeaseRecord, LeaseState, MintGuard, ReplayGuard};
 use crate::mint::{Credential, JwtMinter, MintContext, MintError, Minter};
-use crate::policy::{Denied, Policy, Request, TargetLimits};
+use crate::policy::{Denied, Policy, Request};
+use crate::secret::SecretString;
 use crate::store::{Store, StoreError};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -110,7 +121,7 @@ impl MintRequest {
     }
 }
 
-/// A lease on an issued credential.
+/// A lease as callers see it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Lease {
     /// Lease id (also the credential's `jti`).
@@ -125,6 +136,44 @@ pub struct Lease {
     pub expires_at: i64,
     /// Whether it can be renewed.
     pub renewable: bool,
+    /// State as of now (`live`, `revoking`, `revoked`, `expired`).
+    pub state: &'static str,
+    /// No renewal reaches past this.
+    pub max_expires_at: i64,
+    /// Renewals so far.
+    pub renew_count: u32,
+    /// Holder's identity key.
+    pub identity_key: String,
+    /// Holder's issuer name.
+    pub issuer: String,
+    /// Holder's repository.
+    pub repository: Option<String>,
+    /// The granting rule(s).
+    pub rule: String,
+    /// When it was revoked.
+    pub revoked_at: Option<i64>,
+}
+
+impl Lease {
+    /// The caller's view of a stored lease at `now`.
+    pub fn from_record(l: &LeaseRecord, renewable: bool, now: i64) -> Lease {
+        Lease {
+            id: l.id.clone(),
+            target: l.target.clone(),
+            scopes: l.scopes.clone(),
+            issued_at: l.issued_at,
+            expires_at: l.expires_at,
+            renewable,
+            state: l.effective_state(now).as_str(),
+            max_expires_at: l.max_expires_at,
+            renew_count: l.renew_count,
+            identity_key: l.identity_key.clone(),
+            issuer: l.issuer.clone(),
+            repository: l.repository.clone(),
+            rule: l.rule.clone(),
+            revoked_at: l.revoked_at,
+        }
+    }
 }
 
 /// What Mint returns.
@@ -134,6 +183,8 @@ pub struct Minted {
     pub credential: Credential,
     /// Its lease.
     pub lease: Lease,
+    /// Proves ownership of the lease to Renew and Revoke; the store keeps only its hash.
+    pub lease_secret: SecretString,
     /// Where its audit record landed.
     pub audit_seq: i64,
 }
@@ -179,6 +230,38 @@ pub enum BrokerError {
     /// The audit record could not be committed: nothing was issued.
     #[error("audit store unavailable; no credential issued")]
     Audit(#[source] StoreError),
+    /// The store could not be read.
+    #[error("store unavailable")]
+    Store(#[source] StoreError),
+    /// The identity holds its maximum of live leases on the target.
+    #[error("quota exceeded: at most {0} live leases per identity on this target")]
+    Quota(u32),
+    /// The identity token has minted its maximum number of times.
+    #[error("identity token already used {0} times; request a fresh one")]
+    Replay(u32),
+    /// No such lease.
+    #[error("unknown lease")]
+    UnknownLease,
+    /// The lease belongs to another identity (or the lease secret is wrong).
+    #[error("lease belongs to another identity")]
+    NotLeaseOwner,
+    /// The lease cannot be renewed (revoked, expired, at its maximum lifetime, or its
+    /// target kind cannot renew).
+    #[error("lease cannot be renewed: {0}")]
+    NotRenewable(String),
+    /// The lease changed while this request was handled; retrying may succeed.
+    #[error("lease changed concurrently; retry")]
+    Conflict,
+}
+
+impl From<CommitError> for BrokerError {
+    fn from(e: CommitError) -> Self {
+        match e {
+            CommitError::Store(e) => BrokerError::Audit(e),
+            CommitError::Quota { limit } => BrokerError::Quota(limit),
+            CommitError::Replay { limit } => BrokerError::Replay(limit),
+        }
+    }
 }
 
 impl BrokerError {
@@ -195,7 +278,15 @@ impl BrokerError {
             BrokerError::Mint(MintError::MissingClaim(_)) => "missing_claim",
             BrokerError::Mint(MintError::Signing(_)) => "signing",
             BrokerError::Mint(MintError::Upstream { .. }) => "upstream",
+            BrokerError::Mint(MintError::Unsupported { .. }) => "unsupported",
             BrokerError::Audit(_) => "audit_unavailable",
+            BrokerError::Store(_) => "store_unavailable",
+            BrokerError::Quota(_) => "quota",
+            BrokerError::Replay(_) => "replay",
+            BrokerError::UnknownLease => "unknown_lease",
+            BrokerError::NotLeaseOwner => "not_lease_owner",
+            BrokerError::NotRenewable(_) => "not_renewable",
+            BrokerError::Conflict => "conflict",
         }
     }
 }
@@ -212,8 +303,12 @@ pub struct Broker {
     targets: HashMap<String, Target>,
     store: Arc<dyn Store>,
     keys: Arc<KeyRing>,
+    master: Arc<MasterKey>,
     clock: SharedClock,
     issuer_url: String,
+    replay_limits: HashMap<String, u32>,
+    lease_cfg: LeaseConfig,
+    reaper: Reaper,
 }
 
 impl std::fmt::Debug for Broker {
@@ -230,6 +325,7 @@ impl Broker {
         cfg: &Config,
         store: Arc<dyn Store>,
         keys: Arc<KeyRing>,
+        master: Arc<MasterKey>,
         clock: SharedClock,
     ) -> Broker {
         let targets = cfg
@@ -253,15 +349,55 @@ impl Broker {
                 )
             })
             .collect();
+        let reaper = Reaper::new(
+            store.clone(),
+            minters(&targets),
+            master.clone(),
+            cfg.leases.clone(),
+            clock.clone(),
+        );
         Broker {
+            reaper,
             verifier: Verifier::new(&cfg.issuers, clock.clone()),
             policy: cfg.policy.clone(),
             targets,
             store,
             keys,
+            master,
             clock,
             issuer_url: cfg.server.issuer_url.clone(),
+            replay_limits: cfg
+                .issuers
+                .iter()
+                .filter_map(|i| i.max_mints_per_token.map(|n| (i.name.clone(), n)))
+                .collect(),
+            lease_cfg: cfg.leases.clone(),
         }
+    }
+
+    /// Replaces the minter of a configured target (tests use it to stand in a fake
+    /// upstream).
+    pub fn set_minter(&mut self, target: &str, minter: Arc<dyn Minter>) {
+        if let Some(t) = self.targets.get_mut(target) {
+            t.minter = minter;
+        }
+        self.reaper = Reaper::new(
+            self.store.clone(),
+            minters(&self.targets),
+            self.master.clone(),
+            self.lease_cfg.clone(),
+            self.clock.clone(),
+        );
+    }
+
+    /// The reaper that expires leases and finishes upstream revocations.
+    pub fn reaper(&self) -> &Reaper {
+        &self.reaper
+    }
+
+    /// Lease bookkeeping settings.
+    pub fn lease_config(&self) -> &LeaseConfig {
+        &self.lease_cfg
     }
 
     /// The identity verifier (for background refresh and readiness).
@@ -342,7 +478,7 @@ impl Broker {
         started: Instant,
     ) -> Result<T, BrokerError> {
         entry.outcome = match err {
-            BrokerError::Mint(_) => "error".into(),
+            BrokerError::Mint(_) | BrokerError::Store(_) | BrokerError::Conflict => "error".into(),
             _ => "denied".into(),
         };
         entry.reason = Some(err.to_string());
@@ -376,10 +512,7 @@ impl Broker {
             Ok(t) => t,
             Err(e) => return self.fail(entry, e, started).await,
         };
-        let limits = TargetLimits {
-            default_ttl: target.cfg.default_ttl,
-            max_ttl: target.cfg.max_ttl,
-        };
+        let limits = target.cfg.limits();
         let decision = self.policy.decide(
             &identity.issuer_name,
             &identity.claims,
@@ -399,6 +532,29 @@ impl Broker {
         entry.ttl_secs = Some(allowed.ttl.as_secs() as i64);
 
         let now = self.clock.now();
+        let guard = MintGuard {
+            max_live: target.cfg.max_live_leases,
+            replay: self
+                .replay_limits
+                .get(&identity.issuer_name)
+                .map(|&n| ReplayGuard {
+                    issuer: identity.issuer_name.clone(),
+                    token_key: match &identity.jti {
+                        Some(j) => format!("jti:{j}"),
+                        None => format!("sha256:{}", identity.token_fingerprint),
+                    },
+                    max_uses: n,
+                    expires_at: identity.expires_at,
+                }),
+        };
+        // Refuse before anything is created upstream; the commit checks again atomically.
+        if let Err(e) = self
+            .store
+            .check_mint_guard(&identity.key, &req.target, &guard, now)
+            .await
+        {
+            return self.fail(entry, e.into(), started).await;
+        }
         let lease_id = uuid::Uuid::new_v4().to_string();
         let ctx = MintContext {
             identity: &identity,
@@ -415,20 +571,73 @@ impl Broker {
         entry.lease_id = Some(lease_id.clone());
         entry.credential_jti = Some(credential.id.clone());
         entry.credential_fingerprint = credential.fingerprint();
-        log_decision(&entry, started, None);
-        let appended = self.store.append(entry).await.map_err(BrokerError::Audit)?;
-        Ok(Minted {
-            lease: Lease {
-                id: lease_id,
-                target: req.target,
-                scopes: allowed.scopes,
-                issued_at: now,
-                expires_at: credential.expires_at,
-                renewable: target.minter.renewable(),
-            },
-            credential,
-            audit_seq: appended.seq,
-        })
+        let (lease_secret, secret_hash) = lease::new_secret();
+        let record = LeaseRecord {
+            id: lease_id.clone(),
+            issuer: identity.issuer_name.clone(),
+            identity_key: identity.key.clone(),
+            subject: identity.subject.clone(),
+            repository: identity.repository.clone(),
+            target: req.target.clone(),
+            kind: target.minter.kind().to_string(),
+            rule: allowed.rule.clone(),
+            scopes: allowed.scopes.clone(),
+            issued_at: now,
+            expires_at: credential.expires_at,
+            max_expires_at: now.saturating_add(allowed.max_lifetime.as_secs() as i64),
+            renew_count: 0,
+            state: LeaseState::Live,
+            revoked_at: None,
+            secret_hash,
+            claims: serde_json::Value::Object((*identity.claims).clone()),
+            upstream: credential.upstream.as_ref().map(|u| {
+                self.master
+                    .seal(u.expose().as_bytes(), &lease::upstream_aad(&lease_id))
+            }),
+            attempts: 0,
+            next_attempt_at: None,
+            last_error: None,
+        };
+        let lease = Lease::from_record(&record, target.minter.renewable(), now);
+        match self
+            .store
+            .commit_mint(record, guard, entry.clone(), now)
+            .await
+        {
+            Ok(appended) => {
+                log_decision(&entry, started, None);
+                Ok(Minted {
+                    lease,
+                    credential,
+                    lease_secret,
+                    audit_seq: appended.seq,
+                })
+            }
+            Err(e) => {
+                // Nothing may stay behind upstream for a credential that was not issued.
+                if credential.upstream.is_some() {
+                    if let Err(u) = target
+                        .minter
+                        .revoke(&lease_id, credential.upstream.as_ref())
+                        .await
+                    {
+                        tracing::error!(lease_id = %lease_id, target = %req.target, error = %u, "could not undo an upstream credential after a failed commit");
+                    }
+                }
+                match e {
+                    CommitError::Store(s) => {
+                        log_decision(&entry, started, Some("audit_unavailable"));
+                        Err(BrokerError::Audit(s))
+                    }
+                    other => {
+                        entry.lease_id = None;
+                        entry.credential_jti = None;
+                        entry.credential_fingerprint = None;
+                        self.fail(entry, other.into(), started).await
+                    }
+                }
+            }
+        }
     }
 
     /// What Mint would decide, with a trace; mints nothing. The explanation is audited.
@@ -457,10 +666,7 @@ impl Broker {
             Ok(t) => t,
             Err(e) => return self.fail(entry, e, started).await,
         };
-        let limits = TargetLimits {
-            default_ttl: t.cfg.default_ttl,
-            max_ttl: t.cfg.max_ttl,
-        };
+        let limits = t.cfg.limits();
         let ex = self.policy.explain(
             &identity.issuer_name,
             &identity.claims,
@@ -502,6 +708,13 @@ impl Broker {
         self.store.append(entry).await.map_err(BrokerError::Audit)?;
         Ok(out)
     }
+}
+
+fn minters(targets: &HashMap<String, Target>) -> HashMap<String, Arc<dyn Minter>> {
+    targets
+        .iter()
+        .map(|(k, t)| (k.clone(), t.minter.clone()))
+        .collect()
 }
 
 fn truncate(s: &str, max: usize) -> String {
