@@ -21,6 +21,8 @@ fn main() {
             Command::Serve(a) => cli::serve::run(a).await,
             Command::Dev(a) => cli::dev::run(a).await,
             Command::Mint(a) => Ok(cli::mint::run(a).await),
+            Command::Revoke(a) => Ok(cli::revoke::run(a).await),
+            Command::Leases { command } => Ok(cli::leases::run(command).await),
             Command::Explain(a) => Ok(cli::explain::run(a).await),
             Command::CheckConfig(a) => Ok(cli::check_config::run(a)),
             Command::Policy {

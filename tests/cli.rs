@@ -74,6 +74,9 @@ fn sigterm(child: &mut Child) {
 fn write_config(dir: &Path, issuer: &DevIssuer, grpc: u16, http: u16) -> String {
     let db = dir.join("latchkey.db").display().to_string();
     let mut text = common::config_text(issuer.issuer_url(), &issuer.audience(), &db, "", "");
+    text.push_str(
+        "\n[[rules]]\nname = \"admins\"\nissuer = \"bb\"\nclaims = { branchName = \"ops/admin\" }\nroles = [\"admin\"]\n",
+    );
     text = text
         .replace(
             "grpc_addr = \"127.0.0.1:0\"",
@@ -245,6 +248,78 @@ async fn serve_then_mint_and_explain_with_the_cli_and_logs_hold_no_token() {
         j["lease"]["scopes"],
         serde_json::json!(["orders:read", "orders:write"])
     );
+    // Renew with the lease secret alone, then revoke with the identity token.
+    let lease_id = j["lease"]["id"].as_str().unwrap().to_string();
+    let lease_secret = j["lease_secret"].as_str().unwrap().to_string();
+    let cli = |args: &[&str], envs: &[(&str, &str)]| {
+        let mut c = Command::new(BIN);
+        c.args(args)
+            .env_remove("LATCHKEY_TOKEN")
+            .env_remove("BITBUCKET_STEP_OIDC_TOKEN")
+            .env_remove("LATCHKEY_LEASE_SECRET")
+            .env("LATCHKEY_SERVER", &server_url);
+        for (k, v) in envs {
+            c.env(k, v);
+        }
+        tokio::task::block_in_place(|| c.output().unwrap())
+    };
+    let out = cli(
+        &["mint", "--renew", &lease_id, "--format", "json"],
+        &[("LATCHKEY_LEASE_SECRET", &lease_secret)],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(r["lease"]["renew_count"], 1);
+    assert_eq!(r["token"].as_str().unwrap().split('.').count(), 3);
+    let out = cli(&["revoke", &lease_id], &[("LATCHKEY_TOKEN", &caller)]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout).trim(), format!("revoked {lease_id}"));
+    let out = cli(
+        &["mint", "--renew", &lease_id],
+        &[("LATCHKEY_LEASE_SECRET", &lease_secret)],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("FailedPrecondition: lease cannot be renewed: lease is revoked")
+    );
+    // Incident response: list, then revoke everything of the repository.
+    let admin = issuer.sign(&issuer.bitbucket_claims("ops/admin"));
+    let out = cli(
+        &["leases", "list", "--all", "--format", "jsonl"],
+        &[("LATCHKEY_TOKEN", &admin)],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let listed: Vec<serde_json::Value> = text(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(listed.len(), 3);
+    assert!(listed
+        .iter()
+        .any(|l| l["id"] == lease_id.as_str() && l["state"] == "revoked"));
+    let out = cli(&["leases", "revoke"], &[("LATCHKEY_TOKEN", &admin)]);
+    assert_eq!(out.status.code(), Some(1), "no filter is refused");
+    assert!(text(&out.stderr).contains("name a filter"));
+    let out = cli(
+        &[
+            "leases",
+            "revoke",
+            "--repository",
+            latchkey::devissuer::DEV_REPOSITORY,
+            "--reason",
+            "drill",
+        ],
+        &[("LATCHKEY_TOKEN", &admin)],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout).trim(), "2 matched, 2 revoked");
+    let out = cli(&["leases", "list"], &[("LATCHKEY_TOKEN", &admin)]);
+    assert_eq!(
+        text(&out.stdout).lines().count(),
+        1,
+        "only the header: nothing live"
+    );
+
     // Denied: exit 1, the status on stderr.
     let denied = issuer.sign(&issuer.bitbucket_claims("experimental/z"));
     let out = tokio::task::block_in_place(|| mint("raw", "reports", &denied));
@@ -298,8 +373,12 @@ async fn serve_then_mint_and_explain_with_the_cli_and_logs_hold_no_token() {
         .collect();
     assert_eq!(
         decisions.len(),
-        5,
+        12,
         "one structured line per decision: {logs}"
+    );
+    assert!(
+        !logs.contains(&lease_secret),
+        "a lease secret reached the logs"
     );
     assert!(decisions.iter().all(|d| d["request_id"].is_string()
         && d["identity_key"].is_string()

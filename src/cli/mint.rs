@@ -1,6 +1,6 @@
-//! `latchkey mint --server URL --target T`
+//! `latchkey mint --server URL --target T`, and `latchkey mint --renew LEASE_ID`.
 
-use super::client::{authorized, connect, status_line};
+use super::client::{authorized, connect, lease_proof, maybe_authorized, status_line};
 use super::TokenArgs;
 use crate::clock::rfc3339;
 use crate::transport::grpc::seconds;
@@ -27,8 +27,15 @@ pub struct Args {
     #[arg(long, env = "LATCHKEY_SERVER")]
     pub server: String,
     /// Target name.
-    #[arg(long)]
-    pub target: String,
+    #[arg(long, required_unless_present = "renew")]
+    pub target: Option<String>,
+    /// Renew this lease instead of minting: prints the renewed credential. Proves
+    /// ownership with the lease secret (from --lease-secret-env) or the identity token.
+    #[arg(long, value_name = "LEASE_ID", conflicts_with_all = ["target", "scopes", "context"])]
+    pub renew: Option<String>,
+    /// Environment variable holding the lease secret (for --renew).
+    #[arg(long, default_value = "LATCHKEY_LEASE_SECRET")]
+    pub lease_secret_env: String,
     /// Scope wanted (repeatable); none means all granted.
     #[arg(long = "scope")]
     pub scopes: Vec<String>,
@@ -70,15 +77,36 @@ pub async fn run(args: Args) -> i32 {
 }
 
 async fn mint(args: &Args) -> Result<String, String> {
+    let ttl = args.ttl.map(|d| prost_types::Duration {
+        seconds: d.as_secs() as i64,
+        nanos: d.subsec_nanos() as i32,
+    });
+    if let Some(lease_id) = &args.renew {
+        let (token, secret) = lease_proof(&args.token, &args.lease_secret_env)?;
+        let mut client = connect(&args.server, args.ca_file.as_deref()).await?;
+        let req = pb::RenewRequest {
+            lease_id: lease_id.clone(),
+            ttl,
+            lease_secret: secret.map(|s| s.expose().clone()).unwrap_or_default(),
+        };
+        let resp = client
+            .renew(maybe_authorized(req, token.as_ref())?)
+            .await
+            .map_err(|s| status_line(&s))?
+            .into_inner();
+        let lease = resp.lease.unwrap_or_default();
+        let c = resp.credential.unwrap_or_else(|| pb::Credential {
+            expires_at: lease.expires_at,
+            ..Default::default()
+        });
+        return Ok(render(&c, &lease, "", args.format));
+    }
     let token = args.token.read()?;
     let mut client = connect(&args.server, args.ca_file.as_deref()).await?;
     let req = pb::MintRequest {
-        target: args.target.clone(),
+        target: args.target.clone().unwrap_or_default(),
         scopes: args.scopes.clone(),
-        ttl: args.ttl.map(|d| prost_types::Duration {
-            seconds: d.as_secs() as i64,
-            nanos: d.subsec_nanos() as i32,
-        }),
+        ttl,
         context: args.context.iter().cloned().collect(),
     };
     let resp = client
@@ -86,13 +114,17 @@ async fn mint(args: &Args) -> Result<String, String> {
         .await
         .map_err(|s| status_line(&s))?
         .into_inner();
-    let c = resp.credential.ok_or("broker returned no credential")?;
-    let lease = resp.lease.unwrap_or_default();
-    Ok(render(&c, &lease, args.format))
+    let lease = resp.lease.clone().unwrap_or_default();
+    let c = resp
+        .credential
+        .as_ref()
+        .ok_or("broker returned no credential")?;
+    Ok(render(c, &lease, &resp.lease_secret, args.format))
 }
 
-/// Renders a credential in the chosen format.
-pub fn render(c: &pb::Credential, lease: &pb::Lease, format: Format) -> String {
+/// Renders a credential (and its lease, and the lease secret when there is one) in the
+/// chosen format.
+pub fn render(c: &pb::Credential, lease: &pb::Lease, lease_secret: &str, format: Format) -> String {
     let expires = rfc3339(seconds(c.expires_at.as_ref()));
     match format {
         Format::Raw => format!(
@@ -115,6 +147,7 @@ pub fn render(c: &pb::Credential, lease: &pb::Lease, format: Format) -> String {
             put("LATCHKEY_PASSWORD", &c.password);
             put("LATCHKEY_EXPIRES_AT", &expires);
             put("LATCHKEY_LEASE_ID", &lease.id);
+            put("LATCHKEY_LEASE_SECRET", lease_secret);
             out
         }
         Format::Json => {
@@ -142,8 +175,13 @@ pub fn render(c: &pb::Credential, lease: &pb::Lease, format: Format) -> String {
                     "issued_at": rfc3339(seconds(lease.issued_at.as_ref())),
                     "expires_at": rfc3339(seconds(lease.expires_at.as_ref())),
                     "renewable": lease.renewable,
+                    "max_expires_at": rfc3339(seconds(lease.max_expires_at.as_ref())),
+                    "renew_count": lease.renew_count,
                 }),
             );
+            if !lease_secret.is_empty() {
+                m.insert("lease_secret".into(), json!(lease_secret));
+            }
             format!(
                 "{}\n",
                 serde_json::to_string_pretty(&Value::Object(m)).unwrap_or_default()
@@ -175,14 +213,16 @@ mod tests {
             id: "L1".into(),
             ..Default::default()
         };
-        assert_eq!(render(&c, &l, Format::Raw), "tok'en\n");
-        let env = render(&c, &l, Format::Env);
+        assert_eq!(render(&c, &l, "", Format::Raw), "tok'en\n");
+        let env = render(&c, &l, "lks_s", Format::Env);
+        assert!(env.contains("export LATCHKEY_LEASE_SECRET='lks_s'"));
         assert!(
             env.contains(r#"export LATCHKEY_TOKEN='tok'\''en'"#),
             "{env}"
         );
         assert!(env.contains("export LATCHKEY_LEASE_ID='L1'"));
-        let j: Value = serde_json::from_str(&render(&c, &l, Format::Json)).unwrap();
+        let j: Value = serde_json::from_str(&render(&c, &l, "lks_s", Format::Json)).unwrap();
+        assert_eq!(j["lease_secret"], "lks_s");
         assert_eq!(j["token"], "tok'en");
         assert_eq!(j["expires_at"], "1970-01-01T00:01:00Z");
         assert_eq!(j["lease"]["id"], "L1");

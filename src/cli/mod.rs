@@ -4,8 +4,10 @@ pub mod check_config;
 pub mod client;
 pub mod dev;
 pub mod explain;
+pub mod leases;
 pub mod mint;
 pub mod policy_test;
+pub mod revoke;
 pub mod serve;
 
 use clap::{Parser, Subcommand, ValueEnum};
@@ -43,8 +45,16 @@ pub enum Command {
     Serve(serve::Args),
     /// Run a development broker with a built-in issuer and an example config.
     Dev(dev::Args),
-    /// Get a credential from a broker.
+    /// Get a credential from a broker (or renew one with --renew).
     Mint(mint::Args),
+    /// Revoke one of your own leases.
+    Revoke(revoke::Args),
+    /// List leases, or revoke them by match during an incident.
+    Leases {
+        /// What to do.
+        #[command(subcommand)]
+        command: leases::Command,
+    },
     /// Ask a broker what Mint would decide for this token, without minting.
     Explain(explain::Args),
     /// Validate a configuration file without starting anything.
