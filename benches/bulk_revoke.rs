@@ -77,7 +77,7 @@ fn lease(now: i64, i: usize) -> LeaseRecord {
         state: LeaseState::Live,
         revoked_at: None,
         secret_hash: latchkey::jose::sha256_hex(i.to_string()),
-        claims: serde_json::json!({"repositoryUuid": DEV_REPOSITORY, "branchName": "main", "stepUuid": format!("{{{i}}}")}),
+        claims_json: serde_json::json!({"repositoryUuid": DEV_REPOSITORY, "branchName": "main", "stepUuid": format!("{{{i}}}")}).to_string(),
         upstream: None,
         attempts: 0,
         next_attempt_at: None,

@@ -706,3 +706,147 @@ proptest! {
         });
     }
 }
+
+/// A target with an upstream credential: mints a token plus a handle, and revokes by
+/// handle, failing while told to.
+#[derive(Debug, Default)]
+struct FakeUpstream {
+    fail_revoke: std::sync::atomic::AtomicBool,
+    revoked: std::sync::Mutex<Vec<String>>,
+}
+
+#[async_trait::async_trait]
+impl latchkey::mint::Minter for FakeUpstream {
+    fn kind(&self) -> &'static str {
+        "fake"
+    }
+    async fn mint(
+        &self,
+        ctx: &latchkey::mint::MintContext<'_>,
+    ) -> Result<latchkey::mint::Credential, latchkey::mint::MintError> {
+        Ok(latchkey::mint::Credential {
+            kind: "fake",
+            token: Some(latchkey::secret::Secret::new(format!(
+                "upstream-token-{}",
+                ctx.lease_id
+            ))),
+            username: None,
+            password: None,
+            fields: Default::default(),
+            expires_at: ctx.now + ctx.ttl.as_secs() as i64,
+            id: ctx.lease_id.to_string(),
+            upstream: Some(latchkey::secret::Secret::new(format!(
+                "handle-{}",
+                ctx.lease_id
+            ))),
+        })
+    }
+    async fn revoke(
+        &self,
+        _lease_id: &str,
+        upstream: Option<&latchkey::secret::SecretString>,
+    ) -> Result<(), latchkey::mint::MintError> {
+        if self.fail_revoke.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(latchkey::mint::MintError::Upstream {
+                target: "reports".into(),
+                reason: "HTTP 503".into(),
+            });
+        }
+        self.revoked
+            .lock()
+            .unwrap()
+            .push(upstream.unwrap().expose().clone());
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn upstream_revocations_are_retried_until_the_target_answers() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let t0 = SystemClock.now();
+    let clock = ManualClock::new(t0);
+    let env = start(Arc::new(clock.clone()), "").await;
+    let fake = Arc::new(FakeUpstream::default());
+    let mut broker = latchkey::broker::Broker::new(
+        &env.config,
+        env.broker().store().clone(),
+        env.broker().keys().clone(),
+        Arc::new(latchkey::keys::MasterKey::generate()),
+        Arc::new(clock.clone()),
+    );
+    broker.set_minter("reports", fake.clone());
+    let token = token_at(&env, "main", DEV_REPOSITORY, t0);
+    let admin = token_at(&env, "ops/admin", DEV_REPOSITORY, t0);
+    let req = || latchkey::broker::MintRequest {
+        target: "reports".into(),
+        ..Default::default()
+    };
+    let m = broker.mint(Some(&token), req(), "m1").await.unwrap();
+    let id = m.lease.id.clone();
+
+    // The target is down: revoked here at once, upstream pending.
+    fake.fail_revoke.store(true, SeqCst);
+    let proof = latchkey::broker::LeaseProof {
+        token: Some(&token),
+        lease_secret: None,
+    };
+    let r = broker.revoke(proof, &id, "r1").await.unwrap();
+    assert!(r.revoked && r.upstream_pending);
+    let l = broker.store().lease(&id).await.unwrap().unwrap();
+    assert_eq!(l.state, latchkey::lease::LeaseState::Revoking);
+    assert_eq!(l.attempts, 1);
+    assert_eq!(
+        l.last_error.as_deref(),
+        Some("upstream reports unavailable: HTTP 503")
+    );
+
+    // Bulk revocation reports what failed upstream.
+    for i in 0..3 {
+        broker
+            .mint(Some(&token), req(), &format!("m{i}"))
+            .await
+            .unwrap();
+    }
+    let s = broker
+        .revoke_matching(
+            Some(&admin),
+            latchkey::broker::RevokeMatching {
+                filter: latchkey::lease::LeaseFilter {
+                    target: Some("reports".into()),
+                    ..Default::default()
+                },
+                reason: "drill".into(),
+                ..Default::default()
+            },
+            "bulk",
+        )
+        .await
+        .unwrap();
+    assert_eq!((s.matched, s.revoked, s.failed.len()), (3, 3, 3));
+    assert!(s.failed.iter().all(|(_, why)| why.contains("HTTP 503")));
+
+    // The target recovers; once the backoff passes the reaper finishes every one.
+    fake.fail_revoke.store(false, SeqCst);
+    assert_eq!(
+        broker.reaper().run_once().await.unwrap().revoked_upstream,
+        0,
+        "not due yet"
+    );
+    clock.advance(5);
+    let rep = broker.reaper().run_once().await.unwrap();
+    assert_eq!((rep.revoked_upstream, rep.failed), (4, 0));
+    let mut handles = fake.revoked.lock().unwrap().clone();
+    handles.sort();
+    assert_eq!(handles.len(), 4);
+    assert!(handles.contains(&format!("handle-{id}")));
+    let l = broker.store().lease(&id).await.unwrap().unwrap();
+    assert_eq!(l.state, latchkey::lease::LeaseState::Revoked);
+
+    // Upstream handles and tokens are sealed or fingerprinted, never stored in the clear.
+    let mut env = env;
+    env.stop_checkpointless().await;
+    drop(broker);
+    let bytes = common::all_bytes_under(env.dir.path());
+    assert!(!common::contains(&bytes, "handle-"));
+    assert!(!common::contains(&bytes, "upstream-token-"));
+}

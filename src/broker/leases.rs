@@ -17,7 +17,9 @@ use std::time::{Duration, Instant};
 
 /// Leases revoked per transaction in a bulk revocation: small enough that a mint waiting
 /// behind one commit waits milliseconds.
-const REVOKE_PAGE: usize = 500;
+const REVOKE_PAGE: usize = 250;
+/// Most leases one bulk revocation takes (run it again for more).
+const MAX_BULK: usize = 5_000_000;
 
 /// A renewal request in domain form.
 #[derive(Debug, Default)]
@@ -314,7 +316,8 @@ impl Broker {
             ));
             return self.fail(entry, e, started).await;
         }
-        let Some(claims) = l.claims.as_object().cloned() else {
+        let Ok(claims) = serde_json::from_str::<serde_json::Map<String, Value>>(&l.claims_json)
+        else {
             let e = BrokerError::Store(StoreError::Corrupt(format!("lease {}: claims", l.id)));
             return self.fail(entry, e, started).await;
         };
@@ -495,19 +498,25 @@ impl Broker {
         let mut filter = req.filter.clone();
         filter.include_inactive = false;
         let mut summary = RevokeSummary::default();
-        let mut cursor = None;
-        loop {
-            let page = self
-                .store
-                .leases(&filter, now, cursor.take(), REVOKE_PAGE)
-                .await
-                .map_err(BrokerError::Store)?;
-            let Some(last) = page.last() else { break };
-            cursor = Some((last.issued_at, last.id.clone()));
-            summary.matched += page.len() as u64;
+        // One pass collects the ids; then pages, each one short transaction.
+        let ids = self
+            .store
+            .lease_ids(&filter, now, MAX_BULK)
+            .await
+            .map_err(BrokerError::Store)?;
+        summary.matched = ids.len() as u64;
+        for chunk in ids.chunks(REVOKE_PAGE) {
             if req.dry_run {
-                continue;
+                break;
             }
+            let page: Vec<LeaseRecord> = self
+                .store
+                .leases_by_id(chunk)
+                .await
+                .map_err(BrokerError::Store)?
+                .into_iter()
+                .filter(|l| l.is_live(now))
+                .collect();
             let changes = page
                 .iter()
                 .map(|l| {

@@ -548,12 +548,14 @@ impl Broker {
                 }),
         };
         // Refuse before anything is created upstream; the commit checks again atomically.
-        if let Err(e) = self
-            .store
-            .check_mint_guard(&identity.key, &req.target, &guard, now)
-            .await
-        {
-            return self.fail(entry, e.into(), started).await;
+        if guard != MintGuard::default() {
+            if let Err(e) = self
+                .store
+                .check_mint_guard(&identity.key, &req.target, &guard, now)
+                .await
+            {
+                return self.fail(entry, e.into(), started).await;
+            }
         }
         let lease_id = uuid::Uuid::new_v4().to_string();
         let ctx = MintContext {
@@ -589,7 +591,7 @@ impl Broker {
             state: LeaseState::Live,
             revoked_at: None,
             secret_hash,
-            claims: serde_json::Value::Object((*identity.claims).clone()),
+            claims_json: serde_json::to_string(&*identity.claims).unwrap_or_default(),
             upstream: credential.upstream.as_ref().map(|u| {
                 self.master
                     .seal(u.expose().as_bytes(), &lease::upstream_aad(&lease_id))

@@ -91,8 +91,9 @@ pub struct LeaseRecord {
     pub revoked_at: Option<i64>,
     /// SHA-256 (hex) of the lease secret.
     pub secret_hash: String,
-    /// The caller's verified claims at mint time (renewal re-decides policy on them).
-    pub claims: serde_json::Value,
+    /// The caller's verified claims at mint time, as JSON text (renewal re-decides policy
+    /// on them; kept as text so listing and bulk revocation never parse it).
+    pub claims_json: String,
     /// The target's handle on the credential, sealed under the master key.
     pub upstream: Option<Vec<u8>>,
     /// Failed upstream revocation attempts.

@@ -363,7 +363,7 @@ mod tests {
             state: LeaseState::Live,
             revoked_at: None,
             secret_hash: "h".into(),
-            claims: serde_json::json!({}),
+            claims_json: "{}".into(),
             upstream: handle.map(|h| f.master.seal(h.as_bytes(), &upstream_aad(&id))),
             attempts: 0,
             next_attempt_at: None,

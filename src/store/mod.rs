@@ -99,6 +99,18 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
         limit: usize,
     ) -> Result<Vec<LeaseRecord>, StoreError>;
 
+    /// Ids of the leases matching `filter` at `now`, in no particular order, at most
+    /// `limit` (bulk revocation takes them all in one pass, then works in chunks).
+    async fn lease_ids(
+        &self,
+        filter: &LeaseFilter,
+        now: i64,
+        limit: usize,
+    ) -> Result<Vec<String>, StoreError>;
+
+    /// The leases with these ids (those that exist).
+    async fn leases_by_id(&self, ids: &[String]) -> Result<Vec<LeaseRecord>, StoreError>;
+
     /// Applies each compare-and-set change, appending its audit record only when the
     /// change applied; one transaction. Answers, per change, whether it applied.
     async fn commit_changes(

@@ -489,7 +489,7 @@ fn insert_lease(conn: &Connection, l: &LeaseRecord) -> Result<(), StoreError> {
             l.state.as_str(),
             l.revoked_at,
             l.secret_hash,
-            json(&l.claims),
+            l.claims_json,
             l.upstream,
             l.attempts,
             l.next_attempt_at,
@@ -588,7 +588,10 @@ fn read_leases(
 ) -> Result<Vec<LeaseRecord>, StoreError> {
     let (mut sql, mut args) = filter_sql(filter, now);
     if let Some((t, id)) = after {
-        sql.push_str(" AND (issued_at, id) < (?, ?)");
+        // Spelled so the `issued_at <= ?` bound is an index range: the next page starts
+        // where the last ended instead of rescanning what was already returned.
+        sql.push_str(" AND issued_at <= ? AND (issued_at < ? OR id < ?)");
+        args.push(SqlValue::Integer(t));
         args.push(SqlValue::Integer(t));
         args.push(SqlValue::Text(id));
     }
@@ -617,13 +620,9 @@ fn row_to_lease(r: &rusqlite::Row<'_>) -> rusqlite::Result<Result<LeaseRecord, S
     let id: String = r.get(0)?;
     let corrupt = |what: &str| StoreError::Corrupt(format!("lease {id}: invalid {what}"));
     let scopes: String = r.get(8)?;
-    let claims: String = r.get(16)?;
     let state: String = r.get(13)?;
     let Ok(scopes) = serde_json::from_str(&scopes) else {
         return Ok(Err(corrupt("scopes")));
-    };
-    let Ok(claims) = serde_json::from_str(&claims) else {
-        return Ok(Err(corrupt("claims")));
     };
     let Some(state) = LeaseState::parse(&state) else {
         return Ok(Err(corrupt("state")));
@@ -644,7 +643,7 @@ fn row_to_lease(r: &rusqlite::Row<'_>) -> rusqlite::Result<Result<LeaseRecord, S
         state,
         revoked_at: r.get(14)?,
         secret_hash: r.get(15)?,
-        claims,
+        claims_json: r.get(16)?,
         upstream: r.get(17)?,
         attempts: r.get(18)?,
         next_attempt_at: r.get(19)?,
@@ -835,6 +834,43 @@ impl Store for SqliteStore {
             .await
     }
 
+    async fn lease_ids(
+        &self,
+        filter: &LeaseFilter,
+        now: i64,
+        limit: usize,
+    ) -> Result<Vec<String>, StoreError> {
+        let f = filter.clone();
+        self.read(move |c| {
+            let (sql, mut args) = filter_sql(&f, now);
+            args.push(SqlValue::Integer(limit as i64));
+            let mut stmt = c
+                .prepare_cached(&format!("SELECT id FROM leases WHERE {sql} LIMIT ?"))
+                .map_err(unavailable)?;
+            let rows = stmt
+                .query_map(params_from_iter(args), |r| r.get::<_, String>(0))
+                .map_err(unavailable)?;
+            rows.map(|r| r.map_err(unavailable)).collect()
+        })
+        .await
+    }
+
+    async fn leases_by_id(&self, ids: &[String]) -> Result<Vec<LeaseRecord>, StoreError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ids = ids.to_vec();
+        self.read(move |c| {
+            let marks = vec!["?"; ids.len()].join(", ");
+            query_leases(
+                c,
+                &format!("SELECT {LEASE_COLUMNS} FROM leases WHERE id IN ({marks})"),
+                ids.into_iter().map(SqlValue::Text).collect(),
+            )
+        })
+        .await
+    }
+
     async fn commit_changes(
         &self,
         changes: Vec<(LeaseChange, Option<AuditEntry>)>,
@@ -1000,7 +1036,7 @@ mod tests {
             state: LeaseState::Live,
             revoked_at: None,
             secret_hash: "h".into(),
-            claims: serde_json::json!({"sub": "s"}),
+            claims_json: r#"{"sub":"s"}"#.into(),
             upstream: None,
             attempts: 0,
             next_attempt_at: None,
