@@ -23,6 +23,7 @@ fn main() {
             Command::Mint(a) => Ok(cli::mint::run(a).await),
             Command::Revoke(a) => Ok(cli::revoke::run(a).await),
             Command::Leases { command } => Ok(cli::leases::run(command).await),
+            Command::Audit { command } => Ok(cli::audit::run(command).await),
             Command::Explain(a) => Ok(cli::explain::run(a).await),
             Command::CheckConfig(a) => Ok(cli::check_config::run(a)),
             Command::Policy {

@@ -1,6 +1,7 @@
 //! Starting and stopping the whole service: store, key ring, broker, gRPC and HTTP
 //! listeners, background key refresh.
 
+use crate::audit::checkpoint::{AuditKeyError, AuditSigner, AuditStatus, Checkpointer, Witness};
 use crate::broker::Broker;
 use crate::clock::SharedClock;
 use crate::config::{Config, TargetKind};
@@ -8,7 +9,9 @@ use crate::keys::{KeyError, KeyRing, MasterKey};
 use crate::store::sqlite::{self, SqliteStore};
 use crate::store::{Store, StoreError};
 use crate::transport::grpc::{BrokerService, MAX_REQUEST_BYTES};
+use crate::transport::audit::AuditService;
 use crate::transport::leases::LeasesService;
+use crate::transport::pb::audit_server::AuditServer;
 use crate::transport::pb::credential_broker_server::CredentialBrokerServer;
 use crate::transport::pb::leases_server::LeasesServer;
 use std::net::SocketAddr;
@@ -31,6 +34,9 @@ pub enum StartError {
     /// Signing keys could not be loaded or created.
     #[error(transparent)]
     Keys(#[from] KeyError),
+    /// The audit checkpoint key could not be loaded or created.
+    #[error(transparent)]
+    AuditKey(#[from] AuditKeyError),
     /// A listener could not be bound.
     #[error("cannot listen on {addr}: {reason}")]
     Bind {
@@ -56,10 +62,14 @@ pub struct Running {
     stop: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
     refreshers: Vec<JoinHandle<()>>,
+    checkpointer: Checkpointer,
+    witness: Option<Witness>,
 }
 
 impl Running {
     /// Stops accepting, drains in-flight requests, and waits for the listeners to close.
+    /// Then signs a last audit checkpoint of everything committed and hands it to the
+    /// witness (bounded by the witness timeout).
     pub async fn shutdown(self) {
         let _ = self.stop.send(true);
         for r in &self.refreshers {
@@ -67,6 +77,14 @@ impl Running {
         }
         for t in self.tasks {
             let _ = t.await;
+        }
+        if let Err(e) = self.checkpointer.checkpoint_now().await {
+            tracing::error!(error = %e, "final audit checkpoint failed");
+        }
+        if let Some(w) = &self.witness {
+            if let Err(e) = w.deliver_pending().await {
+                tracing::warn!(error = %e, lag = self.broker.audit_status().witness_lag(), "witness did not take the final checkpoints");
+            }
         }
     }
 
@@ -102,13 +120,25 @@ pub async fn start(
         })
         .collect();
     let keys = Arc::new(KeyRing::load(store.as_ref(), master, &wanted, &clock).await?);
-    let broker = Arc::new(Broker::new(
-        cfg,
-        store,
-        keys,
-        Arc::new(master.duplicate()),
-        clock,
-    ));
+    let signer = Arc::new(AuditSigner::load(store.as_ref(), master, &clock).await?);
+    let status = Arc::new(AuditStatus::default());
+    let checkpointer = Checkpointer::new(
+        store.clone(),
+        signer.clone(),
+        clock.clone(),
+        cfg.audit.clone(),
+        status.clone(),
+    );
+    let broker = Arc::new(
+        Broker::new(
+            cfg,
+            store.clone(),
+            keys,
+            Arc::new(master.duplicate()),
+            clock,
+        )
+        .with_audit(signer.keys().clone(), status.clone()),
+    );
 
     let grpc_listener = bind(cfg.server.grpc_addr).await?;
     let http_listener = bind(cfg.server.http_addr).await?;
@@ -147,7 +177,12 @@ pub async fn start(
         .max_decoding_message_size(MAX_REQUEST_BYTES);
     let leases = LeasesServer::new(LeasesService::new(broker.clone()))
         .max_decoding_message_size(MAX_REQUEST_BYTES);
-    let router = builder.add_service(service).add_service(leases);
+    let audit = AuditServer::new(AuditService::new(broker.clone()))
+        .max_decoding_message_size(MAX_REQUEST_BYTES);
+    let router = builder
+        .add_service(service)
+        .add_service(leases)
+        .add_service(audit);
     let mut s1 = stopped.clone();
     let grpc_task = tokio::spawn(async move {
         let incoming = tokio_stream::wrappers::TcpListenerStream::new(grpc_listener);
@@ -179,6 +214,14 @@ pub async fn start(
             .clone()
             .run(cfg.leases.reap_interval, stop.subscribe()),
     ));
+    refreshers.push(tokio::spawn(checkpointer.clone().run(stop.subscribe())));
+    let witness = cfg.audit.witness.clone().map(|target| {
+        let made = checkpointer.subscribe();
+        refreshers.push(tokio::spawn(
+            Witness::new(store.clone(), target.clone(), status.clone()).run(made, stop.subscribe()),
+        ));
+        Witness::new(store.clone(), target, status.clone())
+    });
     tracing::info!(%grpc_addr, %http_addr, issuer = %broker.issuer_url(), "latchkey serving");
     Ok(Running {
         grpc_addr,
@@ -187,6 +230,8 @@ pub async fn start(
         stop,
         tasks: vec![grpc_task, http_task],
         refreshers,
+        checkpointer,
+        witness,
     })
 }
 

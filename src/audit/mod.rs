@@ -6,7 +6,11 @@
 //! [`verify_chain`] detects and locates. Records never hold a token, key or password:
 //! only SHA-256 fingerprints.
 
+pub mod checkpoint;
+pub mod verify;
+
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 use serde_json::Value;
 use std::collections::BTreeMap;
 
@@ -113,6 +117,176 @@ impl AuditRecord {
             hash,
         }
     }
+}
+
+/// Which records a query or tail wants. Every field set must hold.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AuditQuery {
+    /// At or after this time (milliseconds since the epoch).
+    pub since_ms: Option<i64>,
+    /// Before this time.
+    pub until_ms: Option<i64>,
+    /// Sequence numbers after this one (paging: the last one seen).
+    pub after_seq: Option<i64>,
+    /// Sequence numbers up to this one.
+    pub until_seq: Option<i64>,
+    /// Issuer name.
+    pub issuer: Option<String>,
+    /// Stable identity key.
+    pub identity_key: Option<String>,
+    /// Repository.
+    pub repository: Option<String>,
+    /// `sub` of the caller's token.
+    pub subject: Option<String>,
+    /// Target.
+    pub target: Option<String>,
+    /// `allowed`, `denied`, `error`.
+    pub outcome: Option<String>,
+    /// `mint`, `explain`, `renew`, ...
+    pub action: Option<String>,
+    /// Lease id.
+    pub lease_id: Option<String>,
+    /// Request id.
+    pub request_id: Option<String>,
+    /// Text the denial or error reason contains (case-insensitive).
+    pub reason_contains: Option<String>,
+}
+
+impl AuditQuery {
+    /// The filters as audit-record context (what the security team asked for is itself
+    /// on the record).
+    pub fn context(&self) -> BTreeMap<String, String> {
+        let mut m = BTreeMap::new();
+        for (k, v) in [
+            ("since_ms", self.since_ms),
+            ("until_ms", self.until_ms),
+            ("after_seq", self.after_seq),
+            ("until_seq", self.until_seq),
+        ] {
+            if let Some(v) = v {
+                m.insert(k.to_string(), v.to_string());
+            }
+        }
+        for (k, v) in [
+            ("issuer", &self.issuer),
+            ("identity_key", &self.identity_key),
+            ("repository", &self.repository),
+            ("subject", &self.subject),
+            ("target", &self.target),
+            ("outcome", &self.outcome),
+            ("action", &self.action),
+            ("lease_id", &self.lease_id),
+            ("request_id", &self.request_id),
+            ("reason_contains", &self.reason_contains),
+        ] {
+            if let Some(v) = v {
+                m.insert(format!("filter_{k}"), v.clone());
+            }
+        }
+        m
+    }
+
+    /// Whether `r` matches (the store filters in SQL; tail and exported files use this).
+    pub fn matches(&self, r: &AuditRecord) -> bool {
+        let e = &r.entry;
+        let eq = |want: &Option<String>, have: Option<&str>| {
+            want.as_deref().is_none_or(|w| have == Some(w))
+        };
+        self.since_ms.is_none_or(|t| e.time_ms >= t)
+            && self.until_ms.is_none_or(|t| e.time_ms < t)
+            && self.after_seq.is_none_or(|s| r.seq > s)
+            && self.until_seq.is_none_or(|s| r.seq <= s)
+            && eq(&self.issuer, e.issuer.as_deref())
+            && eq(&self.identity_key, e.identity_key.as_deref())
+            && eq(&self.repository, e.repository.as_deref())
+            && eq(&self.subject, e.subject.as_deref())
+            && eq(&self.target, e.target.as_deref())
+            && eq(&self.outcome, Some(&e.outcome))
+            && eq(&self.action, Some(&e.action))
+            && eq(&self.lease_id, e.lease_id.as_deref())
+            && eq(&self.request_id, Some(&e.request_id))
+            && self.reason_contains.as_deref().is_none_or(|t| {
+                e.reason
+                    .as_deref()
+                    .is_some_and(|r| r.to_lowercase().contains(&t.to_lowercase()))
+            })
+    }
+}
+
+/// An entry as stored, borrowed column by column: serialises to exactly the bytes
+/// [`AuditEntry`] does (same field names and order; the JSON columns hold the canonical
+/// text written at append time), so verification hashes rows without decoding them.
+#[derive(Debug, Serialize)]
+pub struct RawEntry<'a> {
+    /// See [`AuditEntry`].
+    pub time_ms: i64,
+    #[allow(missing_docs)]
+    pub request_id: &'a str,
+    #[allow(missing_docs)]
+    pub action: &'a str,
+    #[allow(missing_docs)]
+    pub outcome: &'a str,
+    #[allow(missing_docs)]
+    pub issuer: Option<&'a str>,
+    #[allow(missing_docs)]
+    pub identity_key: Option<&'a str>,
+    #[allow(missing_docs)]
+    pub subject: Option<&'a str>,
+    #[allow(missing_docs)]
+    pub repository: Option<&'a str>,
+    #[allow(missing_docs)]
+    pub git_ref: Option<&'a str>,
+    #[allow(missing_docs)]
+    pub environment: Option<&'a str>,
+    #[allow(missing_docs)]
+    pub pipeline: Option<&'a str>,
+    #[allow(missing_docs)]
+    pub token_fingerprint: Option<&'a str>,
+    #[allow(missing_docs)]
+    pub target: Option<&'a str>,
+    #[allow(missing_docs)]
+    pub requested_scopes: &'a RawValue,
+    #[allow(missing_docs)]
+    pub granted_scopes: &'a RawValue,
+    #[allow(missing_docs)]
+    pub ttl_secs: Option<i64>,
+    #[allow(missing_docs)]
+    pub rule: Option<&'a str>,
+    #[allow(missing_docs)]
+    pub reason: Option<&'a str>,
+    #[allow(missing_docs)]
+    pub lease_id: Option<&'a str>,
+    #[allow(missing_docs)]
+    pub credential_jti: Option<&'a str>,
+    #[allow(missing_docs)]
+    pub credential_fingerprint: Option<&'a str>,
+    #[allow(missing_docs)]
+    pub context: &'a RawValue,
+    #[allow(missing_docs)]
+    pub claims: &'a RawValue,
+}
+
+#[derive(Serialize)]
+struct RawChainInput<'a> {
+    v: u32,
+    seq: i64,
+    prev_hash: &'a str,
+    entry: &'a RawEntry<'a>,
+}
+
+/// [`record_hash`] of a borrowed row.
+pub fn raw_record_hash(seq: i64, prev_hash: &str, entry: &RawEntry<'_>) -> String {
+    let mut buf = Vec::with_capacity(1024);
+    let _ = serde_json::to_writer(
+        &mut buf,
+        &RawChainInput {
+            v: SCHEMA_VERSION,
+            seq,
+            prev_hash,
+            entry,
+        },
+    );
+    crate::jose::sha256_hex(&buf)
 }
 
 /// The first place a chain is wrong.

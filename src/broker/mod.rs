@@ -2,13 +2,16 @@
 //! HTTP) call exactly this; no decision logic lives in handlers. Lease operations
 //! (renew, revoke, bulk revoke, list, introspect) are in [`leases`].
 
+mod audit;
 mod leases;
 
+pub use audit::{AuditPager, AuditTail, CheckpointList};
 pub use leases::{
     Introspection, LeaseLister, LeaseProof, RenewRequest, Renewed, RevokeMatching, RevokeSummary,
     Revoked,
 };
 
+use crate::audit::checkpoint::{AuditStatus, CheckpointKeys};
 use crate::audit::AuditEntry;
 use crate::clock::SharedClock;
 use crate::config::{Config, LeaseConfig, TargetConfig, TargetKind};
@@ -309,6 +312,16 @@ pub struct Broker {
     replay_limits: HashMap<String, u32>,
     lease_cfg: LeaseConfig,
     reaper: Reaper,
+    audit: AuditParts,
+}
+
+/// What the audit service needs: the keys checkpoints verify with, live checkpoint and
+/// witness state, and which claims records redact.
+#[derive(Debug, Default)]
+struct AuditParts {
+    keys: CheckpointKeys,
+    status: Arc<AuditStatus>,
+    redact: Vec<String>,
 }
 
 impl std::fmt::Debug for Broker {
@@ -372,7 +385,29 @@ impl Broker {
                 .filter_map(|i| i.max_mints_per_token.map(|n| (i.name.clone(), n)))
                 .collect(),
             lease_cfg: cfg.leases.clone(),
+            audit: AuditParts {
+                redact: cfg.audit.redact_claims.clone(),
+                ..AuditParts::default()
+            },
         }
+    }
+
+    /// Gives the broker the audit keys and the live checkpoint/witness state (the server
+    /// does this after loading the audit key).
+    pub fn with_audit(mut self, keys: CheckpointKeys, status: Arc<AuditStatus>) -> Broker {
+        self.audit.keys = keys;
+        self.audit.status = status;
+        self
+    }
+
+    /// Live checkpoint and witness state.
+    pub fn audit_status(&self) -> &Arc<AuditStatus> {
+        &self.audit.status
+    }
+
+    /// The audit public keys, as a JWKS document.
+    pub fn audit_keys_jwks(&self) -> serde_json::Value {
+        self.audit.keys.to_jwks()
     }
 
     /// Replaces the minter of a configured target (tests use it to stand in a fake
@@ -460,6 +495,7 @@ impl Broker {
         entry.environment = id.environment.clone();
         entry.pipeline = id.pipeline.clone();
         entry.claims = serde_json::Value::Object((*id.claims).clone());
+        crate::audit::checkpoint::redact(&mut entry.claims, &self.audit.redact);
         Ok(id)
     }
 

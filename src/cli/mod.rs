@@ -1,5 +1,6 @@
 //! The `latchkey` command line: one file per subcommand.
 
+pub mod audit;
 pub mod check_config;
 pub mod client;
 pub mod dev;
@@ -54,6 +55,12 @@ pub enum Command {
         /// What to do.
         #[command(subcommand)]
         command: leases::Command,
+    },
+    /// The security team's tools: query, tail, export and verify the audit log.
+    Audit {
+        /// What to do.
+        #[command(subcommand)]
+        command: audit::Command,
     },
     /// Ask a broker what Mint would decide for this token, without minting.
     Explain(explain::Args),

@@ -53,6 +53,8 @@ pub struct Config {
     pub policy: Policy,
     /// Lease bookkeeping.
     pub leases: LeaseConfig,
+    /// Audit checkpoints, witness and redaction.
+    pub audit: crate::audit::checkpoint::Config,
 }
 
 /// Lease bookkeeping: the reaper's pace and how long finished leases are kept.
@@ -361,6 +363,56 @@ impl Checker<'_> {
             targets,
             policy: Policy::new(rules),
             leases: self.leases(raw.leases)?,
+            audit: self.audit(raw.audit)?,
+        })
+    }
+
+    fn audit(&self, r: RawAudit) -> Result<crate::audit::checkpoint::Config, ConfigError> {
+        use crate::audit::checkpoint::{Config as AuditConfig, WitnessTarget};
+        let d = AuditConfig::default();
+        let checkpoint_every = r.checkpoint_every.unwrap_or(d.checkpoint_every);
+        if !(1..=10_000_000).contains(&checkpoint_every) {
+            return Err(self.err(
+                "audit.checkpoint_every",
+                "must be between 1 and 10000000 records",
+            ));
+        }
+        let checkpoint_interval = r
+            .checkpoint_interval
+            .map(|x| x.0)
+            .unwrap_or(d.checkpoint_interval);
+        if checkpoint_interval < Duration::from_secs(1)
+            || checkpoint_interval > Duration::from_secs(24 * 3600)
+        {
+            return Err(self.err("audit.checkpoint_interval", "must be between 1s and 24h"));
+        }
+        let witness = match (r.witness_file, r.witness_url) {
+            (Some(_), Some(_)) => {
+                return Err(self.err(
+                    "audit.witness_url",
+                    "set witness_file or witness_url, not both",
+                ))
+            }
+            (Some(f), None) if f.trim().is_empty() => {
+                return Err(self.err("audit.witness_file", "must not be empty"))
+            }
+            (Some(f), None) => Some(WitnessTarget::File(PathBuf::from(f))),
+            (None, Some(u)) => Some(WitnessTarget::Url(self.url("audit.witness_url", &u, true)?)),
+            (None, None) => None,
+        };
+        for (i, c) in r.redact_claims.iter().enumerate() {
+            if c.is_empty() || c == "/" || c.chars().any(char::is_control) {
+                return Err(self.err(
+                    format!("audit.redact_claims[{i}]"),
+                    "must be a claim name or a JSON pointer like \"/kubernetes.io/pod/name\"",
+                ));
+            }
+        }
+        Ok(AuditConfig {
+            checkpoint_every,
+            checkpoint_interval,
+            witness,
+            redact_claims: r.redact_claims,
         })
     }
 

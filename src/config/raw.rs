@@ -33,6 +33,19 @@ pub struct RawConfig {
     pub rules: Vec<RawRule>,
     #[serde(default)]
     pub leases: RawLeases,
+    #[serde(default)]
+    pub audit: RawAudit,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawAudit {
+    pub checkpoint_every: Option<u64>,
+    pub checkpoint_interval: Option<Dur>,
+    pub witness_file: Option<String>,
+    pub witness_url: Option<String>,
+    #[serde(default)]
+    pub redact_claims: Vec<String>,
 }
 
 #[derive(Debug, Deserialize, Default)]

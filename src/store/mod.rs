@@ -4,7 +4,9 @@
 
 pub mod sqlite;
 
-use crate::audit::{AuditEntry, AuditRecord};
+use crate::audit::checkpoint::Checkpoint;
+use crate::audit::verify::{Report, VerifyOptions};
+use crate::audit::{AuditEntry, AuditQuery, AuditRecord};
 use crate::lease::{CommitError, LeaseChange, LeaseFilter, LeaseRecord, MintGuard};
 use async_trait::async_trait;
 
@@ -42,6 +44,20 @@ pub struct StoredKey {
     pub state: String,
     /// Creation time (seconds since the epoch).
     pub created_at: i64,
+    /// AES-256-GCM sealed PKCS#8.
+    pub sealed: Vec<u8>,
+}
+
+/// The audit checkpoint key as stored: the public key in the clear, the private key
+/// sealed under the master key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredAuditKey {
+    /// Key id (JWK thumbprint).
+    pub kid: String,
+    /// Creation time (seconds since the epoch).
+    pub created_at: i64,
+    /// Raw Ed25519 public key.
+    pub public: Vec<u8>,
     /// AES-256-GCM sealed PKCS#8.
     pub sealed: Vec<u8>,
 }
@@ -128,4 +144,43 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// Deletes revoked and expired leases that ended before `before`, and replay counters
     /// of tokens expired before `now`; at most `limit` leases. Answers how many leases.
     async fn purge(&self, before: i64, now: i64, limit: usize) -> Result<usize, StoreError>;
+
+    /// Follows the sequence number of the committed chain head.
+    fn subscribe_head(&self) -> tokio::sync::watch::Receiver<i64>;
+
+    /// The committed head: `(seq, hash)`, `(0, GENESIS_HASH)` when empty.
+    async fn audit_head(&self) -> Result<(i64, String), StoreError>;
+
+    /// Records matching `query`, in sequence order, at most `limit`.
+    async fn query_audit(
+        &self,
+        query: &AuditQuery,
+        limit: usize,
+    ) -> Result<Vec<AuditRecord>, StoreError>;
+
+    /// Every stored audit checkpoint key.
+    async fn audit_keys(&self) -> Result<Vec<StoredAuditKey>, StoreError>;
+
+    /// Adds an audit checkpoint key. Fails if the kid exists.
+    async fn insert_audit_key(&self, key: StoredAuditKey) -> Result<(), StoreError>;
+
+    /// Stores a checkpoint. Fails unless it is the next id and attests a stored record
+    /// with that record's hash.
+    async fn insert_checkpoint(&self, checkpoint: Checkpoint) -> Result<(), StoreError>;
+
+    /// Checkpoints with `id > after`, oldest first, at most `limit`.
+    async fn checkpoints(&self, after: i64, limit: usize) -> Result<Vec<Checkpoint>, StoreError>;
+
+    /// The newest checkpoint.
+    async fn checkpoints_newest(&self) -> Result<Option<Checkpoint>, StoreError>;
+
+    /// Id of the newest checkpoint the witness has.
+    async fn witness_position(&self) -> Result<i64, StoreError>;
+
+    /// Records that the witness has every checkpoint up to `id`.
+    async fn set_witness_position(&self, id: i64) -> Result<(), StoreError>;
+
+    /// Walks the whole chain and every checkpoint without holding up writers. Fails only
+    /// when the store cannot be read; a tampered log is a report with a problem.
+    async fn verify_audit(&self, opts: VerifyOptions) -> Result<Report, StoreError>;
 }

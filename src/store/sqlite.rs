@@ -5,16 +5,20 @@
 //! caller is answered only after the commit that holds its record. Triggers refuse
 //! UPDATE and DELETE on the audit table.
 
-use super::{Appended, Store, StoreError, StoredKey};
-use crate::audit::{AuditEntry, AuditRecord, GENESIS_HASH};
+pub mod audit;
+
+use super::{Appended, Store, StoreError, StoredAuditKey, StoredKey};
+use crate::audit::checkpoint::Checkpoint;
+use crate::audit::verify::{Report, VerifyOptions};
+use crate::audit::{AuditEntry, AuditQuery, AuditRecord, GENESIS_HASH};
 use crate::lease::{CommitError, LeaseChange, LeaseFilter, LeaseRecord, LeaseState, MintGuard};
 use async_trait::async_trait;
 use rusqlite::types::Value as SqlValue;
 use rusqlite::{params, params_from_iter, Connection, OptionalExtension};
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc};
 use std::time::Duration;
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, watch};
 
 const SCHEMA: &str = r#"
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -155,6 +159,7 @@ pub struct Config {
 pub struct SqliteStore {
     tx: mpsc::Sender<Cmd>,
     path: PathBuf,
+    head: Arc<watch::Sender<i64>>,
 }
 
 fn unavailable(e: rusqlite::Error) -> StoreError {
@@ -175,13 +180,16 @@ impl SqliteStore {
         let conn = open_conn(&cfg.path, cfg.busy_timeout)?;
         let head = load_head(&conn)?;
         let (tx, rx) = mpsc::channel();
+        let head_tx = Arc::new(watch::channel(head.0).0);
+        let notify = head_tx.clone();
         std::thread::Builder::new()
             .name("latchkey-store".into())
-            .spawn(move || Writer { conn, head }.run(rx))
+            .spawn(move || Writer { conn, head, notify }.run(rx))
             .map_err(|e| StoreError::Unavailable(format!("cannot start writer thread: {e}")))?;
         Ok(SqliteStore {
             tx,
             path: cfg.path.clone(),
+            head: head_tx,
         })
     }
 
@@ -221,6 +229,8 @@ fn open_conn(path: &Path, busy: Duration) -> Result<Connection, StoreError> {
     conn.pragma_update(None, "foreign_keys", "ON")
         .map_err(unavailable)?;
     conn.execute_batch(SCHEMA).map_err(unavailable)?;
+    conn.execute_batch(audit::AUDIT_SCHEMA)
+        .map_err(unavailable)?;
     conn.execute(
         "INSERT OR IGNORE INTO meta(key, value) VALUES ('schema_version', ?1)",
         params![crate::audit::SCHEMA_VERSION.to_string()],
@@ -244,6 +254,8 @@ fn load_head(conn: &Connection) -> Result<(i64, String), StoreError> {
 struct Writer {
     conn: Connection,
     head: (i64, String),
+    /// Tells followers (tail, checkpointer) the committed head moved.
+    notify: Arc<watch::Sender<i64>>,
 }
 
 impl Writer {
@@ -295,6 +307,9 @@ impl Writer {
         })();
         match result {
             Ok(done) => {
+                if head.0 != self.head.0 {
+                    self.notify.send_replace(head.0);
+                }
                 self.head = head;
                 for (w, d) in batch.into_iter().zip(done) {
                     match (w, d) {
@@ -910,6 +925,62 @@ impl Store for SqliteStore {
     async fn purge(&self, before: i64, now: i64, limit: usize) -> Result<usize, StoreError> {
         // A write, but not one that belongs in an audited batch: run it between batches.
         self.read(move |c| purge(c, before, now, limit)).await
+    }
+
+    fn subscribe_head(&self) -> watch::Receiver<i64> {
+        self.head.subscribe()
+    }
+
+    async fn audit_head(&self) -> Result<(i64, String), StoreError> {
+        self.read(audit::head).await
+    }
+
+    async fn query_audit(
+        &self,
+        query: &AuditQuery,
+        limit: usize,
+    ) -> Result<Vec<AuditRecord>, StoreError> {
+        let q = query.clone();
+        self.read(move |c| audit::query(c, &q, limit)).await
+    }
+
+    async fn audit_keys(&self) -> Result<Vec<StoredAuditKey>, StoreError> {
+        self.read(audit::audit_keys).await
+    }
+
+    async fn insert_audit_key(&self, key: StoredAuditKey) -> Result<(), StoreError> {
+        self.read(move |c| audit::insert_audit_key(c, &key)).await
+    }
+
+    async fn insert_checkpoint(&self, checkpoint: Checkpoint) -> Result<(), StoreError> {
+        self.read(move |c| audit::insert_checkpoint(c, &checkpoint))
+            .await
+    }
+
+    async fn checkpoints(&self, after: i64, limit: usize) -> Result<Vec<Checkpoint>, StoreError> {
+        self.read(move |c| audit::checkpoints(c, after, limit))
+            .await
+    }
+
+    async fn checkpoints_newest(&self) -> Result<Option<Checkpoint>, StoreError> {
+        self.read(audit::newest_checkpoint).await
+    }
+
+    async fn witness_position(&self) -> Result<i64, StoreError> {
+        self.read(|c| audit::meta_int(c, "witness_delivered")).await
+    }
+
+    async fn set_witness_position(&self, id: i64) -> Result<(), StoreError> {
+        self.read(move |c| audit::set_meta_int(c, "witness_delivered", id))
+            .await
+    }
+
+    async fn verify_audit(&self, opts: VerifyOptions) -> Result<Report, StoreError> {
+        // Its own read-only connection: a long walk never holds up the writer.
+        let path = self.path.clone();
+        tokio::task::spawn_blocking(move || audit::verify_file(&path, &opts))
+            .await
+            .map_err(|_| StoreError::Unavailable("verification task failed".into()))?
     }
 }
 

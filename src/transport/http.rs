@@ -3,7 +3,7 @@
 
 use crate::broker::Broker;
 use axum::extract::State;
-use axum::http::header;
+use axum::http::{header, StatusCode};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::{Json, Router};
@@ -22,7 +22,9 @@ pub fn router(broker: Arc<Broker>) -> Router {
             get(discovery),
         )
         .route(&format!("{prefix}/.well-known/jwks.json"), get(jwks))
+        .route("/v1/audit/keys", get(audit_keys))
         .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
         .with_state(broker)
 }
 
@@ -54,4 +56,43 @@ async fn jwks(State(b): State<Arc<Broker>>) -> impl IntoResponse {
 
 async fn healthz() -> impl IntoResponse {
     Json(json!({"status": "ok"}))
+}
+
+/// The Ed25519 keys audit checkpoints verify with (public; pin them for offline audits).
+async fn audit_keys(State(b): State<Arc<Broker>>) -> impl IntoResponse {
+    (
+        [(header::CACHE_CONTROL, "public, max-age=300")],
+        Json(b.audit_keys_jwks()),
+    )
+}
+
+/// Ready when the store can commit (no credential can be issued otherwise). Witness
+/// delivery is reported but never makes the broker unready: a hung witness must not stop
+/// Mint.
+async fn readyz(State(b): State<Arc<Broker>>) -> impl IntoResponse {
+    use std::sync::atomic::Ordering;
+    let store = b.store().check_writable().await;
+    let status = b.audit_status();
+    let witness = json!({
+        "lag": status.witness_lag(),
+        "consecutive_failures": status.witness_failures.load(Ordering::SeqCst),
+        "last_checkpoint": status.last_checkpoint.load(Ordering::SeqCst),
+    });
+    let (code, store_check) = match &store {
+        Ok(()) => (StatusCode::OK, json!({"ok": true})),
+        Err(e) => {
+            tracing::warn!(error = %e, "not ready: store cannot commit");
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                json!({"ok": false, "reason": e.to_string()}),
+            )
+        }
+    };
+    (
+        code,
+        Json(json!({
+            "status": if store.is_ok() { "ready" } else { "unready" },
+            "checks": {"store": store_check, "audit_witness": witness},
+        })),
+    )
 }

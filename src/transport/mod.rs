@@ -2,6 +2,7 @@
 //! one mapping from domain errors to `tonic::Status`. Handlers are thin: they parse,
 //! call [`crate::broker::Broker`], and convert.
 
+pub mod audit;
 pub mod grpc;
 pub mod http;
 pub mod leases;
