@@ -8,8 +8,8 @@ use crate::config::{Config, TargetKind};
 use crate::keys::{KeyError, KeyRing, MasterKey};
 use crate::store::sqlite::{self, SqliteStore};
 use crate::store::{Store, StoreError};
-use crate::transport::grpc::{BrokerService, MAX_REQUEST_BYTES};
 use crate::transport::audit::AuditService;
+use crate::transport::grpc::{BrokerService, MAX_REQUEST_BYTES};
 use crate::transport::leases::LeasesService;
 use crate::transport::pb::audit_server::AuditServer;
 use crate::transport::pb::credential_broker_server::CredentialBrokerServer;
@@ -111,7 +111,17 @@ pub async fn start(
         path: cfg.store.path.display().to_string(),
         source,
     })?;
-    let store: Arc<dyn Store> = Arc::new(store);
+    start_with_store(cfg, Arc::new(store), master, clock).await
+}
+
+/// [`start`] on a store the caller opened (another backend, or a store the caller keeps
+/// a handle on). Fails like [`start`].
+pub async fn start_with_store(
+    cfg: &Config,
+    store: Arc<dyn Store>,
+    master: &MasterKey,
+    clock: SharedClock,
+) -> Result<Running, StartError> {
     let wanted: Vec<_> = cfg
         .targets
         .iter()

@@ -289,7 +289,9 @@ impl Checkpointer {
         if seq <= last_seq {
             return Ok(None);
         }
-        let cp = self.signer.sign(last_id + 1, seq, &hash, self.clock.now_ms());
+        let cp = self
+            .signer
+            .sign(last_id + 1, seq, &hash, self.clock.now_ms());
         self.store.insert_checkpoint(cp.clone()).await?;
         self.status.last_checkpoint.store(cp.id, Ordering::SeqCst);
         self.made.send_replace(cp.id);
@@ -513,7 +515,10 @@ pub(crate) mod tests {
         assert_eq!(keys.verify(&c), Ok(()));
         for bad in [
             Checkpoint { id: 4, ..c.clone() },
-            Checkpoint { seq: 11, ..c.clone() },
+            Checkpoint {
+                seq: 11,
+                ..c.clone()
+            },
             Checkpoint {
                 hash: "abd".into(),
                 ..c.clone()
@@ -533,7 +538,10 @@ pub(crate) mod tests {
             kid: "other".into(),
             ..c.clone()
         };
-        assert!(keys.verify(&unknown).unwrap_err().contains("unknown audit key"));
+        assert!(keys
+            .verify(&unknown)
+            .unwrap_err()
+            .contains("unknown audit key"));
     }
 
     #[test]

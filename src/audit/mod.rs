@@ -392,6 +392,66 @@ mod tests {
     }
 
     #[test]
+    fn borrowed_rows_hash_exactly_like_entries() {
+        let tricky = AuditEntry {
+            time_ms: -5,
+            request_id: "r\"q\\\u{1}é🙂".into(),
+            action: "mint".into(),
+            outcome: "allowed".into(),
+            issuer: Some(String::new()),
+            subject: None,
+            repository: Some("{uuid}".into()),
+            ttl_secs: Some(i64::MAX),
+            requested_scopes: vec!["a b".into(), "ü".into()],
+            context: [("k\n".to_string(), "<v>&".to_string())].into(),
+            claims: serde_json::json!({"z": 1.5, "a": [true, null], "u": "\u{2028}"}),
+            ..Default::default()
+        };
+        for e in [entry(1), tricky] {
+            let (rs, gs, ctx, claims) = (
+                j(&e.requested_scopes),
+                j(&e.granted_scopes),
+                j(&e.context),
+                j(&e.claims),
+            );
+            fn raw(t: &str) -> &RawValue {
+                serde_json::from_str(t).unwrap()
+            }
+            let r = RawEntry {
+                time_ms: e.time_ms,
+                request_id: &e.request_id,
+                action: &e.action,
+                outcome: &e.outcome,
+                issuer: e.issuer.as_deref(),
+                identity_key: e.identity_key.as_deref(),
+                subject: e.subject.as_deref(),
+                repository: e.repository.as_deref(),
+                git_ref: e.git_ref.as_deref(),
+                environment: e.environment.as_deref(),
+                pipeline: e.pipeline.as_deref(),
+                token_fingerprint: e.token_fingerprint.as_deref(),
+                target: e.target.as_deref(),
+                requested_scopes: raw(&rs),
+                granted_scopes: raw(&gs),
+                ttl_secs: e.ttl_secs,
+                rule: e.rule.as_deref(),
+                reason: e.reason.as_deref(),
+                lease_id: e.lease_id.as_deref(),
+                credential_jti: e.credential_jti.as_deref(),
+                credential_fingerprint: e.credential_fingerprint.as_deref(),
+                context: raw(&ctx),
+                claims: raw(&claims),
+            };
+            assert_eq!(raw_record_hash(7, "p", &r), record_hash(7, "p", &e));
+        }
+    }
+
+    /// The JSON text the store writes for a column.
+    fn j<T: Serialize>(v: &T) -> String {
+        serde_json::to_string(v).unwrap()
+    }
+
+    #[test]
     fn edit_is_located() {
         let mut c = chain(4);
         c[2].entry.reason = Some("forged".into());

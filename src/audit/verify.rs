@@ -213,11 +213,7 @@ impl fmt::Display for Report {
             None => write!(f, ", no checkpoint yet")?,
         }
         if self.unattested > 0 {
-            write!(
-                f,
-                "; {} records after it not yet attested",
-                self.unattested
-            )?;
+            write!(f, "; {} records after it not yet attested", self.unattested)?;
         }
         Ok(())
     }
@@ -498,7 +494,10 @@ mod tests {
     fn intact_log_reports_counts_and_last_checkpoint() {
         let (keys, signer) = keys_and_signer();
         let c = chain(10);
-        let cps = vec![sign(&signer, 1, &c[4], 5_000), sign(&signer, 2, &c[7], 6_000)];
+        let cps = vec![
+            sign(&signer, 1, &c[4], 5_000),
+            sign(&signer, 2, &c[7], 6_000),
+        ];
         let r = walk(&c, cps, &keys);
         assert!(r.intact(), "{r}");
         assert_eq!((r.records, r.head_seq, r.unattested), (10, 10, 2));
@@ -580,7 +579,10 @@ mod tests {
                 head: 5
             }
         );
-        assert!(p.to_string().contains("truncated after checkpoint #1"), "{p}");
+        assert!(
+            p.to_string().contains("truncated after checkpoint #1"),
+            "{p}"
+        );
 
         // The whole log rewritten consistently: only the signed checkpoint notices.
         let mut c: Vec<AuditRecord> = Vec::new();
@@ -606,7 +608,10 @@ mod tests {
         // A forged checkpoint (signed by another key).
         let (_, other) = keys_and_signer();
         let forged = vec![sign(&other, 1, &base[6], 9_000)];
-        assert_eq!(walk(&base, forged, &keys).problem.unwrap().kind(), "bad_checkpoint");
+        assert_eq!(
+            walk(&base, forged, &keys).problem.unwrap().kind(),
+            "bad_checkpoint"
+        );
     }
 
     #[test]

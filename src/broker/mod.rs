@@ -518,6 +518,9 @@ impl Broker {
             _ => "denied".into(),
         };
         entry.reason = Some(err.to_string());
+        if let BrokerError::Denied(Denied::DenyRule { rule }) = &err {
+            entry.rule = Some(rule.clone());
+        }
         log_decision(&entry, started, Some(err.code()));
         match self.store.append(entry).await {
             Ok(_) => Err(err),

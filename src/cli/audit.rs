@@ -314,11 +314,7 @@ async fn tail(a: TailArgs) -> Result<i32, String> {
     let mut req = authorized(a.filter.to_pb(0), &token)?;
     // A tail runs until interrupted: no deadline.
     req.set_timeout(std::time::Duration::from_secs(100 * 365 * 24 * 3600));
-    let mut stream = c
-        .tail(req)
-        .await
-        .map_err(|s| status_line(&s))?
-        .into_inner();
+    let mut stream = c.tail(req).await.map_err(|s| status_line(&s))?.into_inner();
     if a.format == Format::Table {
         println!("{}", header());
     }
@@ -375,8 +371,8 @@ fn read_keys(p: &Path) -> Result<CheckpointKeys, String> {
 
 /// Reads JSON lines of `T`, naming the first bad line.
 pub fn read_lines<T: serde::de::DeserializeOwned>(p: &Path) -> Result<Vec<T>, String> {
-    let f = std::fs::File::open(p)
-        .map_err(|e| format!("cannot read {}: {}", p.display(), e.kind()))?;
+    let f =
+        std::fs::File::open(p).map_err(|e| format!("cannot read {}: {}", p.display(), e.kind()))?;
     let mut out = Vec::new();
     for (i, line) in std::io::BufReader::new(f).lines().enumerate() {
         let line = line.map_err(|e| format!("{}: {}", p.display(), e.kind()))?;
@@ -452,29 +448,27 @@ async fn verify_report(a: &VerifyArgs) -> Result<Report, String> {
         let records: Vec<AuditRecord> = read_lines(file)?;
         return Ok(verify_slice(&records));
     }
-    {
-        let Some(db) = &a.db else {
-            return Err("give --db, --file or --server".into());
-        };
-        let keys = a.audit_keys.as_deref().map(read_keys).transpose()?;
-        if keys.is_none() {
-            eprintln!(
-                "note: checking checkpoints with the audit keys stored in {} itself; pass --audit-keys to pin them",
-                db.display()
-            );
-        }
-        let witnessed: Vec<Checkpoint> = match &a.witness {
-            Some(w) => read_lines(w)?,
-            None => Vec::new(),
-        };
-        let db = db.clone();
-        return tokio::task::spawn_blocking(move || {
-            sqlite_audit::verify_file(&db, &VerifyOptions { keys, witnessed })
-        })
-        .await
-        .map_err(|_| "verification failed to run".to_string())?
-        .map_err(|e| e.to_string())
+    let Some(db) = &a.db else {
+        return Err("give --db, --file or --server".into());
+    };
+    let keys = a.audit_keys.as_deref().map(read_keys).transpose()?;
+    if keys.is_none() {
+        eprintln!(
+            "note: checking checkpoints with the audit keys stored in {} itself; pass --audit-keys to pin them",
+            db.display()
+        );
     }
+    let witnessed: Vec<Checkpoint> = match &a.witness {
+        Some(w) => read_lines(w)?,
+        None => Vec::new(),
+    };
+    let db = db.clone();
+    tokio::task::spawn_blocking(move || {
+        sqlite_audit::verify_file(&db, &VerifyOptions { keys, witnessed })
+    })
+    .await
+    .map_err(|_| "verification failed to run".to_string())?
+    .map_err(|e| e.to_string())
 }
 
 #[cfg(test)]

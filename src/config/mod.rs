@@ -397,7 +397,11 @@ impl Checker<'_> {
                 return Err(self.err("audit.witness_file", "must not be empty"))
             }
             (Some(f), None) => Some(WitnessTarget::File(PathBuf::from(f))),
-            (None, Some(u)) => Some(WitnessTarget::Url(self.url("audit.witness_url", &u, true)?)),
+            (None, Some(u)) => Some(WitnessTarget::Url(self.url(
+                "audit.witness_url",
+                &u,
+                true,
+            )?)),
             (None, None) => None,
         };
         for (i, c) in r.redact_claims.iter().enumerate() {

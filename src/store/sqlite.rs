@@ -198,6 +198,14 @@ impl SqliteStore {
         &self.path
     }
 
+    /// Refuses (or again allows) every write, as a read-only or full disk would: each
+    /// commit then fails and every Mint fails closed. For maintenance windows and for
+    /// exercising the fail-closed path (as root, file permissions cannot do it).
+    pub async fn set_read_only(&self, on: bool) -> Result<(), StoreError> {
+        self.read(move |c| c.pragma_update(None, "query_only", on).map_err(unavailable))
+            .await
+    }
+
     async fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Cmd) -> Result<T, StoreError> {
         let (reply, rx) = oneshot::channel();
         self.tx.send(make(reply)).map_err(|_| stopped())?;

@@ -384,7 +384,10 @@ mod tests {
         })
         .unwrap();
         assert_eq!(q.repository.as_deref(), Some("{r}"));
-        assert_eq!((q.since_ms, q.after_seq, q.until_seq), (Some(10_005), Some(7), None));
+        assert_eq!(
+            (q.since_ms, q.after_seq, q.until_seq),
+            (Some(10_005), Some(7), None)
+        );
         for bad in [
             pb::AuditQuery {
                 outcome: "maybe".into(),

@@ -176,7 +176,9 @@ pub(super) fn insert_checkpoint(conn: &Connection, c: &Checkpoint) -> Result<(),
 /// Every stored audit key.
 pub(super) fn audit_keys(conn: &Connection) -> Result<Vec<StoredAuditKey>, StoreError> {
     let mut stmt = conn
-        .prepare_cached("SELECT kid, created_at, public, sealed FROM audit_keys ORDER BY created_at, kid")
+        .prepare_cached(
+            "SELECT kid, created_at, public, sealed FROM audit_keys ORDER BY created_at, kid",
+        )
         .map_err(unavailable)?;
     let rows = stmt
         .query_map([], |r| {
@@ -337,7 +339,9 @@ fn walk_rows(conn: &Connection, w: &mut Walker) -> Result<(), StoreError> {
         };
         let prev_hash = text(24)?;
         let hash = text(25)?;
-        if !w.step(seq, prev_hash, hash, |s| raw_record_hash(s, prev_hash, &entry)) {
+        if !w.step(seq, prev_hash, hash, |s| {
+            raw_record_hash(s, prev_hash, &entry)
+        }) {
             break;
         }
     }
