@@ -11,7 +11,7 @@ use latchkey::audit::verify::{Tamper, VerifyOptions};
 use latchkey::audit::{record_hash, AuditQuery, AuditRecord};
 use latchkey::clock::SystemClock;
 use latchkey::devissuer::DEV_REPOSITORY;
-use latchkey::store::sqlite::audit::{query_file, verify_file};
+use latchkey::store::sqlite::audit::{query_file, verify_file, verify_in_parts};
 use latchkey::transport::pb::{self, audit_client::AuditClient};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -328,16 +328,22 @@ fn tampered(db: &Path, name: &str, sql: &str) -> PathBuf {
     out
 }
 
+/// The problem verification finds, the same whether the log is walked whole or in
+/// parallel parts.
 fn problem(db: &Path, keys: &CheckpointKeys, witnessed: Vec<Checkpoint>) -> Option<Tamper> {
-    verify_file(
-        db,
-        &VerifyOptions {
-            keys: Some(keys.clone()),
-            witnessed,
-        },
-    )
-    .unwrap()
-    .problem
+    let opts = VerifyOptions {
+        keys: Some(keys.clone()),
+        witnessed,
+    };
+    let whole = verify_in_parts(db, &opts, 1).unwrap();
+    for parts in [2, 3, 5] {
+        let split = verify_in_parts(db, &opts, parts).unwrap();
+        assert_eq!(split.problem, whole.problem, "{parts} parts");
+        if whole.problem.is_none() {
+            assert_eq!(split, whole, "{parts} parts");
+        }
+    }
+    whole.problem
 }
 
 const COLS: &str = "time_ms, request_id, action, outcome, issuer, identity_key, subject, repository, git_ref, environment, pipeline, token_fingerprint, target, requested_scopes, granted_scopes, ttl_secs, rule, reason, lease_id, credential_jti, credential_fingerprint, context, claims, prev_hash, hash";

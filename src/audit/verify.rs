@@ -253,6 +253,17 @@ impl Walker {
         checkpoints: Vec<Checkpoint>,
         keys: &CheckpointKeys,
     ) -> Walker {
+        let checked = check_checkpoints(&checkpoints, keys);
+        let mut w = Walker::new_checked(prev_seq, prev_hash, checkpoints);
+        if let Err(p) = checked {
+            w.problem = Some(p);
+        }
+        w
+    }
+
+    /// [`Walker::new`] for checkpoints already checked with [`check_checkpoints`] (a log
+    /// walked in parallel parts checks them once).
+    pub fn new_checked(prev_seq: i64, prev_hash: &str, checkpoints: Vec<Checkpoint>) -> Walker {
         let mut w = Walker {
             prev_seq,
             prev_hash: prev_hash.to_string(),
@@ -262,26 +273,6 @@ impl Walker {
             checkpoints: checkpoints.len() as u64,
             problem: None,
         };
-        let mut last: Option<&Checkpoint> = None;
-        for c in &checkpoints {
-            if let Err(reason) = keys.verify(c) {
-                w.problem = Some(Tamper::BadCheckpoint {
-                    checkpoint: c.id,
-                    reason,
-                });
-                return w;
-            }
-            if let Some(l) = last {
-                if c.id <= l.id || c.seq < l.seq {
-                    w.problem = Some(Tamper::BadCheckpoint {
-                        checkpoint: c.id,
-                        reason: format!("out of order after checkpoint #{}", l.id),
-                    });
-                    return w;
-                }
-            }
-            last = Some(c);
-        }
         for c in checkpoints {
             if c.seq > prev_seq {
                 w.at.entry(c.seq).or_default().push(c);
@@ -290,6 +281,17 @@ impl Walker {
             }
         }
         w
+    }
+
+    /// Marks records `prev_seq + 1 ..= hi` missing when the walk ended before `hi` (a
+    /// part of a log walked in parallel must reach the end of its range).
+    pub fn expect_through(&mut self, hi: i64) {
+        if self.problem.is_none() && self.prev_seq < hi {
+            self.problem = Some(Tamper::Removed {
+                from: self.prev_seq + 1,
+                to: hi,
+            });
+        }
     }
 
     /// A walker for a whole log.
@@ -395,6 +397,63 @@ impl Walker {
             problem: self.problem,
         }
     }
+}
+
+/// Checks every checkpoint's signature, and that ids ascend and positions never go
+/// back. Fails with the first bad one.
+pub fn check_checkpoints(checkpoints: &[Checkpoint], keys: &CheckpointKeys) -> Result<(), Tamper> {
+    let mut last: Option<&Checkpoint> = None;
+    for c in checkpoints {
+        if let Err(reason) = keys.verify(c) {
+            return Err(Tamper::BadCheckpoint {
+                checkpoint: c.id,
+                reason,
+            });
+        }
+        if let Some(l) = last {
+            if c.id <= l.id || c.seq < l.seq {
+                return Err(Tamper::BadCheckpoint {
+                    checkpoint: c.id,
+                    reason: format!("out of order after checkpoint #{}", l.id),
+                });
+            }
+        }
+        last = Some(c);
+    }
+    Ok(())
+}
+
+/// Joins the reports of consecutive parts of one log, walked in parallel: the first
+/// problem (parts are in sequence order) and everything up to it.
+pub fn join_reports(parts: Vec<Report>, checkpoints: u64) -> Report {
+    let mut out = Report {
+        records: 0,
+        head_seq: 0,
+        head_hash: GENESIS_HASH.to_string(),
+        last_checkpoint: None,
+        checkpoints,
+        unattested: 0,
+        problem: None,
+    };
+    for p in parts {
+        out.records += p.records;
+        if p.records > 0 || p.problem.is_some() {
+            out.head_seq = p.head_seq;
+            out.head_hash = p.head_hash;
+        }
+        if p.last_checkpoint.is_some() {
+            out.last_checkpoint = p.last_checkpoint;
+        }
+        if p.problem.is_some() {
+            out.problem = p.problem;
+            break;
+        }
+    }
+    out.unattested = match &out.last_checkpoint {
+        Some(c) => (out.head_seq - c.seq).max(0) as u64,
+        None => out.records,
+    };
+    out
 }
 
 /// Compares what a witness holds with the store's own checkpoints and records: every

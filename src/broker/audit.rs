@@ -2,7 +2,7 @@
 //! the audit log, verify it, read its signed checkpoints. Every call, allowed or
 //! refused, is itself audited before anything is returned.
 
-use super::{log_decision, Broker, BrokerError};
+use super::{log_decision, Broker, BrokerError, Pages};
 use crate::audit::checkpoint::Checkpoint;
 use crate::audit::verify::{Report, VerifyOptions};
 use crate::audit::{AuditQuery, AuditRecord};
@@ -23,9 +23,11 @@ pub struct AuditPager {
     remaining: usize,
 }
 
-impl AuditPager {
-    /// The next page, empty at the end. Fails when the store cannot be read.
-    pub async fn next_page(&mut self) -> Result<Vec<AuditRecord>, BrokerError> {
+#[async_trait::async_trait]
+impl Pages for AuditPager {
+    type Item = AuditRecord;
+
+    async fn next_page(&mut self) -> Result<Vec<AuditRecord>, BrokerError> {
         if self.remaining == 0 {
             return Ok(Vec::new());
         }
@@ -55,9 +57,13 @@ pub struct AuditTail {
     head: watch::Receiver<i64>,
 }
 
-impl AuditTail {
-    /// The next records (never empty). Fails when the store cannot be read or stops.
-    pub async fn next_batch(&mut self) -> Result<Vec<AuditRecord>, BrokerError> {
+#[async_trait::async_trait]
+impl Pages for AuditTail {
+    type Item = AuditRecord;
+
+    /// The next records; never empty: waits for new commits instead. Fails when the
+    /// store cannot be read or stops.
+    async fn next_page(&mut self) -> Result<Vec<AuditRecord>, BrokerError> {
         loop {
             let head = *self.head.borrow_and_update();
             let after = self.query.after_seq.unwrap_or(0);
@@ -102,17 +108,20 @@ pub struct CheckpointList {
 }
 
 impl Broker {
-    /// Identifies the caller, checks the auditor role, and audits the attempt. The record
-    /// of an allowed call is committed before the call proceeds.
-    async fn audit_access(
+    /// Identifies the caller, checks that policy grants it `role`, and audits the attempt
+    /// (action, `target` if any, `context`). The record of an allowed call is committed
+    /// before the call proceeds; a refused one is committed before the refusal returns.
+    pub(super) async fn require_role(
         &self,
         action: &str,
+        role: Role,
         token: Option<&str>,
+        target: &str,
         context: std::collections::BTreeMap<String, String>,
         request_id: &str,
     ) -> Result<(), BrokerError> {
         let started = Instant::now();
-        let mut entry = self.entry(action, request_id, token, "", &[]);
+        let mut entry = self.entry(action, request_id, token, target, &[]);
         entry.context = context;
         let caller = match self.identify(token, &mut entry).await {
             Ok(i) => i,
@@ -120,7 +129,7 @@ impl Broker {
         };
         if let Err(d) = self
             .policy
-            .has_role(&caller.issuer_name, &caller.claims, Role::Auditor)
+            .has_role(&caller.issuer_name, &caller.claims, role)
         {
             return self.fail(entry, d.into(), started).await;
         }
@@ -128,6 +137,17 @@ impl Broker {
         log_decision(&entry, started, None);
         self.store.append(entry).await.map_err(BrokerError::Audit)?;
         Ok(())
+    }
+
+    async fn audit_access(
+        &self,
+        action: &str,
+        token: Option<&str>,
+        context: std::collections::BTreeMap<String, String>,
+        request_id: &str,
+    ) -> Result<(), BrokerError> {
+        self.require_role(action, Role::Auditor, token, "", context, request_id)
+            .await
     }
 
     /// Records matching `query`, at most `limit`, in sequence order.

@@ -106,9 +106,11 @@ pub struct LeaseLister {
     renewable: HashMap<String, bool>,
 }
 
-impl LeaseLister {
-    /// The next page (empty when done).
-    pub async fn next_page(&mut self) -> Result<Vec<Lease>, BrokerError> {
+#[async_trait::async_trait]
+impl super::Pages for LeaseLister {
+    type Item = Lease;
+
+    async fn next_page(&mut self) -> Result<Vec<Lease>, BrokerError> {
         if self.remaining == 0 {
             return Ok(Vec::new());
         }
@@ -578,28 +580,15 @@ impl Broker {
         limit: usize,
         request_id: &str,
     ) -> Result<LeaseLister, BrokerError> {
-        let started = Instant::now();
-        let mut entry = self.entry(
+        self.require_role(
             "list_leases",
-            request_id,
+            Role::Auditor,
             token,
             filter.target.as_deref().unwrap_or(""),
-            &[],
-        );
-        entry.context = filter_context(&filter);
-        let caller = match self.identify(token, &mut entry).await {
-            Ok(i) => i,
-            Err(e) => return self.fail(entry, e, started).await,
-        };
-        if let Err(d) = self
-            .policy
-            .has_role(&caller.issuer_name, &caller.claims, Role::Auditor)
-        {
-            return self.fail(entry, d.into(), started).await;
-        }
-        entry.outcome = "allowed".into();
-        log_decision(&entry, started, None);
-        self.store.append(entry).await.map_err(BrokerError::Audit)?;
+            filter_context(&filter),
+            request_id,
+        )
+        .await?;
         Ok(LeaseLister {
             store: self.store.clone(),
             filter,

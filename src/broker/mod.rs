@@ -27,6 +27,16 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+/// Results handed out a page at a time (lease listings, audit queries, audit tails).
+#[async_trait::async_trait]
+pub trait Pages: Send + 'static {
+    /// What a page holds.
+    type Item: Send + 'static;
+    /// The next page; empty when there is no more (a tail waits instead). Fails when the
+    /// store cannot be read.
+    async fn next_page(&mut self) -> Result<Vec<Self::Item>, BrokerError>;
+}
+
 /// Request limits, checked before anything else.
 pub mod limits {
     /// Longest target name.

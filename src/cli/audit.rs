@@ -292,21 +292,12 @@ fn print(r: &AuditRecord, format: Format) -> Result<(), String> {
 
 async fn query(a: QueryArgs) -> Result<i32, String> {
     let (mut c, token) = client(&a.server).await?;
-    let mut stream = c
+    let stream = c
         .query(authorized(a.filter.to_pb(a.limit), &token)?)
         .await
         .map_err(|s| status_line(&s))?
         .into_inner();
-    if a.format == Format::Table {
-        println!("{}", header());
-    }
-    while let Some(r) = stream.next().await {
-        let r = AuditRecord::try_from(r.map_err(|s| status_line(&s))?)?;
-        if print(&r, a.format).is_err() {
-            break;
-        }
-    }
-    Ok(0)
+    print_stream(stream, a.format).await
 }
 
 async fn tail(a: TailArgs) -> Result<i32, String> {
@@ -314,13 +305,20 @@ async fn tail(a: TailArgs) -> Result<i32, String> {
     let mut req = authorized(a.filter.to_pb(0), &token)?;
     // A tail runs until interrupted: no deadline.
     req.set_timeout(std::time::Duration::from_secs(100 * 365 * 24 * 3600));
-    let mut stream = c.tail(req).await.map_err(|s| status_line(&s))?.into_inner();
-    if a.format == Format::Table {
+    let stream = c.tail(req).await.map_err(|s| status_line(&s))?.into_inner();
+    print_stream(stream, a.format).await
+}
+
+async fn print_stream(
+    mut stream: tonic::Streaming<pb::AuditRecord>,
+    format: Format,
+) -> Result<i32, String> {
+    if format == Format::Table {
         println!("{}", header());
     }
     while let Some(r) = stream.next().await {
         let r = AuditRecord::try_from(r.map_err(|s| status_line(&s))?)?;
-        if print(&r, a.format).is_err() {
+        if print(&r, format).is_err() {
             break;
         }
     }

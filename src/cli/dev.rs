@@ -74,7 +74,19 @@ name = "no-experimental-branches"
 issuer = "dev"
 effect = "deny"
 claims = {{ branchName = {{ glob = "experimental/*" }} }}
+
+[[rules]]
+name = "security-team"
+issuer = "dev"
+claims = {{ repositoryUuid = "{repo}", branchName = "ops/audit" }}
+roles = ["auditor"]
+
+[audit]
+checkpoint_every = 100
+checkpoint_interval = "1m"
+witness_file = "{witness}"
 "#,
+        witness = state_dir.join("audit-witness.jsonl").display(),
         db = state_dir.join("latchkey.db").display(),
         key = state_dir.join("master.key").display(),
         repo = DEV_REPOSITORY,
@@ -165,6 +177,7 @@ mod tests {
         );
         let cfg = Config::parse(&text, "dev.toml").unwrap();
         assert_eq!(cfg.targets.len(), 1);
-        assert_eq!(cfg.policy.rules().len(), 2);
+        assert_eq!(cfg.policy.rules().len(), 3);
+        assert!(cfg.audit.witness.is_some());
     }
 }

@@ -353,3 +353,49 @@ fn lease_settings_default_and_are_checked() {
         "at least 1",
     );
 }
+
+#[test]
+fn audit_settings_default_and_are_checked() {
+    use crate::audit::checkpoint::WitnessTarget;
+    let c = Config::parse(GOOD, "good.toml").unwrap();
+    assert_eq!(c.audit.checkpoint_every, 1000);
+    assert_eq!(c.audit.checkpoint_interval, Duration::from_secs(60));
+    assert_eq!(c.audit.witness, None);
+    let text = format!(
+        "{GOOD}\n[audit]\ncheckpoint_every = 10\ncheckpoint_interval = \"5s\"\nwitness_url = \"https://witness.example.com/cp\"\nredact_claims = [\"email\", \"/kubernetes.io/pod/name\"]\n"
+    );
+    let c = Config::parse(&text, "good.toml").unwrap();
+    assert_eq!(c.audit.checkpoint_every, 10);
+    assert_eq!(
+        c.audit.witness,
+        Some(WitnessTarget::Url("https://witness.example.com/cp".into()))
+    );
+    assert_eq!(c.audit.redact_claims.len(), 2);
+    let with = |extra: &'static str| move |s: &str| format!("{s}\n[audit]\n{extra}\n");
+    rejects(
+        with("checkpoint_every = 0"),
+        "audit.checkpoint_every",
+        "between 1",
+    );
+    rejects(
+        with("checkpoint_interval = \"2d\""),
+        "audit.checkpoint_interval",
+        "between 1s and 24h",
+    );
+    rejects(
+        with("witness_url = \"http://witness.example.com/\""),
+        "audit.witness_url",
+        "https",
+    );
+    rejects(
+        with("witness_file = \"/w.jsonl\"\nwitness_url = \"https://w.example.com/\""),
+        "audit.witness_url",
+        "not both",
+    );
+    rejects(
+        with("redact_claims = [\"\"]"),
+        "audit.redact_claims[0]",
+        "claim name",
+    );
+    rejects(with("witness = \"x\""), "line", "unknown field");
+}

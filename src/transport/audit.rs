@@ -206,33 +206,13 @@ impl Audit for AuditService {
         tracing::Span::current().record("request_id", id.as_str());
         let token = token(&request).map(str::to_string);
         let q = AuditQuery::try_from(request.get_ref())?;
-        let mut pager = self
+        let pager = self
             .broker
             .query_audit(token.as_deref(), q, limit(request.get_ref().limit), &id)
             .await
             .map_err(|e| to_status(&e, &id))?;
-        let (tx, rx) = tokio::sync::mpsc::channel(64);
-        let rid = id.clone();
-        tokio::spawn(async move {
-            loop {
-                match pager.next_page().await {
-                    Ok(page) if page.is_empty() => return,
-                    Ok(page) => {
-                        for r in page {
-                            if tx.send(Ok(r.into())).await.is_err() {
-                                return;
-                            }
-                        }
-                    }
-                    Err(e) => {
-                        let _ = tx.send(Err(to_status(&e, &rid))).await;
-                        return;
-                    }
-                }
-            }
-        });
         Ok(with_id(
-            Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))),
+            Response::new(super::stream_pages(pager, id.clone())),
             &id,
         ))
     }
@@ -246,35 +226,13 @@ impl Audit for AuditService {
         tracing::Span::current().record("request_id", id.as_str());
         let token = token(&request).map(str::to_string);
         let q = AuditQuery::try_from(request.get_ref())?;
-        let mut tail = self
+        let tail = self
             .broker
             .tail_audit(token.as_deref(), q, &id)
             .await
             .map_err(|e| to_status(&e, &id))?;
-        let (tx, rx) = tokio::sync::mpsc::channel(64);
-        let rid = id.clone();
-        tokio::spawn(async move {
-            loop {
-                tokio::select! {
-                    _ = tx.closed() => return,
-                    batch = tail.next_batch() => match batch {
-                        Ok(batch) => {
-                            for r in batch {
-                                if tx.send(Ok(r.into())).await.is_err() {
-                                    return;
-                                }
-                            }
-                        }
-                        Err(e) => {
-                            let _ = tx.send(Err(to_status(&e, &rid))).await;
-                            return;
-                        }
-                    }
-                }
-            }
-        });
         Ok(with_id(
-            Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))),
+            Response::new(super::stream_pages(tail, id.clone())),
             &id,
         ))
     }

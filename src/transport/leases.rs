@@ -75,33 +75,13 @@ impl Leases for LeasesService {
             0 => LIST_DEFAULT,
             n => n.min(LIST_MAX),
         };
-        let mut lister = self
+        let lister = self
             .broker
             .list_leases(token.as_deref(), filter, limit, &id)
             .await
             .map_err(|e| to_status(&e, &id))?;
-        let (tx, rx) = tokio::sync::mpsc::channel(64);
-        let rid = id.clone();
-        tokio::spawn(async move {
-            loop {
-                match lister.next_page().await {
-                    Ok(page) if page.is_empty() => return,
-                    Ok(page) => {
-                        for l in page {
-                            if tx.send(Ok(l.into())).await.is_err() {
-                                return; // the client went away
-                            }
-                        }
-                    }
-                    Err(e) => {
-                        let _ = tx.send(Err(to_status(&e, &rid))).await;
-                        return;
-                    }
-                }
-            }
-        });
         Ok(with_id(
-            Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))),
+            Response::new(super::stream_pages(lister, id.clone())),
             &id,
         ))
     }

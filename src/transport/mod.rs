@@ -88,6 +88,42 @@ pub mod pb {
     }
 }
 
+/// A gRPC response stream fed from `pages` by a task that stops at the first empty page,
+/// at the first error (sent as the stream's status), or when the client goes away.
+pub(crate) fn stream_pages<P, T>(
+    mut pages: P,
+    request_id: String,
+) -> std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<T, tonic::Status>> + Send>>
+where
+    P: crate::broker::Pages,
+    T: From<P::Item> + Send + 'static,
+{
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    tokio::spawn(async move {
+        loop {
+            let page = tokio::select! {
+                _ = tx.closed() => return,
+                page = pages.next_page() => page,
+            };
+            match page {
+                Ok(page) if page.is_empty() => return,
+                Ok(page) => {
+                    for item in page {
+                        if tx.send(Ok(item.into())).await.is_err() {
+                            return; // the client went away
+                        }
+                    }
+                }
+                Err(e) => {
+                    let _ = tx.send(Err(status::to_status(&e, &request_id))).await;
+                    return;
+                }
+            }
+        }
+    });
+    Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
+}
+
 /// Extracts the bearer token from an `authorization` header value.
 pub fn bearer(value: Option<&str>) -> Option<&str> {
     let v = value?.trim();
