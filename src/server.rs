@@ -82,8 +82,13 @@ impl Running {
             tracing::error!(error = %e, "final audit checkpoint failed");
         }
         if let Some(w) = &self.witness {
-            if let Err(e) = w.deliver_pending().await {
-                tracing::warn!(error = %e, lag = self.broker.audit_status().witness_lag(), "witness did not take the final checkpoints");
+            // One try, bounded: a hung witness must not hold up shutdown either.
+            let r = tokio::time::timeout(w.timeout() * 2, w.deliver_pending()).await;
+            if !matches!(r, Ok(Ok(_))) {
+                tracing::warn!(
+                    lag = self.broker.audit_status().witness_lag(),
+                    "witness did not take the final checkpoints; they stay in the store"
+                );
             }
         }
     }
@@ -228,9 +233,20 @@ pub async fn start_with_store(
     let witness = cfg.audit.witness.clone().map(|target| {
         let made = checkpointer.subscribe();
         refreshers.push(tokio::spawn(
-            Witness::new(store.clone(), target.clone(), status.clone()).run(made, stop.subscribe()),
+            Witness::new(
+                store.clone(),
+                target.clone(),
+                cfg.audit.witness_timeout,
+                status.clone(),
+            )
+            .run(made, stop.subscribe()),
         ));
-        Witness::new(store.clone(), target, status.clone())
+        Witness::new(
+            store.clone(),
+            target,
+            cfg.audit.witness_timeout,
+            status.clone(),
+        )
     });
     tracing::info!(%grpc_addr, %http_addr, issuer = %broker.issuer_url(), "latchkey serving");
     Ok(Running {

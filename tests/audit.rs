@@ -655,3 +655,117 @@ async fn a_store_that_cannot_commit_fails_mint_closed_and_recovers_without_resta
     .unwrap();
     assert_eq!(mints.len(), 2);
 }
+
+/// A witness URL that fails, hangs or takes checkpoints, as told; records what it took.
+#[derive(Clone, Default)]
+struct FakeWitness {
+    mode: Arc<std::sync::atomic::AtomicU8>,
+    got: Arc<std::sync::Mutex<Vec<serde_json::Value>>>,
+}
+
+const TAKE: u8 = 0;
+const FAIL: u8 = 1;
+const HANG: u8 = 2;
+
+async fn spawn_witness(w: FakeWitness) -> String {
+    use axum::routing::post;
+    let app = axum::Router::new()
+        .route(
+            "/cp",
+            post(
+                |axum::extract::State(w): axum::extract::State<FakeWitness>,
+                 axum::Json(body): axum::Json<serde_json::Value>| async move {
+                    match w.mode.load(std::sync::atomic::Ordering::SeqCst) {
+                        FAIL => axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                        HANG => {
+                            tokio::time::sleep(Duration::from_secs(30)).await;
+                            axum::http::StatusCode::OK
+                        }
+                        _ => {
+                            w.got.lock().unwrap().push(body);
+                            axum::http::StatusCode::NO_CONTENT
+                        }
+                    }
+                },
+            ),
+        )
+        .with_state(w);
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(l, app).await.unwrap() });
+    format!("http://{addr}/cp")
+}
+
+async fn witness_lag(env: &Env) -> i64 {
+    let ready: serde_json::Value = reqwest::get(format!("{}/readyz", env.http))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        ready["status"], "ready",
+        "a witness problem never makes the broker unready"
+    );
+    ready["checks"]["audit_witness"]["lag"].as_i64().unwrap()
+}
+
+#[tokio::test]
+async fn a_failing_or_hung_witness_never_blocks_mint_and_catches_up_in_order() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let fake = FakeWitness::default();
+    fake.mode.store(HANG, SeqCst);
+    let url = spawn_witness(fake.clone()).await;
+    let env = Env::start_full(
+        "jwks_cooldown = \"0s\"",
+        "busy_timeout = \"300ms\"",
+        &format!(
+            "[audit]\ncheckpoint_every = 2\ncheckpoint_interval = \"1h\"\nwitness_url = \"{url}\"\nwitness_timeout = \"300ms\"\n"
+        ),
+        Arc::new(SystemClock),
+    )
+    .await;
+    let t = env.token("main");
+    // Hung witness: mints stay fast, checkpoints pile up in the store, the lag shows.
+    for _ in 0..6 {
+        let started = std::time::Instant::now();
+        env.mint(&t, "orders-api", &[], None).await.unwrap();
+        assert!(started.elapsed() < Duration::from_secs(2));
+    }
+    let mut lag = 0;
+    for _ in 0..100 {
+        lag = witness_lag(&env).await;
+        if lag >= 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(lag >= 2, "lag {lag}");
+    // Failing witness: still retried.
+    fake.mode.store(FAIL, SeqCst);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(fake.got.lock().unwrap().is_empty());
+    // The witness recovers: everything is delivered, in order, without gaps.
+    fake.mode.store(TAKE, SeqCst);
+    for _ in 0..200 {
+        if witness_lag(&env).await == 0 && !fake.got.lock().unwrap().is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(witness_lag(&env).await, 0);
+    let ids: Vec<i64> = fake
+        .got
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|c| c["id"].as_i64().unwrap())
+        .collect();
+    assert_eq!(
+        ids,
+        (1..=ids.len() as i64).collect::<Vec<_>>(),
+        "in order, no gaps"
+    );
+    assert!(ids.len() >= 2);
+    env.stop().await;
+}

@@ -212,6 +212,8 @@ pub struct Config {
     pub checkpoint_interval: Duration,
     /// Where checkpoints are also delivered.
     pub witness: Option<WitnessTarget>,
+    /// Longest one delivery may take before it counts as failed.
+    pub witness_timeout: Duration,
     /// Claims replaced by `"[REDACTED]"` before a record is written: top-level names or
     /// JSON pointers (`/kubernetes.io/pod/name`).
     pub redact_claims: Vec<String>,
@@ -223,6 +225,7 @@ impl Default for Config {
             checkpoint_every: 1000,
             checkpoint_interval: Duration::from_secs(60),
             witness: None,
+            witness_timeout: Duration::from_secs(10),
             redact_claims: Vec::new(),
         }
     }
@@ -345,27 +348,38 @@ pub struct Witness {
     target: WitnessTarget,
     status: Arc<AuditStatus>,
     http: reqwest::Client,
+    timeout: Duration,
 }
 
 /// Longest wait between delivery attempts.
 const WITNESS_MAX_BACKOFF: Duration = Duration::from_secs(60);
 /// Checkpoints read from the store per round.
 const WITNESS_PAGE: usize = 100;
-/// Longest one delivery may take before it counts as failed.
-const WITNESS_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl Witness {
-    /// A witness delivering to `target`.
-    pub fn new(store: Arc<dyn Store>, target: WitnessTarget, status: Arc<AuditStatus>) -> Witness {
+    /// A witness delivering to `target`, each delivery bounded by `timeout`.
+    pub fn new(
+        store: Arc<dyn Store>,
+        target: WitnessTarget,
+        timeout: Duration,
+        status: Arc<AuditStatus>,
+    ) -> Witness {
         Witness {
             store,
             target,
             status,
             http: reqwest::Client::builder()
-                .timeout(WITNESS_TIMEOUT)
+                .timeout(timeout)
+                .redirect(reqwest::redirect::Policy::none())
                 .build()
                 .unwrap_or_default(),
+            timeout,
         }
+    }
+
+    /// The longest one delivery may take.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
     }
 
     /// Delivers what is pending; answers how many were delivered. Stops at the first
@@ -413,7 +427,7 @@ impl Witness {
                     f.write_all(format!("{line}\n").as_bytes())?;
                     f.sync_data()
                 });
-                match tokio::time::timeout(WITNESS_TIMEOUT, write).await {
+                match tokio::time::timeout(self.timeout, write).await {
                     Ok(Ok(Ok(()))) => Ok(()),
                     Ok(Ok(Err(e))) => Err(format!("witness file: {}", e.kind())),
                     Ok(Err(_)) => Err("witness file: writer failed".into()),

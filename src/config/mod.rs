@@ -412,10 +412,17 @@ impl Checker<'_> {
                 ));
             }
         }
+        let witness_timeout = r.witness_timeout.map(|x| x.0).unwrap_or(d.witness_timeout);
+        if witness_timeout < Duration::from_millis(100)
+            || witness_timeout > Duration::from_secs(300)
+        {
+            return Err(self.err("audit.witness_timeout", "must be between 100ms and 5m"));
+        }
         Ok(AuditConfig {
             checkpoint_every,
             checkpoint_interval,
             witness,
+            witness_timeout,
             redact_claims: r.redact_claims,
         })
     }

@@ -44,6 +44,7 @@ pub struct RawAudit {
     pub checkpoint_interval: Option<Dur>,
     pub witness_file: Option<String>,
     pub witness_url: Option<String>,
+    pub witness_timeout: Option<Dur>,
     #[serde(default)]
     pub redact_claims: Vec<String>,
 }
