@@ -105,6 +105,22 @@ pub fn record_hash(seq: i64, prev_hash: &str, entry: &AuditEntry) -> String {
     crate::jose::sha256_hex(canonical)
 }
 
+/// [`record_hash`] from the entry's canonical JSON (`serde_json::to_vec(&entry)`), which
+/// a caller can render before the record's place in the chain is known.
+pub fn record_hash_from_json(seq: i64, prev_hash: &str, entry_json: &[u8]) -> String {
+    let mut head = Vec::with_capacity(128);
+    head.extend_from_slice(
+        format!("{{\"v\":{SCHEMA_VERSION},\"seq\":{seq},\"prev_hash\":").as_bytes(),
+    );
+    let _ = serde_json::to_writer(&mut head, prev_hash);
+    head.extend_from_slice(b",\"entry\":");
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    ctx.update(&head);
+    ctx.update(entry_json);
+    ctx.update(b"}");
+    crate::jose::hex(ctx.finish().as_ref())
+}
+
 impl AuditRecord {
     /// Places `entry` after the record with `prev_seq`/`prev_hash`.
     pub fn chain(prev_seq: i64, prev_hash: &str, entry: AuditEntry) -> AuditRecord {
@@ -443,6 +459,10 @@ mod tests {
                 claims: raw(&claims),
             };
             assert_eq!(raw_record_hash(7, "p", &r), record_hash(7, "p", &e));
+            assert_eq!(
+                record_hash_from_json(7, "p", &serde_json::to_vec(&e).unwrap()),
+                record_hash(7, "p", &e)
+            );
         }
     }
 

@@ -113,22 +113,48 @@ const GATHER: Duration = Duration::from_micros(500);
 
 type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
 
+/// An audit entry with its JSON already rendered on the caller's thread, so the one
+/// writer thread only chains, hashes and inserts.
+struct Prepared {
+    entry: AuditEntry,
+    /// Canonical JSON of the entry: the part of the hash input that does not depend on
+    /// the record's place in the chain.
+    entry_json: Vec<u8>,
+    requested_scopes: String,
+    granted_scopes: String,
+    context: String,
+    claims: String,
+}
+
+impl Prepared {
+    fn new(entry: AuditEntry) -> Prepared {
+        Prepared {
+            entry_json: serde_json::to_vec(&entry).unwrap_or_default(),
+            requested_scopes: json(&entry.requested_scopes),
+            granted_scopes: json(&entry.granted_scopes),
+            context: json(&entry.context),
+            claims: json(&entry.claims),
+            entry,
+        }
+    }
+}
+
 /// A mint to commit: the lease, its guard, its audit record.
 struct MintWrite {
     lease: LeaseRecord,
     guard: MintGuard,
-    entry: AuditEntry,
+    entry: Prepared,
     now: i64,
 }
 
 /// Writes that share one transaction (group commit).
 enum Write {
-    Append(Box<AuditEntry>, Reply<Appended>),
+    Append(Box<Prepared>, Reply<Appended>),
     Mint(
         Box<MintWrite>,
         oneshot::Sender<Result<Appended, CommitError>>,
     ),
-    Changes(Vec<(LeaseChange, Option<AuditEntry>)>, Reply<Vec<bool>>),
+    Changes(Vec<(LeaseChange, Option<Prepared>)>, Reply<Vec<bool>>),
 }
 
 /// What a write produced, before the transaction commits.
@@ -415,16 +441,17 @@ impl Writer {
 fn append_row(
     conn: &Connection,
     head: &mut (i64, String),
-    entry: &AuditEntry,
+    p: &Prepared,
 ) -> Result<Appended, StoreError> {
-    let rec = AuditRecord::chain(head.0, &head.1, entry.clone());
-    let e = &rec.entry;
+    let seq = head.0 + 1;
+    let hash = crate::audit::record_hash_from_json(seq, &head.1, &p.entry_json);
+    let e = &p.entry;
     conn.prepare_cached(&format!(
         "INSERT INTO audit ({AUDIT_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22, ?23, ?24, ?25, ?26)"
     ))
     .and_then(|mut stmt| {
         stmt.execute(params![
-            rec.seq,
+            seq,
             e.time_ms,
             e.request_id,
             e.action,
@@ -438,26 +465,23 @@ fn append_row(
             e.pipeline,
             e.token_fingerprint,
             e.target,
-            json(&e.requested_scopes),
-            json(&e.granted_scopes),
+            p.requested_scopes,
+            p.granted_scopes,
             e.ttl_secs,
             e.rule,
             e.reason,
             e.lease_id,
             e.credential_jti,
             e.credential_fingerprint,
-            json(&e.context),
-            json(&e.claims),
-            rec.prev_hash,
-            rec.hash,
+            p.context,
+            p.claims,
+            head.1,
+            hash,
         ])
     })
     .map_err(unavailable)?;
-    *head = (rec.seq, rec.hash.clone());
-    Ok(Appended {
-        seq: rec.seq,
-        hash: rec.hash,
-    })
+    *head = (seq, hash.clone());
+    Ok(Appended { seq, hash })
 }
 
 /// The quota and replay checks of a mint, without writing.
@@ -550,7 +574,7 @@ fn insert_lease(conn: &Connection, l: &LeaseRecord) -> Result<(), StoreError> {
 fn apply_changes(
     conn: &Connection,
     head: &mut (i64, String),
-    changes: &[(LeaseChange, Option<AuditEntry>)],
+    changes: &[(LeaseChange, Option<Prepared>)],
 ) -> Result<Vec<bool>, StoreError> {
     let mut out = Vec::with_capacity(changes.len());
     for (c, entry) in changes {
@@ -799,7 +823,8 @@ fn read_keys(conn: &Connection) -> Result<Vec<StoredKey>, StoreError> {
 #[async_trait]
 impl Store for SqliteStore {
     async fn append(&self, entry: AuditEntry) -> Result<Appended, StoreError> {
-        self.call(|r| Cmd::Write(Write::Append(Box::new(entry), r)))
+        let p = Prepared::new(entry);
+        self.call(|r| Cmd::Write(Write::Append(Box::new(p), r)))
             .await
     }
 
@@ -830,7 +855,7 @@ impl Store for SqliteStore {
         let w = MintWrite {
             lease,
             guard,
-            entry,
+            entry: Prepared::new(entry),
             now,
         };
         self.tx
@@ -925,6 +950,10 @@ impl Store for SqliteStore {
         if changes.is_empty() {
             return Ok(Vec::new());
         }
+        let changes = changes
+            .into_iter()
+            .map(|(c, e)| (c, e.map(Prepared::new)))
+            .collect();
         self.call(|r| Cmd::Write(Write::Changes(changes, r))).await
     }
 
