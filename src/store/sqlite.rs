@@ -108,8 +108,6 @@ const LEASE_COLUMNS: &str = "id, issuer, identity_key, subject, repository, targ
 
 /// Largest number of writes one transaction commits.
 const MAX_BATCH: usize = 1024;
-/// Longest a commit waits for the callers of the previous commit to send again.
-const GATHER: Duration = Duration::from_micros(500);
 
 type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
 
@@ -304,35 +302,20 @@ struct Writer {
 impl Writer {
     fn run(mut self, rx: mpsc::Receiver<Cmd>) {
         let mut deferred: Vec<Cmd> = Vec::new();
-        // Callers the previous commit answered: under load they send again at once.
-        let mut last_batch = 0usize;
         while let Ok(first) = rx.recv() {
             let mut batch = Vec::new();
             match first {
                 Cmd::Write(w) => batch.push(w),
                 other => deferred.push(other),
             }
-            // Take whatever else is already waiting: this is the group commit. When the
-            // last commit served more callers than have arrived yet, wait a moment for
-            // them (never longer than GATHER): one fsync then serves them all instead of
-            // a trickle of small commits. A lone caller never waits.
-            let deadline = std::time::Instant::now() + GATHER;
+            // Take whatever else is already waiting: this is the group commit.
             while batch.len() < MAX_BATCH {
-                let next = if !batch.is_empty() && batch.len() < last_batch {
-                    match deadline.checked_duration_since(std::time::Instant::now()) {
-                        Some(left) => rx.recv_timeout(left).ok(),
-                        None => None,
-                    }
-                } else {
-                    rx.try_recv().ok()
-                };
-                match next {
-                    Some(Cmd::Write(w)) => batch.push(w),
-                    Some(other) => deferred.push(other),
-                    None => break,
+                match rx.try_recv() {
+                    Ok(Cmd::Write(w)) => batch.push(w),
+                    Ok(other) => deferred.push(other),
+                    Err(_) => break,
                 }
             }
-            last_batch = batch.len();
             if !batch.is_empty() {
                 self.write_batch(batch);
             }
