@@ -72,6 +72,7 @@ impl Running {
     /// witness (bounded by the witness timeout).
     pub async fn shutdown(self) {
         let _ = self.stop.send(true);
+        self.broker.stop_streams();
         for r in &self.refreshers {
             r.abort();
         }

@@ -258,8 +258,22 @@ async fn auditors_query_tail_verify_and_read_checkpoints_others_are_refused_and_
         .unwrap();
     assert_eq!(ready["status"], "ready", "{ready}");
 
-    // Stop: a last checkpoint of everything, handed to the witness.
-    env.stop_checkpointless().await;
+    // Stop, with a tail still open (it must not hold up shutdown): a last checkpoint of
+    // everything, handed to the witness.
+    let mut open_tail = audit_client(&env)
+        .tail(authed(pb::AuditQuery::default(), &auditor))
+        .await
+        .unwrap()
+        .into_inner();
+    tokio::time::timeout(Duration::from_secs(10), env.stop_checkpointless())
+        .await
+        .expect("shutdown is not held up by an open tail");
+    // It had its own audit_tail record to deliver, then it ends.
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while let Some(Ok(_)) = open_tail.next().await {}
+    })
+    .await
+    .expect("the tail ended with the server");
     let witnessed: Vec<Checkpoint> =
         latchkey::cli::audit::read_lines(&wdir.path().join("witness.jsonl")).unwrap();
     let report = verify_file(
@@ -394,6 +408,19 @@ async fn every_kind_of_tampering_with_the_file_is_detected_and_named() {
              UPDATE audit SET seq = 8 WHERE seq = -3;"
                 .into(),
             Tamper::Reordered { seq: 3 },
+        ),
+        (
+            "forged-below-one",
+            format!("INSERT INTO audit (seq, {COLS}) SELECT 0, {COLS} FROM audit WHERE seq = 4;"),
+            Tamper::Misnumbered {
+                seq: 0,
+                expected: 1,
+            },
+        ),
+        (
+            "retyped",
+            "UPDATE audit SET time_ms = 'yesterday' WHERE seq = 6".into(),
+            Tamper::Edited { seq: 6 },
         ),
         (
             "truncated",

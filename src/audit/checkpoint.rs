@@ -347,7 +347,7 @@ pub struct Witness {
     store: Arc<dyn Store>,
     target: WitnessTarget,
     status: Arc<AuditStatus>,
-    http: reqwest::Client,
+    http: Option<reqwest::Client>,
     timeout: Duration,
 }
 
@@ -368,11 +368,13 @@ impl Witness {
             store,
             target,
             status,
+            // Only fails when the TLS backend cannot start; then every delivery fails
+            // (and is retried) rather than running without a timeout.
             http: reqwest::Client::builder()
                 .timeout(timeout)
                 .redirect(reqwest::redirect::Policy::none())
                 .build()
-                .unwrap_or_default(),
+                .ok(),
             timeout,
         }
     }
@@ -435,8 +437,8 @@ impl Witness {
                 }
             }
             WitnessTarget::Url(u) => {
-                let r = self
-                    .http
+                let http = self.http.as_ref().ok_or("witness url: no HTTP client")?;
+                let r = http
                     .post(u)
                     .header("content-type", "application/json")
                     .body(line)

@@ -38,6 +38,14 @@ pub enum Tamper {
         /// The first record out of place.
         seq: i64,
     },
+    /// A record numbered at or below one already walked (a duplicate, or a row a forger
+    /// numbered 0 or less).
+    Misnumbered {
+        /// Its number.
+        seq: i64,
+        /// The number expected there.
+        expected: i64,
+    },
     /// The record is intact but belongs elsewhere in the chain.
     Reordered {
         /// The record.
@@ -91,6 +99,7 @@ impl Tamper {
             Tamper::Inserted { .. } => "inserted",
             Tamper::Shifted { .. } => "shifted",
             Tamper::Reordered { .. } => "reordered",
+            Tamper::Misnumbered { .. } => "misnumbered",
             Tamper::Unlinked { .. } => "unlinked",
             Tamper::Truncated { .. } => "truncated",
             Tamper::CheckpointMismatch { .. } => "checkpoint_mismatch",
@@ -109,6 +118,7 @@ impl Tamper {
             | Tamper::Unlinked { seq }
             | Tamper::CheckpointMismatch { seq, .. } => *seq,
             Tamper::Removed { from, .. } => *from,
+            Tamper::Misnumbered { expected, .. } => *expected,
             Tamper::Truncated { head, .. } => head + 1,
             Tamper::BadCheckpoint { .. } | Tamper::WitnessMismatch { .. } => 0,
         }
@@ -136,6 +146,10 @@ impl fmt::Display for Tamper {
                 f,
                 "record {seq}: belongs at {} (a record before it was removed and the rest renumbered, or it was reordered)",
                 seq + 1
+            ),
+            Tamper::Misnumbered { seq, expected } => write!(
+                f,
+                "a record numbered {seq} stands where record {expected} was expected (inserted or duplicated)"
             ),
             Tamper::Reordered { seq } => write!(
                 f,
@@ -210,7 +224,7 @@ impl fmt::Display for Report {
                 crate::clock::rfc3339(c.time_ms / 1000),
                 c.seq
             )?,
-            None => write!(f, ", no checkpoint yet")?,
+            None => return write!(f, ", no signed checkpoint yet"),
         }
         if self.unattested > 0 {
             write!(f, "; {} records after it not yet attested", self.unattested)?;
@@ -283,6 +297,14 @@ impl Walker {
         w
     }
 
+    /// Records a problem found outside [`Walker::step`] (a row that cannot be read as
+    /// what was written); the first problem stays.
+    pub fn fail(&mut self, p: Tamper) {
+        if self.problem.is_none() {
+            self.problem = Some(p);
+        }
+    }
+
     /// Marks records `prev_seq + 1 ..= hi` missing when the walk ended before `hi` (a
     /// part of a log walked in parallel must reach the end of its range).
     pub fn expect_through(&mut self, hi: i64) {
@@ -325,7 +347,10 @@ impl Walker {
             return false;
         }
         if seq < expect {
-            self.problem = Some(Tamper::Reordered { seq: expect });
+            self.problem = Some(Tamper::Misnumbered {
+                seq,
+                expected: expect,
+            });
             return false;
         }
         let linked = prev_hash == self.prev_hash;

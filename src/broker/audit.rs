@@ -6,10 +6,11 @@ use super::{log_decision, Broker, BrokerError, Pages};
 use crate::audit::checkpoint::Checkpoint;
 use crate::audit::verify::{Report, VerifyOptions};
 use crate::audit::{AuditQuery, AuditRecord};
+use crate::identity::WorkloadIdentity;
 use crate::policy::Role;
 use crate::store::Store;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
 /// Records read from the store per round trip.
@@ -49,12 +50,17 @@ impl Pages for AuditPager {
 }
 
 /// Follows the log: each call answers the next records matching the query, waiting
-/// for new commits when there are none.
+/// for new commits when there are none. It ends (an empty page) when the query's
+/// `until_seq` is passed, when the caller's identity token expires, or when the broker
+/// shuts down.
 #[derive(Debug)]
 pub struct AuditTail {
     store: Arc<dyn Store>,
     query: AuditQuery,
+    until_seq: Option<i64>,
     head: watch::Receiver<i64>,
+    stopping: watch::Receiver<bool>,
+    token_expires_in: Duration,
 }
 
 #[async_trait::async_trait]
@@ -64,9 +70,15 @@ impl Pages for AuditTail {
     /// The next records; never empty: waits for new commits instead. Fails when the
     /// store cannot be read or stops.
     async fn next_page(&mut self) -> Result<Vec<AuditRecord>, BrokerError> {
+        let deadline = tokio::time::sleep(self.token_expires_in);
+        tokio::pin!(deadline);
         loop {
             let head = *self.head.borrow_and_update();
+            let head = self.until_seq.map_or(head, |u| head.min(u));
             let after = self.query.after_seq.unwrap_or(0);
+            if *self.stopping.borrow() || self.until_seq.is_some_and(|u| after >= u) {
+                return Ok(Vec::new());
+            }
             if head > after {
                 let q = AuditQuery {
                     until_seq: Some(head),
@@ -87,10 +99,16 @@ impl Pages for AuditTail {
                 }
                 continue;
             }
-            if self.head.changed().await.is_err() {
-                return Err(BrokerError::Store(crate::store::StoreError::Unavailable(
-                    "store stopped".into(),
-                )));
+            tokio::select! {
+                changed = self.head.changed() => if changed.is_err() {
+                    return Err(BrokerError::Store(crate::store::StoreError::Unavailable(
+                        "store stopped".into(),
+                    )));
+                },
+                _ = self.stopping.wait_for(|v| *v) => return Ok(Vec::new()),
+                // The caller proved who it is with a token that has now expired: it
+                // reconnects with a fresh one to go on.
+                _ = &mut deadline => return Ok(Vec::new()),
             }
         }
     }
@@ -119,7 +137,7 @@ impl Broker {
         target: &str,
         context: std::collections::BTreeMap<String, String>,
         request_id: &str,
-    ) -> Result<(), BrokerError> {
+    ) -> Result<WorkloadIdentity, BrokerError> {
         let started = Instant::now();
         let mut entry = self.entry(action, request_id, token, target, &[]);
         entry.context = context;
@@ -136,7 +154,7 @@ impl Broker {
         entry.outcome = "allowed".into();
         log_decision(&entry, started, None);
         self.store.append(entry).await.map_err(BrokerError::Audit)?;
-        Ok(())
+        Ok(caller)
     }
 
     async fn audit_access(
@@ -148,6 +166,7 @@ impl Broker {
     ) -> Result<(), BrokerError> {
         self.require_role(action, Role::Auditor, token, "", context, request_id)
             .await
+            .map(|_| ())
     }
 
     /// Records matching `query`, at most `limit`, in sequence order.
@@ -179,12 +198,24 @@ impl Broker {
             let (seq, _) = self.store.audit_head().await.map_err(BrokerError::Store)?;
             query.after_seq = Some(seq);
         }
-        self.audit_access("audit_tail", token, query.context(), request_id)
+        let caller = self
+            .require_role(
+                "audit_tail",
+                Role::Auditor,
+                token,
+                "",
+                query.context(),
+                request_id,
+            )
             .await?;
+        let left = caller.expires_at.saturating_sub(self.clock.now()).max(0) as u64;
         Ok(AuditTail {
             store: self.store.clone(),
+            until_seq: query.until_seq.take(),
             query,
             head,
+            stopping: self.stopping.subscribe(),
+            token_expires_in: Duration::from_secs(left),
         })
     }
 

@@ -323,6 +323,8 @@ pub struct Broker {
     lease_cfg: LeaseConfig,
     reaper: Reaper,
     audit: AuditParts,
+    /// Set when the server shuts down: open streams (audit tails) end.
+    stopping: tokio::sync::watch::Sender<bool>,
 }
 
 /// What the audit service needs: the keys checkpoints verify with, live checkpoint and
@@ -399,7 +401,13 @@ impl Broker {
                 redact: cfg.audit.redact_claims.clone(),
                 ..AuditParts::default()
             },
+            stopping: tokio::sync::watch::channel(false).0,
         }
+    }
+
+    /// Ends open streams (audit tails), so a graceful shutdown is not held up by them.
+    pub fn stop_streams(&self) {
+        self.stopping.send_replace(true);
     }
 
     /// Gives the broker the audit keys and the live checkpoint/witness state (the server

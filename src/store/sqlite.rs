@@ -186,6 +186,9 @@ pub struct SqliteStore {
     tx: mpsc::Sender<Cmd>,
     path: PathBuf,
     head: Arc<watch::Sender<i64>>,
+    /// A read-only connection for audit queries, opened on first use: a slow filter
+    /// never holds up the writer (and so never holds up Mint).
+    reader: Arc<std::sync::Mutex<Option<Connection>>>,
 }
 
 fn unavailable(e: rusqlite::Error) -> StoreError {
@@ -216,6 +219,7 @@ impl SqliteStore {
             tx,
             path: cfg.path.clone(),
             head: head_tx,
+            reader: Arc::default(),
         })
     }
 
@@ -985,7 +989,19 @@ impl Store for SqliteStore {
         limit: usize,
     ) -> Result<Vec<AuditRecord>, StoreError> {
         let q = query.clone();
-        self.read(move |c| audit::query(c, &q, limit)).await
+        let (reader, path) = (self.reader.clone(), self.path.clone());
+        tokio::task::spawn_blocking(move || {
+            let mut slot = reader.lock().unwrap_or_else(|e| e.into_inner());
+            if slot.is_none() {
+                *slot = Some(audit::open_read_only(&path)?);
+            }
+            match slot.as_ref() {
+                Some(c) => audit::query(c, &q, limit),
+                None => Err(stopped()),
+            }
+        })
+        .await
+        .map_err(|_| StoreError::Unavailable("query task failed".into()))?
     }
 
     async fn audit_keys(&self) -> Result<Vec<StoredAuditKey>, StoreError> {

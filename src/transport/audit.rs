@@ -53,9 +53,19 @@ impl TryFrom<&pb::AuditQuery> for AuditQuery {
                 v => Ok(Some(v)),
             }
         };
-        let ms = |t: &Option<prost_types::Timestamp>| {
+        let ms = |name: &str, t: &Option<prost_types::Timestamp>| -> Result<Option<i64>, Status> {
             t.as_ref()
-                .map(|t| t.seconds.saturating_mul(1000) + i64::from(t.nanos / 1_000_000))
+                .map(|t| {
+                    t.seconds
+                        .checked_mul(1000)
+                        .and_then(|ms| ms.checked_add(i64::from(t.nanos / 1_000_000)))
+                        .ok_or_else(|| {
+                            Status::invalid_argument(format!(
+                                "invalid request: {name} is out of range"
+                            ))
+                        })
+                })
+                .transpose()
         };
         if let Some(o) = opt("outcome", &q.outcome)? {
             if !["allowed", "denied", "error"].contains(&o.as_str()) {
@@ -65,8 +75,8 @@ impl TryFrom<&pb::AuditQuery> for AuditQuery {
             }
         }
         Ok(AuditQuery {
-            since_ms: ms(&q.since),
-            until_ms: ms(&q.until),
+            since_ms: ms("since", &q.since)?,
+            until_ms: ms("until", &q.until)?,
             after_seq: seq("after_seq", q.after_seq)?,
             until_seq: seq("until_seq", q.until_seq)?,
             issuer: opt("issuer", &q.issuer)?,
@@ -357,6 +367,13 @@ mod tests {
             },
             pb::AuditQuery {
                 after_seq: -1,
+                ..Default::default()
+            },
+            pb::AuditQuery {
+                since: Some(prost_types::Timestamp {
+                    seconds: i64::MAX,
+                    nanos: 0,
+                }),
                 ..Default::default()
             },
         ] {

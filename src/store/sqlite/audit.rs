@@ -264,6 +264,8 @@ fn keys_for(conn: &Connection, opts: &VerifyOptions) -> CheckpointKeys {
 }
 
 /// Walks the records with `lo <= seq <= hi` (each row hashed from its borrowed columns).
+/// A row whose columns cannot be read as what was written (a type changed, a JSON column
+/// that is not JSON) is reported as edited.
 fn walk_rows(conn: &Connection, w: &mut Walker, lo: i64, hi: i64) -> Result<(), StoreError> {
     if w.failed() {
         return Ok(());
@@ -275,58 +277,69 @@ fn walk_rows(conn: &Connection, w: &mut Walker, lo: i64, hi: i64) -> Result<(), 
         .map_err(unavailable)?;
     let mut rows = stmt.query(params![lo, hi]).map_err(unavailable)?;
     while let Some(r) = rows.next().map_err(unavailable)? {
-        let seq: i64 = r.get(0).map_err(unavailable)?;
-        let corrupt = |what: &str| StoreError::Corrupt(format!("audit record {seq}: {what}"));
-        let text = |i: usize| -> Result<&str, StoreError> {
-            r.get_ref(i)
-                .map_err(unavailable)?
-                .as_str()
-                .map_err(|_| corrupt("a text column holds something else"))
-        };
-        let opt = |i: usize| -> Result<Option<&str>, StoreError> {
-            r.get_ref(i)
-                .map_err(unavailable)?
-                .as_str_or_null()
-                .map_err(|_| corrupt("a text column holds something else"))
-        };
-        let raw = |i: usize| -> Result<&RawValue, StoreError> {
-            serde_json::from_str::<&RawValue>(text(i)?)
-                .map_err(|_| corrupt("a JSON column is not JSON"))
-        };
-        let entry = RawEntry {
-            time_ms: r.get(1).map_err(unavailable)?,
-            request_id: text(2)?,
-            action: text(3)?,
-            outcome: text(4)?,
-            issuer: opt(5)?,
-            identity_key: opt(6)?,
-            subject: opt(7)?,
-            repository: opt(8)?,
-            git_ref: opt(9)?,
-            environment: opt(10)?,
-            pipeline: opt(11)?,
-            token_fingerprint: opt(12)?,
-            target: opt(13)?,
-            requested_scopes: raw(14)?,
-            granted_scopes: raw(15)?,
-            ttl_secs: r.get(16).map_err(unavailable)?,
-            rule: opt(17)?,
-            reason: opt(18)?,
-            lease_id: opt(19)?,
-            credential_jti: opt(20)?,
-            credential_fingerprint: opt(21)?,
-            context: raw(22)?,
-            claims: raw(23)?,
-        };
-        let prev_hash = text(24)?;
-        let hash = text(25)?;
-        if !w.step(seq, prev_hash, hash, |s| {
-            raw_record_hash(s, prev_hash, &entry)
-        }) {
-            break;
+        let seq: i64 = r.get(0).unwrap_or(0);
+        match step_row(r, w) {
+            Ok(true) => {}
+            Ok(false) => break,
+            Err(()) => {
+                w.fail(Tamper::Edited { seq });
+                break;
+            }
         }
     }
     Ok(())
+}
+
+/// One row into the walker; `Err` when a column does not hold what was written.
+fn step_row(r: &rusqlite::Row<'_>, w: &mut Walker) -> Result<bool, ()> {
+    let text =
+        |i: usize| -> Result<&str, ()> { r.get_ref(i).map_err(|_| ())?.as_str().map_err(|_| ()) };
+    let opt = |i: usize| -> Result<Option<&str>, ()> {
+        r.get_ref(i)
+            .map_err(|_| ())?
+            .as_str_or_null()
+            .map_err(|_| ())
+    };
+    let int =
+        |i: usize| -> Result<i64, ()> { r.get_ref(i).map_err(|_| ())?.as_i64().map_err(|_| ()) };
+    let raw = |i: usize| -> Result<&RawValue, ()> {
+        serde_json::from_str::<&RawValue>(text(i)?).map_err(|_| ())
+    };
+    let seq = int(0)?;
+    let entry = RawEntry {
+        time_ms: int(1)?,
+        request_id: text(2)?,
+        action: text(3)?,
+        outcome: text(4)?,
+        issuer: opt(5)?,
+        identity_key: opt(6)?,
+        subject: opt(7)?,
+        repository: opt(8)?,
+        git_ref: opt(9)?,
+        environment: opt(10)?,
+        pipeline: opt(11)?,
+        token_fingerprint: opt(12)?,
+        target: opt(13)?,
+        requested_scopes: raw(14)?,
+        granted_scopes: raw(15)?,
+        ttl_secs: r
+            .get_ref(16)
+            .map_err(|_| ())?
+            .as_i64_or_null()
+            .map_err(|_| ())?,
+        rule: opt(17)?,
+        reason: opt(18)?,
+        lease_id: opt(19)?,
+        credential_jti: opt(20)?,
+        credential_fingerprint: opt(21)?,
+        context: raw(22)?,
+        claims: raw(23)?,
+    };
+    let prev_hash = text(24)?;
+    let hash = text(25)?;
+    Ok(w.step(seq, prev_hash, hash, |s| {
+        raw_record_hash(s, prev_hash, &entry)
+    }))
 }
 
 /// Walks every record and checkpoint of the store at `path`: the records in `parts`
@@ -374,9 +387,9 @@ pub fn verify_in_parts(
         walk_rows(&conn, &mut w, 1, 0)?;
         return Ok(w.finish());
     };
-    // Parts: [1, b1], [b1 + 1, b2], ..., [.., last]; the first starts at 1 whatever the
-    // smallest sequence number is, so missing leading records are found.
-    let _ = first;
+    // Parts: [1, b1], [b1 + 1, b2], ..., [.., last]. The first part also reads any row
+    // numbered below 1 (which only a forger puts there) so it is reported, and starts its
+    // chain at 1 whatever the smallest number is, so missing leading records are found.
     let n = match parts {
         0 if last < 100_000 => 1,
         0 => std::thread::available_parallelism()
@@ -388,12 +401,9 @@ pub fn verify_in_parts(
     let n = (n as i64).clamp(1, last.max(1));
     let bounds: Vec<(i64, i64)> = (0..n)
         .map(|k| {
-            let lo = 1 + (last * k) / n;
-            let hi = if k == n - 1 {
-                last
-            } else {
-                (last * (k + 1)) / n
-            };
+            let at = |k: i64| (i128::from(last) * i128::from(k) / i128::from(n)) as i64;
+            let lo = 1 + at(k);
+            let hi = if k == n - 1 { last } else { at(k + 1) };
             (lo, hi)
         })
         .collect();
@@ -428,7 +438,7 @@ pub fn verify_in_parts(
                         cps.insert(0, b);
                     }
                     let mut w = Walker::new_checked(lo - 1, &prev_hash, cps);
-                    walk_rows(&conn, &mut w, lo, hi)?;
+                    walk_rows(&conn, &mut w, if k == 0 { first.min(1) } else { lo }, hi)?;
                     w.expect_through(hi);
                     Ok(w.finish())
                 })
