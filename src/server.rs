@@ -232,22 +232,16 @@ pub async fn start_with_store(
     ));
     refreshers.push(tokio::spawn(checkpointer.clone().run(stop.subscribe())));
     let witness = cfg.audit.witness.clone().map(|target| {
-        let made = checkpointer.subscribe();
-        refreshers.push(tokio::spawn(
-            Witness::new(
-                store.clone(),
-                target.clone(),
-                cfg.audit.witness_timeout,
-                status.clone(),
-            )
-            .run(made, stop.subscribe()),
-        ));
-        Witness::new(
+        let w = Witness::new(
             store.clone(),
             target,
             cfg.audit.witness_timeout,
             status.clone(),
-        )
+        );
+        refreshers.push(tokio::spawn(
+            w.clone().run(checkpointer.subscribe(), stop.subscribe()),
+        ));
+        w
     });
     tracing::info!(%grpc_addr, %http_addr, issuer = %broker.issuer_url(), "latchkey serving");
     Ok(Running {

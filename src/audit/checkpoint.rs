@@ -342,7 +342,7 @@ impl Checkpointer {
 }
 
 /// Delivers checkpoints to the witness, in order, from the store.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Witness {
     store: Arc<dyn Store>,
     target: WitnessTarget,

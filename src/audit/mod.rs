@@ -201,32 +201,6 @@ impl AuditQuery {
         }
         m
     }
-
-    /// Whether `r` matches (the store filters in SQL; tail and exported files use this).
-    pub fn matches(&self, r: &AuditRecord) -> bool {
-        let e = &r.entry;
-        let eq = |want: &Option<String>, have: Option<&str>| {
-            want.as_deref().is_none_or(|w| have == Some(w))
-        };
-        self.since_ms.is_none_or(|t| e.time_ms >= t)
-            && self.until_ms.is_none_or(|t| e.time_ms < t)
-            && self.after_seq.is_none_or(|s| r.seq > s)
-            && self.until_seq.is_none_or(|s| r.seq <= s)
-            && eq(&self.issuer, e.issuer.as_deref())
-            && eq(&self.identity_key, e.identity_key.as_deref())
-            && eq(&self.repository, e.repository.as_deref())
-            && eq(&self.subject, e.subject.as_deref())
-            && eq(&self.target, e.target.as_deref())
-            && eq(&self.outcome, Some(&e.outcome))
-            && eq(&self.action, Some(&e.action))
-            && eq(&self.lease_id, e.lease_id.as_deref())
-            && eq(&self.request_id, Some(&e.request_id))
-            && self.reason_contains.as_deref().is_none_or(|t| {
-                e.reason
-                    .as_deref()
-                    .is_some_and(|r| r.to_lowercase().contains(&t.to_lowercase()))
-            })
-    }
 }
 
 /// An entry as stored, borrowed column by column: serialises to exactly the bytes
@@ -350,11 +324,11 @@ pub fn verify_chain<'a>(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    fn entry(i: i64) -> AuditEntry {
+    pub(crate) fn entry(i: i64) -> AuditEntry {
         AuditEntry {
             time_ms: i,
             request_id: format!("r{i}"),
@@ -364,7 +338,8 @@ mod tests {
         }
     }
 
-    fn chain(n: i64) -> Vec<AuditRecord> {
+    /// A valid chain of `n` records.
+    pub(crate) fn chain(n: i64) -> Vec<AuditRecord> {
         let mut v: Vec<AuditRecord> = Vec::new();
         for i in 0..n {
             let (s, h) = v

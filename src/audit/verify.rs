@@ -529,32 +529,9 @@ pub fn check_witness(
 #[cfg(test)]
 mod tests {
     use super::super::checkpoint::tests::{keys_and_signer, sign};
-    use super::super::AuditEntry;
+    use super::super::tests::{chain, entry};
     use super::*;
     use proptest::prelude::*;
-
-    fn entry(i: i64) -> AuditEntry {
-        AuditEntry {
-            time_ms: 1_000 + i,
-            request_id: format!("r{i}"),
-            action: "mint".into(),
-            outcome: "allowed".into(),
-            claims: serde_json::json!({"repositoryUuid": "{r}", "n": i}),
-            ..Default::default()
-        }
-    }
-
-    fn chain(n: i64) -> Vec<AuditRecord> {
-        let mut v: Vec<AuditRecord> = Vec::new();
-        for i in 0..n {
-            let (s, h) = v
-                .last()
-                .map(|r| (r.seq, r.hash.clone()))
-                .unwrap_or((0, GENESIS_HASH.into()));
-            v.push(AuditRecord::chain(s, &h, entry(i)));
-        }
-        v
-    }
 
     fn walk(c: &[AuditRecord], cps: Vec<Checkpoint>, keys: &CheckpointKeys) -> Report {
         let mut w = Walker::whole(cps, keys);

@@ -2,15 +2,14 @@
 //! the audit log, verify it, read its signed checkpoints. Every call, allowed or
 //! refused, is itself audited before anything is returned.
 
-use super::{log_decision, Broker, BrokerError, Pages};
+use super::{Broker, BrokerError, Pages};
 use crate::audit::checkpoint::Checkpoint;
 use crate::audit::verify::{Report, VerifyOptions};
 use crate::audit::{AuditQuery, AuditRecord};
-use crate::identity::WorkloadIdentity;
 use crate::policy::Role;
 use crate::store::Store;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio::sync::watch;
 
 /// Records read from the store per round trip.
@@ -126,37 +125,6 @@ pub struct CheckpointList {
 }
 
 impl Broker {
-    /// Identifies the caller, checks that policy grants it `role`, and audits the attempt
-    /// (action, `target` if any, `context`). The record of an allowed call is committed
-    /// before the call proceeds; a refused one is committed before the refusal returns.
-    pub(super) async fn require_role(
-        &self,
-        action: &str,
-        role: Role,
-        token: Option<&str>,
-        target: &str,
-        context: std::collections::BTreeMap<String, String>,
-        request_id: &str,
-    ) -> Result<WorkloadIdentity, BrokerError> {
-        let started = Instant::now();
-        let mut entry = self.entry(action, request_id, token, target, &[]);
-        entry.context = context;
-        let caller = match self.identify(token, &mut entry).await {
-            Ok(i) => i,
-            Err(e) => return self.fail(entry, e, started).await,
-        };
-        if let Err(d) = self
-            .policy
-            .has_role(&caller.issuer_name, &caller.claims, role)
-        {
-            return self.fail(entry, d.into(), started).await;
-        }
-        entry.outcome = "allowed".into();
-        log_decision(&entry, started, None);
-        self.store.append(entry).await.map_err(BrokerError::Audit)?;
-        Ok(caller)
-    }
-
     async fn audit_access(
         &self,
         action: &str,

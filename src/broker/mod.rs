@@ -20,7 +20,7 @@ use crate::keys::{KeyRing, MasterKey};
 use crate::lease::reaper::Reaper;
 use crate::lease::{self, CommitError, LeaseRecord, LeaseState, MintGuard, ReplayGuard};
 use crate::mint::{Credential, JwtMinter, MintContext, MintError, Minter};
-use crate::policy::{Denied, Policy, Request};
+use crate::policy::{Denied, Policy, Request, Role};
 use crate::secret::SecretString;
 use crate::store::{Store, StoreError};
 use std::collections::{BTreeMap, HashMap};
@@ -544,6 +544,37 @@ impl Broker {
             Ok(_) => Err(err),
             Err(e) => Err(BrokerError::Audit(e)),
         }
+    }
+
+    /// Identifies the caller, checks that policy grants it `role`, and audits the attempt
+    /// (action, `target` if any, `context`). The record of an allowed call is committed
+    /// before the call proceeds; a refused one is committed before the refusal returns.
+    pub(crate) async fn require_role(
+        &self,
+        action: &str,
+        role: Role,
+        token: Option<&str>,
+        target: &str,
+        context: std::collections::BTreeMap<String, String>,
+        request_id: &str,
+    ) -> Result<WorkloadIdentity, BrokerError> {
+        let started = Instant::now();
+        let mut entry = self.entry(action, request_id, token, target, &[]);
+        entry.context = context;
+        let caller = match self.identify(token, &mut entry).await {
+            Ok(i) => i,
+            Err(e) => return self.fail(entry, e, started).await,
+        };
+        if let Err(d) = self
+            .policy
+            .has_role(&caller.issuer_name, &caller.claims, role)
+        {
+            return self.fail(entry, d.into(), started).await;
+        }
+        entry.outcome = "allowed".into();
+        log_decision(&entry, started, None);
+        self.store.append(entry).await.map_err(BrokerError::Audit)?;
+        Ok(caller)
     }
 
     /// Verify → decide → mint → audit. The credential is returned only after its audit

@@ -980,7 +980,7 @@ impl Store for SqliteStore {
     }
 
     async fn audit_head(&self) -> Result<(i64, String), StoreError> {
-        self.read(audit::head).await
+        self.read(load_head).await
     }
 
     async fn query_audit(

@@ -101,11 +101,6 @@ pub(super) fn query(
         .collect()
 }
 
-/// The committed head: `(seq, hash)` of the last record, `(0, GENESIS_HASH)` when empty.
-pub(super) fn head(conn: &Connection) -> Result<(i64, String), StoreError> {
-    super::load_head(conn)
-}
-
 fn row_to_checkpoint(r: &rusqlite::Row<'_>) -> rusqlite::Result<Checkpoint> {
     Ok(Checkpoint {
         id: r.get(0)?,
