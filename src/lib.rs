@@ -18,6 +18,8 @@
 //! | [`audit`] | record type and hash chain |
 //! | [`store`] | persistence behind one trait; SQLite by default |
 //! | [`config`] | TOML → checked [`config::Config`] |
+//! | [`metrics`] | Prometheus metrics of one broker |
+//! | [`ratelimit`] | per-identity and per-source-IP rate limits |
 //! | [`server`] | starting/stopping listeners |
 //! | [`cli`] | the `latchkey` command |
 //! | [`devissuer`] | the development issuer used by `latchkey dev` and the tests |
@@ -35,8 +37,10 @@ pub mod identity;
 pub mod jose;
 pub mod keys;
 pub mod lease;
+pub mod metrics;
 pub mod mint;
 pub mod policy;
+pub mod ratelimit;
 pub mod secret;
 pub mod server;
 pub mod store;

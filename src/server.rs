@@ -11,6 +11,7 @@ use crate::store::{Store, StoreError};
 use crate::transport::audit::AuditService;
 use crate::transport::grpc::{BrokerService, MAX_REQUEST_BYTES};
 use crate::transport::leases::LeasesService;
+use crate::transport::listen::{self, Port, Tls};
 use crate::transport::pb::audit_server::AuditServer;
 use crate::transport::pb::credential_broker_server::CredentialBrokerServer;
 use crate::transport::pb::leases_server::LeasesServer;
@@ -48,6 +49,73 @@ pub enum StartError {
     /// TLS files could not be loaded.
     #[error("tls: {0}")]
     Tls(String),
+    /// The embedded protobuf descriptors are broken (a build fault).
+    #[error("grpc reflection: {0}")]
+    Reflection(String),
+}
+
+/// Why a configuration reload was refused. The configuration in service stays.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    /// The file could not be read.
+    #[error("cannot read {path}: {reason}")]
+    Read {
+        /// The file.
+        path: String,
+        /// Why.
+        reason: String,
+    },
+    /// The new configuration is invalid.
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    /// Sections that cannot change while serving changed.
+    #[error("{} changed; only [[rules]] and the [limits] rates reload, restart to apply the rest", .0.join(", "))]
+    NeedsRestart(Vec<String>),
+    /// The TLS files could not be used.
+    #[error("tls: {0}")]
+    Tls(#[from] crate::transport::listen::TlsError),
+}
+
+/// `[limits]` keys that a reload applies.
+const RELOADABLE_LIMITS: [&str; 4] = [
+    "identity_rate",
+    "identity_burst",
+    "source_ip_rate",
+    "source_ip_burst",
+];
+
+/// The sections (and `[limits]` keys) that differ between two raw configurations,
+/// leaving out what a reload applies.
+fn fixed_changes(old: &toml::Value, new: &toml::Value) -> Vec<String> {
+    let empty = toml::map::Map::new();
+    let (o, n) = (
+        old.as_table().unwrap_or(&empty),
+        new.as_table().unwrap_or(&empty),
+    );
+    let mut keys: Vec<&String> = o.keys().chain(n.keys()).collect();
+    keys.sort();
+    keys.dedup();
+    let mut changed = Vec::new();
+    for k in keys {
+        match k.as_str() {
+            "rules" => {}
+            "limits" => {
+                let strip = |v: Option<&toml::Value>| {
+                    let mut t = v.and_then(|v| v.as_table()).cloned().unwrap_or_default();
+                    for r in RELOADABLE_LIMITS {
+                        t.remove(r);
+                    }
+                    t
+                };
+                if strip(o.get(k)) != strip(n.get(k)) {
+                    changed.push("[limits] request_timeout/max_connections".to_string());
+                }
+            }
+            _ if o.get(k) != n.get(k) => changed.push(format!("[{k}]")),
+            _ => {}
+        }
+    }
+    changed
 }
 
 /// A running service.
@@ -64,6 +132,8 @@ pub struct Running {
     refreshers: Vec<JoinHandle<()>>,
     checkpointer: Checkpointer,
     witness: Option<Witness>,
+    health_task: JoinHandle<()>,
+    tls: Option<Arc<Tls>>,
 }
 
 impl Running {
@@ -72,6 +142,7 @@ impl Running {
     /// witness (bounded by the witness timeout).
     pub async fn shutdown(self) {
         let _ = self.stop.send(true);
+        let _ = self.health_task.await; // NOT_SERVING first, so balancers move away
         self.broker.stop_streams();
         for r in &self.refreshers {
             r.abort();
@@ -92,6 +163,86 @@ impl Running {
                 );
             }
         }
+    }
+
+    /// Reloads the configuration file at `path` (SIGHUP): the TLS files are read again,
+    /// and the new rules and rate limits go into force. Refused, with the old
+    /// configuration still serving, when the file is invalid, when anything else changed
+    /// from `applied` (the raw configuration in force), or when the TLS files are bad.
+    /// Applied or refused, the reload is audited. Answers the raw configuration now in
+    /// force.
+    pub async fn reload(
+        &self,
+        path: &std::path::Path,
+        applied: &toml::Value,
+    ) -> Result<toml::Value, ReloadError> {
+        let result = self.try_reload(path, applied);
+        let mut ctx =
+            std::collections::BTreeMap::from([("file".to_string(), path.display().to_string())]);
+        let (ok, reason) = match &result {
+            Ok((raw, cfg)) => {
+                let rules = raw.get("rules").map(|r| r.to_string()).unwrap_or_default();
+                ctx.insert(
+                    "rules_sha256".into(),
+                    crate::jose::sha256_hex(rules.as_bytes()),
+                );
+                ctx.insert("rules".into(), cfg.policy.rules().len().to_string());
+                (true, "configuration reloaded".to_string())
+            }
+            Err(e) => (false, format!("reload refused: {e}")),
+        };
+        if let Err(e) = self.broker.audit_reload(ok, &reason, ctx).await {
+            // Not applying what cannot be audited keeps the log the whole truth.
+            tracing::error!(error = %e, "config reload not applied: its audit record could not be committed");
+            return Err(ReloadError::Read {
+                path: path.display().to_string(),
+                reason: "audit store unavailable".into(),
+            });
+        }
+        let (raw, cfg) = result?;
+        if let Some(t) = &self.tls {
+            t.reload()?;
+        }
+        self.broker.reconfigure(cfg.policy, cfg.limits.rate);
+        tracing::info!(
+            rules = self.broker.policy().rules().len(),
+            "configuration reloaded"
+        );
+        Ok(raw)
+    }
+
+    /// Reads the TLS files again (new connections use them; open ones keep theirs).
+    /// Nothing to do without TLS. On failure the files in service stay.
+    pub fn reload_tls(&self) -> Result<(), crate::transport::listen::TlsError> {
+        match &self.tls {
+            Some(t) => t.reload(),
+            None => Ok(()),
+        }
+    }
+
+    fn try_reload(
+        &self,
+        path: &std::path::Path,
+        applied: &toml::Value,
+    ) -> Result<(toml::Value, Config), ReloadError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ReloadError::Read {
+            path: path.display().to_string(),
+            reason: e.to_string(),
+        })?;
+        let cfg = Config::parse(&text, &path.display().to_string())?;
+        let raw: toml::Value = toml::from_str(&text).map_err(|e| ReloadError::Read {
+            path: path.display().to_string(),
+            reason: e.to_string(),
+        })?;
+        let changed = fixed_changes(applied, &raw);
+        if !changed.is_empty() {
+            return Err(ReloadError::NeedsRestart(changed));
+        }
+        if let Some(files) = &cfg.server.tls {
+            // Check the files before anything is applied; `reload` swaps them in.
+            crate::transport::listen::Tls::load(files)?;
+        }
+        Ok((raw, cfg))
     }
 
     /// Waits until the listeners stop on their own (they do not, unless shut down).
@@ -128,6 +279,18 @@ pub async fn start_with_store(
     master: &MasterKey,
     clock: SharedClock,
 ) -> Result<Running, StartError> {
+    start_with_minters(cfg, store, master, clock, Vec::new()).await
+}
+
+/// [`start_with_store`] with the minters of some targets replaced (a fake upstream in
+/// tests, a minter of the embedder's own). Fails like [`start`].
+pub async fn start_with_minters(
+    cfg: &Config,
+    store: Arc<dyn Store>,
+    master: &MasterKey,
+    clock: SharedClock,
+    minters: Vec<(String, Arc<dyn crate::mint::Minter>)>,
+) -> Result<Running, StartError> {
     let wanted: Vec<_> = cfg
         .targets
         .iter()
@@ -145,16 +308,19 @@ pub async fn start_with_store(
         cfg.audit.clone(),
         status.clone(),
     );
-    let broker = Arc::new(
-        Broker::new(
-            cfg,
-            store.clone(),
-            keys,
-            Arc::new(master.duplicate()),
-            clock,
-        )
-        .with_audit(signer.keys().clone(), status.clone()),
-    );
+    let mut broker = Broker::new(
+        cfg,
+        store.clone(),
+        keys,
+        Arc::new(master.duplicate()),
+        clock,
+    )
+    .with_audit(signer.keys().clone(), status.clone());
+    for (target, minter) in minters {
+        broker.set_minter(&target, minter);
+    }
+    let broker = Arc::new(broker);
+    store.attach_metrics(broker.metrics().store.clone());
 
     let grpc_listener = bind(cfg.server.grpc_addr).await?;
     let http_listener = bind(cfg.server.http_addr).await?;
@@ -168,42 +334,79 @@ pub async fn start_with_store(
     })?;
 
     let (stop, stopped) = watch::channel(false);
+    let tls = match &cfg.server.tls {
+        Some(files) => Some(Tls::load(files).map_err(|e| StartError::Tls(e.to_string()))?),
+        None => None,
+    };
+    let limiter = broker.clone();
     let mut builder = tonic::transport::Server::builder()
-        .timeout(Duration::from_secs(30))
+        .timeout(cfg.limits.request_timeout)
         .concurrency_limit_per_connection(256)
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
         // Headers up to 64 KiB reach the handler, so a token over the 16 KiB limit gets a
         // clean UNAUTHENTICATED instead of a bare HTTP 431; larger ones are still cut off.
-        .http2_max_header_list_size(Some(64 * 1024));
-    if let Some(tls) = &cfg.server.tls {
-        let read = |p: &std::path::Path| {
-            std::fs::read(p).map_err(|e| StartError::Tls(format!("{}: {e}", p.display())))
-        };
-        let mut t = tonic::transport::ServerTlsConfig::new().identity(
-            tonic::transport::Identity::from_pem(read(&tls.cert_file)?, read(&tls.key_file)?),
-        );
-        if let Some(ca) = &tls.client_ca_file {
-            t = t.client_ca_root(tonic::transport::Certificate::from_pem(read(ca)?));
-        }
-        builder = builder
-            .tls_config(t)
-            .map_err(|e| StartError::Tls(e.to_string()))?;
-    }
+        .http2_max_header_list_size(Some(64 * 1024))
+        .layer(tonic::service::InterceptorLayer::new(
+            move |req: tonic::Request<()>| {
+                let Some(peer) = req.remote_addr() else {
+                    return Ok(req);
+                };
+                match limiter.rate_limits().check_source(peer.ip()) {
+                    Ok(()) => Ok(req),
+                    Err(e) => {
+                        limiter
+                            .metrics()
+                            .rate_limited
+                            .get_or_create(&crate::metrics::LimitScope { scope: "source_ip" })
+                            .inc();
+                        let mut st = tonic::Status::resource_exhausted(format!(
+                            "rate limit exceeded for this address; retry in {}s",
+                            e.retry_after_secs()
+                        ));
+                        if let Ok(v) = e.retry_after_secs().to_string().parse() {
+                            st.metadata_mut().insert("retry-after", v);
+                        }
+                        Err(st)
+                    }
+                }
+            },
+        ));
     let service = CredentialBrokerServer::new(BrokerService::new(broker.clone()))
         .max_decoding_message_size(MAX_REQUEST_BYTES);
     let leases = LeasesServer::new(LeasesService::new(broker.clone()))
         .max_decoding_message_size(MAX_REQUEST_BYTES);
     let audit = AuditServer::new(AuditService::new(broker.clone()))
         .max_decoding_message_size(MAX_REQUEST_BYTES);
+    let (health, health_service) = tonic_health::server::health_reporter();
+    let reflection = |b: tonic_reflection::server::Builder<'static>| {
+        b.register_encoded_file_descriptor_set(crate::transport::pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1 = reflection(tonic_reflection::server::Builder::configure())
+        .build_v1()
+        .map_err(|e| StartError::Reflection(e.to_string()))?;
+    let reflection_v1alpha = reflection(tonic_reflection::server::Builder::configure())
+        .build_v1alpha()
+        .map_err(|e| StartError::Reflection(e.to_string()))?;
     let router = builder
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
         .add_service(service)
         .add_service(leases)
         .add_service(audit);
+    let grpc_conns = listen::incoming(
+        grpc_listener,
+        tls.clone(),
+        Port::Grpc,
+        cfg.limits.max_connections,
+        stopped.clone(),
+    );
     let mut s1 = stopped.clone();
     let grpc_task = tokio::spawn(async move {
-        let incoming = tokio_stream::wrappers::TcpListenerStream::new(grpc_listener);
         if let Err(e) = router
-            .serve_with_incoming_shutdown(incoming, async move {
+            .serve_with_incoming_shutdown(grpc_conns, async move {
                 let _ = s1.wait_for(|v| *v).await;
             })
             .await
@@ -211,19 +414,31 @@ pub async fn start_with_store(
             tracing::error!(error = %e, "grpc server stopped");
         }
     });
-    let app = crate::transport::http::router(broker.clone());
-    let mut s2 = stopped;
-    let http_task = tokio::spawn(async move {
-        if let Err(e) = axum::serve(http_listener, app)
-            .with_graceful_shutdown(async move {
-                let _ = s2.wait_for(|v| *v).await;
-            })
-            .await
-        {
-            tracing::error!(error = %e, "http server stopped");
-        }
-    });
+    let app = crate::transport::http::router(broker.clone(), cfg.limits.request_timeout);
+    let http_conns = listen::incoming(
+        http_listener,
+        tls.clone(),
+        Port::Http,
+        cfg.limits.max_connections,
+        stopped.clone(),
+    );
+    let http_task = tokio::spawn(listen::serve_http(http_conns, app, stopped));
     let mut refreshers = broker.verifier().spawn_refreshers();
+    let forgetter = broker.clone();
+    refreshers.push(tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_secs(60)).await;
+            forgetter.rate_limits().forget_idle();
+        }
+    }));
+    // Every service is known from the start (NOT_SERVING until the first check passes),
+    // so a probe never sees NOT_FOUND for a service that is merely starting.
+    for n in HEALTH_SERVICES {
+        health
+            .set_service_status(n, tonic_health::ServingStatus::NotServing)
+            .await;
+    }
+    let health_task = tokio::spawn(report_health(broker.clone(), health, stop.subscribe()));
     refreshers.push(tokio::spawn(
         broker
             .reaper()
@@ -253,8 +468,51 @@ pub async fn start_with_store(
         refreshers,
         checkpointer,
         witness,
+        health_task,
+        tls,
     })
 }
+
+/// Keeps `grpc.health.v1` in step with readiness: the overall status (`""`) and each
+/// Latchkey service are SERVING when ready, NOT_SERVING when not and once shutdown begins.
+async fn report_health(
+    broker: Arc<Broker>,
+    health: tonic_health::server::HealthReporter,
+    mut stop: watch::Receiver<bool>,
+) {
+    use tonic_health::ServingStatus;
+    let names = HEALTH_SERVICES;
+    loop {
+        let status = if broker.readiness().await.ready {
+            ServingStatus::Serving
+        } else {
+            ServingStatus::NotServing
+        };
+        for n in names {
+            health.set_service_status(n, status).await;
+        }
+        tokio::select! {
+            _ = stop.wait_for(|v| *v) => break,
+            _ = tokio::time::sleep(HEALTH_INTERVAL) => {}
+        }
+    }
+    for n in names {
+        health
+            .set_service_status(n, ServingStatus::NotServing)
+            .await;
+    }
+}
+
+/// The services `grpc.health.v1` reports on (`""` is the server as a whole).
+const HEALTH_SERVICES: [&str; 4] = [
+    "",
+    "latchkey.v1.CredentialBroker",
+    "latchkey.v1.Leases",
+    "latchkey.v1.Audit",
+];
+
+/// How often the gRPC health status is recomputed.
+const HEALTH_INTERVAL: Duration = Duration::from_secs(2);
 
 async fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener, StartError> {
     tokio::net::TcpListener::bind(addr)
@@ -263,4 +521,34 @@ async fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener, StartError> {
             addr,
             reason: e.to_string(),
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_rules_and_limit_rates_change_without_a_restart() {
+        let old: toml::Value = toml::from_str(
+            "[server]\ngrpc_addr = \"a\"\n[limits]\nidentity_rate = 1.0\n[[rules]]\nname = \"a\"\n",
+        )
+        .unwrap();
+        let same_but_rules: toml::Value = toml::from_str(
+            "[server]\ngrpc_addr = \"a\"\n[limits]\nidentity_rate = 9.0\nsource_ip_burst = 3\n[[rules]]\nname = \"b\"\n",
+        )
+        .unwrap();
+        assert!(fixed_changes(&old, &same_but_rules).is_empty());
+        let moved: toml::Value = toml::from_str(
+            "[server]\ngrpc_addr = \"b\"\n[limits]\nrequest_timeout = \"5s\"\n[[issuers]]\nname = \"x\"\n",
+        )
+        .unwrap();
+        assert_eq!(
+            fixed_changes(&old, &moved),
+            vec![
+                "[issuers]".to_string(),
+                "[limits] request_timeout/max_connections".to_string(),
+                "[server]".to_string()
+            ]
+        );
+    }
 }

@@ -541,3 +541,91 @@ fn shipped_configs_pass_check_config() {
     }
     assert!(checked >= 1, "deploy/ holds at least one example config");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sighup_reloads_rules_and_refuses_a_bad_config() {
+    let issuer = DevIssuer::spawn("127.0.0.1:0".parse().unwrap(), latchkey::jose::Alg::RS256)
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (grpc, http) = (free_port(), free_port());
+    let cfg = write_config(dir.path(), &issuer, grpc, http);
+    let master = latchkey::keys::MasterKey::generate().to_base64();
+    let log_path = dir.path().join("serve.log");
+    let child = Command::new(BIN)
+        .args(["--log-format", "json", "serve", "--config", &cfg])
+        .env("LATCHKEY_MASTER_KEY", master.expose())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log_path).unwrap())
+        .spawn()
+        .unwrap();
+    let mut server = Killed(child);
+    wait_for_port(http);
+    let exchange = |token: String| {
+        let url = format!("http://127.0.0.1:{http}/v1/token");
+        async move {
+            reqwest::Client::new()
+                .post(url)
+                .form(&[
+                    (
+                        "grant_type",
+                        "urn:ietf:params:oauth:grant-type:token-exchange",
+                    ),
+                    ("subject_token", token.as_str()),
+                    ("subject_token_type", "urn:ietf:params:oauth:token-type:jwt"),
+                    ("audience", "team-api"),
+                ])
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }
+    };
+    let hup = |pid: u32| {
+        Command::new("kill")
+            .arg("-HUP")
+            .arg(pid.to_string())
+            .status()
+            .unwrap();
+    };
+    let wip = issuer.sign(&issuer.bitbucket_claims("wip/x"));
+    assert_eq!(exchange(wip.clone()).await, 403);
+
+    let original = std::fs::read_to_string(&cfg).unwrap();
+    let good = format!("{original}\n[[rules]]\nname = \"wip-team\"\nissuer = \"bb\"\nclaims = {{ branchName = {{ glob = \"wip/*\" }} }}\ngrants = [{{ target = \"team-api\" }}]\n");
+    std::fs::write(&cfg, &good).unwrap();
+    hup(server.0.id());
+    let mut status = 0;
+    for _ in 0..100 {
+        status = exchange(wip.clone()).await;
+        if status == 200 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(status, 200, "the new rule is in force after SIGHUP");
+
+    std::fs::write(&cfg, good.replace("glob = \"wip/*\"", "regex = \"wip/(\"")).unwrap();
+    hup(server.0.id());
+    let start = Instant::now();
+    while !std::fs::read_to_string(&log_path)
+        .unwrap()
+        .contains("reload refused")
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "refusal not logged"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let log = std::fs::read_to_string(&log_path).unwrap();
+    assert!(log.contains("invalid regex"), "{log}");
+    assert_eq!(
+        exchange(wip).await,
+        200,
+        "the last good configuration keeps serving"
+    );
+    tokio::task::block_in_place(|| sigterm(&mut server.0));
+    assert_eq!(server.0.wait().unwrap().code(), Some(0));
+}

@@ -47,6 +47,10 @@ name = "auditors"
 issuer = "bb"
 claims = {{ branchName = "ops/audit" }}
 roles = ["auditor", "introspect"]
+
+# The property tests mint far faster than any one CI identity would.
+[limits]
+identity_rate = 0
 "#
     )
 }

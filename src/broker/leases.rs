@@ -7,7 +7,7 @@ use crate::identity::{jwt, IdentityError, WorkloadIdentity};
 use crate::jose::Alg;
 use crate::lease::{self, LeaseChange, LeaseFilter, LeaseRecord, LeaseState};
 use crate::mint::{Credential, MintContext};
-use crate::policy::{Request, Role};
+use crate::policy::{Denied, Request, Role};
 use crate::secret::SecretString;
 use crate::store::{Store, StoreError};
 use serde_json::Value;
@@ -93,6 +93,10 @@ pub struct Introspection {
     pub lease: Option<Lease>,
     /// Why not active.
     pub reason: String,
+    /// The token's `sub`, when active.
+    pub subject: Option<String>,
+    /// The token's `aud`, when active.
+    pub audience: Vec<String>,
 }
 
 /// Pages through leases matching a filter, for a caller already authorised.
@@ -323,7 +327,7 @@ impl Broker {
             let e = BrokerError::Store(StoreError::Corrupt(format!("lease {}: claims", l.id)));
             return self.fail(entry, e, started).await;
         };
-        let allowed = match self.policy.decide(
+        let allowed = match self.policy().decide(
             &l.issuer,
             &claims,
             target.cfg.limits(),
@@ -481,7 +485,7 @@ impl Broker {
             Err(e) => return self.fail(entry, e, started).await,
         };
         if let Err(d) = self
-            .policy
+            .policy()
             .has_role(&caller.issuer_name, &caller.claims, Role::Admin)
         {
             return self.fail(entry, d.into(), started).await;
@@ -618,17 +622,43 @@ impl Broker {
             Ok(i) => i,
             Err(e) => return self.fail(entry, e, started).await,
         };
-        if let Err(d) = self
-            .policy
-            .has_role(&caller.issuer_name, &caller.claims, Role::Introspect)
+        if let Err(d) =
+            self.policy()
+                .has_role(&caller.issuer_name, &caller.claims, Role::Introspect)
         {
             return self.fail(entry, d.into(), started).await;
         }
         entry.credential_fingerprint = Some(crate::jose::sha256_hex(checked.as_bytes()));
-        let out = self.check_own_token(checked).await?;
+        let mut out = self.check_own_token(checked).await?;
         if let Some(l) = &out.lease {
             entry.lease_id = Some(l.id.clone());
             entry.target = Some(l.target.clone());
+            // The role may cover only some targets. A token of another target is reported
+            // inactive with nothing about it (RFC 7662 section 4), and the refusal audited.
+            if let Err(d) = self.policy().has_role_for(
+                &caller.issuer_name,
+                &caller.claims,
+                Role::Introspect,
+                &l.target,
+            ) {
+                entry.reason = Some(d.to_string());
+                if let Denied::DenyRule { rule } = &d {
+                    entry.rule = Some(rule.clone());
+                }
+                log_decision(&entry, started, Some("role_not_granted"));
+                self.store.append(entry).await.map_err(BrokerError::Audit)?;
+                return Ok(Introspection {
+                    active: false,
+                    lease: None,
+                    reason: "caller may not introspect tokens of this target".into(),
+                    subject: None,
+                    audience: Vec::new(),
+                });
+            }
+        }
+        if !out.active {
+            out.subject = None;
+            out.audience.clear();
         }
         entry.outcome = "allowed".into();
         entry.reason = (!out.reason.is_empty()).then(|| out.reason.clone());
@@ -646,6 +676,8 @@ impl Broker {
                 active: false,
                 lease,
                 reason: reason.to_string(),
+                subject: None,
+                audience: Vec::new(),
             })
         };
         let Ok(p) = jwt::parse(t) else {
@@ -686,10 +718,25 @@ impl Broker {
             let reason = format!("lease {}", l.effective_state(now).as_str());
             return inactive(&reason, Some(view));
         }
+        let audience = match p.claims.get("aud") {
+            Some(Value::String(a)) => vec![a.clone()],
+            Some(Value::Array(a)) => a
+                .iter()
+                .filter_map(Value::as_str)
+                .map(str::to_string)
+                .collect(),
+            _ => Vec::new(),
+        };
         Ok(Introspection {
             active: true,
             lease: Some(view),
             reason: String::new(),
+            subject: p
+                .claims
+                .get("sub")
+                .and_then(Value::as_str)
+                .map(str::to_string),
+            audience,
         })
     }
 }

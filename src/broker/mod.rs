@@ -3,9 +3,11 @@
 //! (renew, revoke, bulk revoke, list, introspect) are in [`leases`].
 
 mod audit;
+mod health;
 mod leases;
 
 pub use audit::{AuditPager, AuditTail, CheckpointList};
+pub use health::Readiness;
 pub use leases::{
     Introspection, LeaseLister, LeaseProof, RenewRequest, Renewed, RevokeMatching, RevokeSummary,
     Revoked,
@@ -265,6 +267,9 @@ pub enum BrokerError {
     /// The lease changed while this request was handled; retrying may succeed.
     #[error("lease changed concurrently; retry")]
     Conflict,
+    /// The caller's identity exceeded its rate limit.
+    #[error("rate limit exceeded for this identity; retry in {}s", .0.retry_after_secs())]
+    RateLimited(crate::ratelimit::Exceeded),
 }
 
 impl From<CommitError> for BrokerError {
@@ -300,6 +305,7 @@ impl BrokerError {
             BrokerError::NotLeaseOwner => "not_lease_owner",
             BrokerError::NotRenewable(_) => "not_renewable",
             BrokerError::Conflict => "conflict",
+            BrokerError::RateLimited(_) => "rate_limited",
         }
     }
 }
@@ -312,7 +318,9 @@ struct Target {
 /// The broker.
 pub struct Broker {
     verifier: Verifier,
-    policy: Policy,
+    /// Replaced whole on config reload; a request uses the policy it started with.
+    policy: std::sync::RwLock<Arc<Policy>>,
+    rate_limits: crate::ratelimit::RateLimits,
     targets: HashMap<String, Target>,
     store: Arc<dyn Store>,
     keys: Arc<KeyRing>,
@@ -325,6 +333,7 @@ pub struct Broker {
     audit: AuditParts,
     /// Set when the server shuts down: open streams (audit tails) end.
     stopping: tokio::sync::watch::Sender<bool>,
+    metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// What the audit service needs: the keys checkpoints verify with, live checkpoint and
@@ -384,7 +393,8 @@ impl Broker {
         Broker {
             reaper,
             verifier: Verifier::new(&cfg.issuers, clock.clone()),
-            policy: cfg.policy.clone(),
+            policy: std::sync::RwLock::new(Arc::new(cfg.policy.clone())),
+            rate_limits: crate::ratelimit::RateLimits::new(cfg.limits.rate),
             targets,
             store,
             keys,
@@ -402,6 +412,94 @@ impl Broker {
                 ..AuditParts::default()
             },
             stopping: tokio::sync::watch::channel(false).0,
+            metrics: Arc::new(crate::metrics::Metrics::new()),
+        }
+    }
+
+    /// The policy in force.
+    pub fn policy(&self) -> Arc<Policy> {
+        self.policy
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Puts a new policy and new rate limits in force (config reload). Requests already
+    /// deciding finish with the policy they started with.
+    pub fn reconfigure(&self, policy: Policy, limits: crate::ratelimit::Limits) {
+        *self.policy.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(policy);
+        self.rate_limits.reconfigure(limits);
+    }
+
+    /// Records a configuration reload, applied or refused, in the audit log (a policy
+    /// change is a security event). Fails when the record cannot be committed.
+    pub async fn audit_reload(
+        &self,
+        applied: bool,
+        reason: &str,
+        context: BTreeMap<String, String>,
+    ) -> Result<(), BrokerError> {
+        let id = uuid::Uuid::new_v4().to_string();
+        let mut entry = self.entry("config_reload", &id, None, "", &[]);
+        entry.outcome = if applied { "allowed" } else { "denied" }.into();
+        entry.reason = Some(truncate(reason, 1024));
+        entry.context = context;
+        self.store.append(entry).await.map_err(BrokerError::Audit)?;
+        Ok(())
+    }
+
+    /// The rate limiters (the transports check source addresses here).
+    pub fn rate_limits(&self) -> &crate::ratelimit::RateLimits {
+        &self.rate_limits
+    }
+
+    /// This broker's metrics.
+    pub fn metrics(&self) -> &Arc<crate::metrics::Metrics> {
+        &self.metrics
+    }
+
+    /// The metrics exposition, with scrape-time values (JWKS state, live leases, audit
+    /// head, witness lag) read now. A store that cannot answer leaves those at their
+    /// last values; the scrape itself never fails.
+    pub async fn render_metrics(&self) -> String {
+        let now = self.clock.now();
+        let mut snap = crate::metrics::Snapshot {
+            issuers: self
+                .verifier
+                .status()
+                .into_iter()
+                .map(|(n, st)| {
+                    (
+                        n,
+                        st.fetches,
+                        st.failures,
+                        st.keys,
+                        st.fetched_at.map(|t| now - t),
+                    )
+                })
+                .collect(),
+            witness_lag: self.audit.status.witness_lag(),
+            ..Default::default()
+        };
+        if let Ok(counts) = self.store.live_lease_counts(now).await {
+            let mut all: BTreeMap<String, u64> =
+                self.targets.keys().map(|k| (k.clone(), 0)).collect();
+            all.extend(counts);
+            snap.live_leases = all.into_iter().collect();
+        }
+        if let Ok((seq, _)) = self.store.audit_head().await {
+            snap.audit_head = seq;
+        }
+        self.metrics.render(&snap)
+    }
+
+    /// The target name as a metric label: configured names only, so a caller cannot
+    /// grow the label set by asking for made-up targets.
+    fn target_label<'a>(&self, target: &'a str) -> &'a str {
+        if self.targets.contains_key(target) {
+            target
+        } else {
+            "(unknown)"
         }
     }
 
@@ -468,6 +566,11 @@ impl Broker {
         &self.store
     }
 
+    /// Now, by the broker's clock (seconds since the epoch).
+    pub fn now(&self) -> i64 {
+        self.clock.now()
+    }
+
     /// The `iss` of minted tokens.
     pub fn issuer_url(&self) -> &str {
         &self.issuer_url
@@ -505,6 +608,17 @@ impl Broker {
     ) -> Result<WorkloadIdentity, BrokerError> {
         let token = token.ok_or(IdentityError::Missing)?;
         let id = self.verifier.verify(token).await?;
+        if let Err(e) = self.rate_limits.check_identity(&id.key) {
+            entry.issuer = Some(id.issuer_name.clone());
+            entry.identity_key = Some(id.key.clone());
+            entry.subject = Some(id.subject.clone());
+            entry.repository = id.repository.clone();
+            self.metrics
+                .rate_limited
+                .get_or_create(&crate::metrics::LimitScope { scope: "identity" })
+                .inc();
+            return Err(BrokerError::RateLimited(e));
+        }
         entry.issuer = Some(id.issuer_name.clone());
         entry.identity_key = Some(id.key.clone());
         entry.subject = Some(id.subject.clone());
@@ -540,6 +654,13 @@ impl Broker {
             entry.rule = Some(rule.clone());
         }
         log_decision(&entry, started, Some(err.code()));
+        self.metrics.denied(err.code());
+        if entry.action == "mint" {
+            self.metrics.mint(
+                self.target_label(entry.target.as_deref().unwrap_or("")),
+                &entry.outcome,
+            );
+        }
         match self.store.append(entry).await {
             Ok(_) => Err(err),
             Err(e) => Err(BrokerError::Audit(e)),
@@ -566,7 +687,7 @@ impl Broker {
             Err(e) => return self.fail(entry, e, started).await,
         };
         if let Err(d) = self
-            .policy
+            .policy()
             .has_role(&caller.issuer_name, &caller.claims, role)
         {
             return self.fail(entry, d.into(), started).await;
@@ -592,7 +713,10 @@ impl Broker {
             return self.fail(entry, e, started).await;
         }
         entry.context = req.context.clone();
-        let identity = match self.identify(token, &mut entry).await {
+        let stage = Instant::now();
+        let identity = self.identify(token, &mut entry).await;
+        self.metrics.stage("verify", stage.elapsed());
+        let identity = match identity {
             Ok(i) => i,
             Err(e) => return self.fail(entry, e, started).await,
         };
@@ -601,7 +725,8 @@ impl Broker {
             Err(e) => return self.fail(entry, e, started).await,
         };
         let limits = target.cfg.limits();
-        let decision = self.policy.decide(
+        let stage = Instant::now();
+        let decision = self.policy().decide(
             &identity.issuer_name,
             &identity.claims,
             limits,
@@ -611,6 +736,7 @@ impl Broker {
                 ttl: req.ttl,
             },
         );
+        self.metrics.stage("decide", stage.elapsed());
         let allowed = match decision {
             Ok(a) => a,
             Err(d) => return self.fail(entry, d.into(), started).await,
@@ -653,7 +779,10 @@ impl Broker {
             now,
             lease_id: &lease_id,
         };
-        let credential = match target.minter.mint(&ctx).await {
+        let stage = Instant::now();
+        let credential = target.minter.mint(&ctx).await;
+        self.metrics.stage("mint", stage.elapsed());
+        let credential = match credential {
             Ok(c) => c,
             Err(e) => return self.fail(entry, e.into(), started).await,
         };
@@ -689,13 +818,17 @@ impl Broker {
             last_error: None,
         };
         let lease = Lease::from_record(&record, target.minter.renewable(), now);
-        match self
+        let stage = Instant::now();
+        let committed = self
             .store
             .commit_mint(record, guard, entry.clone(), now)
-            .await
-        {
+            .await;
+        self.metrics.stage("audit_commit", stage.elapsed());
+        match committed {
             Ok(appended) => {
                 log_decision(&entry, started, None);
+                self.metrics.mint(&req.target, "allowed");
+                self.metrics.stage("total", started.elapsed());
                 Ok(Minted {
                     lease,
                     credential,
@@ -717,6 +850,8 @@ impl Broker {
                 match e {
                     CommitError::Store(s) => {
                         log_decision(&entry, started, Some("audit_unavailable"));
+                        self.metrics.denied("audit_unavailable");
+                        self.metrics.mint(&req.target, "error");
                         Err(BrokerError::Audit(s))
                     }
                     other => {
@@ -757,7 +892,7 @@ impl Broker {
             Err(e) => return self.fail(entry, e, started).await,
         };
         let limits = t.cfg.limits();
-        let ex = self.policy.explain(
+        let ex = self.policy().explain(
             &identity.issuer_name,
             &identity.claims,
             limits,

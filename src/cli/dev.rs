@@ -146,7 +146,7 @@ Minted tokens verify against http://{http}/.well-known/jwks.json
         iss = issuer.issuer_url(),
         cfg = cfg_path.display(),
     );
-    super::serve::serve_until_signal(&cfg, &master).await
+    super::serve::serve_until_signal(&cfg, &master, None).await
 }
 
 fn write_private(path: &Path, contents: &str) -> std::io::Result<()> {

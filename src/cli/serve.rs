@@ -3,7 +3,7 @@
 use crate::clock::SystemClock;
 use crate::config::Config;
 use crate::keys::MasterKey;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 /// Arguments.
@@ -30,11 +30,17 @@ pub async fn run(args: Args) -> anyhow::Result<i32> {
             return Ok(super::EXIT_CONFIG);
         }
     };
-    serve_until_signal(&cfg, &master).await
+    serve_until_signal(&cfg, &master, Some(&args.config)).await
 }
 
-/// Starts the service and runs until SIGINT or SIGTERM.
-pub async fn serve_until_signal(cfg: &Config, master: &MasterKey) -> anyhow::Result<i32> {
+/// Starts the service and runs until SIGINT or SIGTERM. On SIGHUP, reloads `config`
+/// (rules, rate limits, TLS files); a bad new configuration is refused and logged, and
+/// the old one keeps serving.
+pub async fn serve_until_signal(
+    cfg: &Config,
+    master: &MasterKey,
+    config: Option<&Path>,
+) -> anyhow::Result<i32> {
     let running = match crate::server::start(cfg, master, Arc::new(SystemClock)).await {
         Ok(r) => r,
         Err(e) => {
@@ -42,31 +48,79 @@ pub async fn serve_until_signal(cfg: &Config, master: &MasterKey) -> anyhow::Res
             return Ok(1);
         }
     };
-    shutdown_signal().await;
+    let mut applied: Option<toml::Value> = config
+        .and_then(|p| std::fs::read_to_string(p).ok())
+        .and_then(|t| toml::from_str(&t).ok());
+    let mut signals = Signals::new();
+    loop {
+        match signals.next().await {
+            Signal::Stop => break,
+            Signal::Reload => match (config, &applied) {
+                (Some(path), Some(prev)) => match running.reload(path, prev).await {
+                    Ok(raw) => applied = Some(raw),
+                    Err(e) => {
+                        tracing::error!(error = %e, "configuration reload refused; the previous configuration keeps serving")
+                    }
+                },
+                _ => tracing::warn!(
+                    "SIGHUP ignored: this broker was not started from a configuration file"
+                ),
+            },
+        }
+    }
     tracing::info!("shutting down: draining in-flight requests");
     running.shutdown().await;
     Ok(0)
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
+enum Signal {
+    Stop,
+    Reload,
+}
+
+/// SIGINT/SIGTERM (stop) and SIGHUP (reload).
+struct Signals {
     #[cfg(unix)]
-    {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(t) => t,
-                Err(_) => {
-                    let _ = ctrl_c.await;
-                    return;
-                }
-            };
-        tokio::select! {
-            _ = ctrl_c => {}
-            _ = term.recv() => {}
+    term: Option<tokio::signal::unix::Signal>,
+    #[cfg(unix)]
+    hup: Option<tokio::signal::unix::Signal>,
+}
+
+impl Signals {
+    fn new() -> Signals {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{signal, SignalKind};
+            Signals {
+                term: signal(SignalKind::terminate()).ok(),
+                hup: signal(SignalKind::hangup()).ok(),
+            }
         }
+        #[cfg(not(unix))]
+        Signals {}
     }
-    #[cfg(not(unix))]
-    {
-        let _ = ctrl_c.await;
+
+    async fn next(&mut self) -> Signal {
+        #[cfg(unix)]
+        {
+            async fn recv(s: &mut Option<tokio::signal::unix::Signal>) {
+                match s {
+                    Some(s) => {
+                        s.recv().await;
+                    }
+                    None => std::future::pending::<()>().await,
+                }
+            }
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => Signal::Stop,
+                _ = recv(&mut self.term) => Signal::Stop,
+                _ = recv(&mut self.hup) => Signal::Reload,
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+            Signal::Stop
+        }
     }
 }

@@ -55,6 +55,29 @@ pub struct Config {
     pub leases: LeaseConfig,
     /// Audit checkpoints, witness and redaction.
     pub audit: crate::audit::checkpoint::Config,
+    /// Rate limits, timeouts and connection caps.
+    pub limits: LimitsConfig,
+}
+
+/// Rate limits, timeouts and connection caps (`[limits]`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct LimitsConfig {
+    /// Per-identity and per-source-IP rate limits.
+    pub rate: crate::ratelimit::Limits,
+    /// Longest time one request may take, on either port.
+    pub request_timeout: Duration,
+    /// Most open connections per port; further connections wait to be accepted.
+    pub max_connections: usize,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            rate: crate::ratelimit::Limits::default(),
+            request_timeout: Duration::from_secs(30),
+            max_connections: 4096,
+        }
+    }
 }
 
 /// Lease bookkeeping: the reaper's pace and how long finished leases are kept.
@@ -364,7 +387,60 @@ impl Checker<'_> {
             policy: Policy::new(rules),
             leases: self.leases(raw.leases)?,
             audit: self.audit(raw.audit)?,
+            limits: self.limits(raw.limits)?,
         })
+    }
+
+    fn limits(&self, r: RawLimits) -> Result<LimitsConfig, ConfigError> {
+        use crate::ratelimit::Limit;
+        let d = LimitsConfig::default();
+        let limit = |name: &str, rate: Option<f64>, burst: Option<u32>, d: Limit| {
+            let l = Limit {
+                rate: rate.unwrap_or(d.rate),
+                burst: burst.unwrap_or(if rate.is_some() {
+                    (rate.unwrap_or(0.0) * 2.0).ceil().max(1.0) as u32
+                } else {
+                    d.burst
+                }),
+            };
+            if !l.rate.is_finite() || l.rate < 0.0 {
+                return Err(self.err(
+                    format!("limits.{name}_rate"),
+                    "must be a number of requests per second, 0 to turn the limit off",
+                ));
+            }
+            if l.rate > 0.0 && l.burst == 0 {
+                return Err(self.err(format!("limits.{name}_burst"), "must be at least 1"));
+            }
+            Ok(l)
+        };
+        let c = LimitsConfig {
+            rate: crate::ratelimit::Limits {
+                identity: limit(
+                    "identity",
+                    r.identity_rate,
+                    r.identity_burst,
+                    d.rate.identity,
+                )?,
+                source_ip: limit(
+                    "source_ip",
+                    r.source_ip_rate,
+                    r.source_ip_burst,
+                    d.rate.source_ip,
+                )?,
+            },
+            request_timeout: r.request_timeout.map(|x| x.0).unwrap_or(d.request_timeout),
+            max_connections: r.max_connections.unwrap_or(d.max_connections),
+        };
+        if c.request_timeout < Duration::from_secs(1)
+            || c.request_timeout > Duration::from_secs(600)
+        {
+            return Err(self.err("limits.request_timeout", "must be between 1s and 10m"));
+        }
+        if c.max_connections == 0 {
+            return Err(self.err("limits.max_connections", "must be at least 1"));
+        }
+        Ok(c)
     }
 
     fn audit(&self, r: RawAudit) -> Result<crate::audit::checkpoint::Config, ConfigError> {
@@ -489,10 +565,8 @@ impl Checker<'_> {
             if tls.is_none() && !grpc_addr.ip().is_loopback() {
                 return Err(self.err("server.grpc_addr", format!("{grpc_addr} is not loopback and [server.tls] is not configured; configure TLS or set server.allow_plaintext = true behind a TLS-terminating proxy")));
             }
-            // [server.tls] covers the gRPC listener; the HTTP listener (discovery, JWKS)
-            // serves plaintext in this version.
-            if !http_addr.ip().is_loopback() {
-                return Err(self.err("server.http_addr", format!("{http_addr} is not loopback and the HTTP listener does not serve TLS yet; bind it to loopback behind a TLS-terminating proxy, or set server.allow_plaintext = true")));
+            if tls.is_none() && !http_addr.ip().is_loopback() {
+                return Err(self.err("server.http_addr", format!("{http_addr} is not loopback and [server.tls] is not configured; configure TLS or set server.allow_plaintext = true behind a TLS-terminating proxy")));
             }
         }
         Ok(ServerConfig {
@@ -834,6 +908,14 @@ impl Checker<'_> {
                 ));
             }
         }
+        for (j, t) in r.role_targets.iter().enumerate() {
+            if !targets.iter().any(|x| &x.name == t) {
+                return Err(self.err(
+                    format!("{key}.role_targets[{j}]"),
+                    format!("no target named {t:?}"),
+                ));
+            }
+        }
         let mut roles = Vec::new();
         for (j, role) in r.roles.iter().enumerate() {
             roles.push(Role::parse(role).ok_or_else(|| {
@@ -851,6 +933,12 @@ impl Checker<'_> {
                         "only deny rules list targets; allow rules use grants",
                     ));
                 }
+                if roles.is_empty() && !r.role_targets.is_empty() {
+                    return Err(self.err(
+                        format!("{key}.role_targets"),
+                        "role_targets narrows the rule's roles; this rule grants none",
+                    ));
+                }
                 if grants.is_empty() && roles.is_empty() {
                     return Err(self.err(
                         format!("{key}.grants"),
@@ -862,7 +950,7 @@ impl Checker<'_> {
                 if !grants.is_empty() {
                     return Err(self.err(format!("{key}.grants"), "deny rules do not grant; list refused targets in `targets` (empty refuses everything)"));
                 }
-                if !roles.is_empty() {
+                if !roles.is_empty() || !r.role_targets.is_empty() {
                     return Err(self.err(format!("{key}.roles"), "deny rules do not grant roles"));
                 }
             }
@@ -875,6 +963,7 @@ impl Checker<'_> {
             grants,
             deny_targets: r.targets,
             roles,
+            role_targets: r.role_targets,
         })
     }
 

@@ -35,6 +35,19 @@ pub struct RawConfig {
     pub leases: RawLeases,
     #[serde(default)]
     pub audit: RawAudit,
+    #[serde(default)]
+    pub limits: RawLimits,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawLimits {
+    pub identity_rate: Option<f64>,
+    pub identity_burst: Option<u32>,
+    pub source_ip_rate: Option<f64>,
+    pub source_ip_burst: Option<u32>,
+    pub request_timeout: Option<Dur>,
+    pub max_connections: Option<usize>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -142,6 +155,8 @@ pub struct RawRule {
     pub targets: Vec<String>,
     #[serde(default)]
     pub roles: Vec<String>,
+    #[serde(default)]
+    pub role_targets: Vec<String>,
     /// Free text for humans; not used by the broker.
     #[allow(dead_code)]
     pub description: Option<String>,

@@ -89,7 +89,7 @@ fn each_kind_of_bad_config_names_its_key() {
             "http_addr = \"10.0.0.1:7480\"",
         ),
         "server.http_addr",
-        "does not serve TLS yet",
+        "[server.tls] is not configured",
     );
     rejects(
         rep(
@@ -398,4 +398,67 @@ fn audit_settings_default_and_are_checked() {
         "claim name",
     );
     rejects(with("witness = \"x\""), "line", "unknown field");
+}
+
+fn append(extra: &'static str) -> impl Fn(&str) -> String {
+    move |s: &str| format!("{s}\n{extra}")
+}
+
+#[test]
+fn limits_are_checked_and_default_sensibly() {
+    let c = Config::parse(GOOD, "good.toml").unwrap();
+    assert_eq!(c.limits, LimitsConfig::default());
+    let c = Config::parse(
+        &format!(
+            "{GOOD}\n[limits]\nidentity_rate = 2.5\nsource_ip_rate = 0\nrequest_timeout = \"5s\"\n"
+        ),
+        "good.toml",
+    )
+    .unwrap();
+    assert_eq!(c.limits.rate.identity.rate, 2.5);
+    assert_eq!(
+        c.limits.rate.identity.burst, 5,
+        "burst defaults to two seconds' worth"
+    );
+    assert_eq!(c.limits.rate.source_ip.rate, 0.0, "0 turns the limit off");
+    assert_eq!(c.limits.request_timeout, std::time::Duration::from_secs(5));
+    rejects(
+        append("[limits]\nidentity_rate = -1"),
+        "limits.identity_rate",
+        "requests per second",
+    );
+    rejects(
+        append("[limits]\nsource_ip_rate = 5\nsource_ip_burst = 0"),
+        "limits.source_ip_burst",
+        "at least 1",
+    );
+    rejects(
+        append("[limits]\nrequest_timeout = \"1ms\""),
+        "limits.request_timeout",
+        "between",
+    );
+    rejects(
+        append("[limits]\nmax_connections = 0"),
+        "limits.max_connections",
+        "at least 1",
+    );
+    rejects(
+        append("[limits]\nidentity_rte = 1"),
+        "identity_rte",
+        "unknown field",
+    );
+}
+
+#[test]
+fn role_targets_must_name_targets_and_need_roles() {
+    rejects(
+        append("[[rules]]\nname = \"i\"\nissuer = \"bitbucket\"\nclaims = { branchName = \"x\" }\nroles = [\"introspect\"]\nrole_targets = [\"nope\"]"),
+        "role_targets[0]",
+        "no target named",
+    );
+    rejects(
+        append("[[rules]]\nname = \"i\"\nissuer = \"bitbucket\"\nclaims = { branchName = \"x\" }\ngrants = [{ target = \"orders-api\" }]\nrole_targets = [\"orders-api\"]"),
+        "role_targets",
+        "grants none",
+    );
 }

@@ -147,6 +147,10 @@ pub struct KeyStatus {
     pub last_error: Option<String>,
     /// Successful fetches so far.
     pub fetches: u64,
+    /// Failed fetches so far.
+    pub failures: u64,
+    /// Whether a key set young enough to use (within `jwks_max_staleness`) is held.
+    pub usable: bool,
 }
 
 /// The key cache of one issuer.
@@ -181,7 +185,9 @@ impl IssuerKeys {
 
     /// The current status.
     pub fn status(&self) -> KeyStatus {
-        lock(&self.status).clone()
+        let mut s = lock(&self.status).clone();
+        s.usable = self.fresh().is_some();
+        s
     }
 
     fn fresh(&self) -> Option<Arc<KeySet>> {
@@ -256,7 +262,9 @@ impl IssuerKeys {
             }
             Err(e) => {
                 tracing::warn!(issuer = %self.cfg.name, error = %e, "jwks refresh failed; keeping last good keys");
-                lock(&self.status).last_error = Some(e.clone());
+                let mut st = lock(&self.status);
+                st.last_error = Some(e.clone());
+                st.failures += 1;
                 Err(e)
             }
         }

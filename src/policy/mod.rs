@@ -91,6 +91,9 @@ pub struct Rule {
     pub deny_targets: Vec<String>,
     /// Broker roles granted (allow rules) .
     pub roles: Vec<Role>,
+    /// Targets the roles are limited to, for roles that concern one target's tokens
+    /// (`introspect`); empty means every target.
+    pub role_targets: Vec<String>,
 }
 
 /// What the target itself allows, independent of rules.
@@ -251,8 +254,39 @@ impl Policy {
         claims: &Map<String, Value>,
         role: Role,
     ) -> Result<(), Denied> {
+        self.role_on(issuer, claims, role, None)
+    }
+
+    /// Whether the caller holds `role` for `target`: like [`Policy::has_role`], where the
+    /// granting rule's `role_targets` must be empty or name `target`, and a deny rule
+    /// refusing `target` also refuses the role there.
+    pub fn has_role_for(
+        &self,
+        issuer: &str,
+        claims: &Map<String, Value>,
+        role: Role,
+        target: &str,
+    ) -> Result<(), Denied> {
+        self.role_on(issuer, claims, role, Some(target))
+    }
+
+    fn role_on(
+        &self,
+        issuer: &str,
+        claims: &Map<String, Value>,
+        role: Role,
+        target: Option<&str>,
+    ) -> Result<(), Denied> {
         let none = Vec::new();
-        for &i in self.deny_all.get(issuer).unwrap_or(&none) {
+        let targeted = target
+            .and_then(|t| self.by_target.get(issuer).and_then(|m| m.get(t)))
+            .unwrap_or(&none);
+        let denies = self.deny_all.get(issuer).unwrap_or(&none).iter().chain(
+            targeted
+                .iter()
+                .filter(|&&i| self.rules[i].effect == Effect::Deny),
+        );
+        for &i in denies {
             if self.rules[i].matches(claims).is_ok() {
                 return Err(Denied::DenyRule {
                     rule: self.rules[i].name.clone(),
@@ -261,7 +295,12 @@ impl Policy {
         }
         for &i in self.with_roles.get(issuer).unwrap_or(&none) {
             let r = &self.rules[i];
-            if (r.roles.contains(&role) || r.roles.contains(&Role::Admin))
+            let covers = match target {
+                Some(t) => r.role_targets.is_empty() || r.role_targets.iter().any(|x| x == t),
+                None => true,
+            };
+            if covers
+                && (r.roles.contains(&role) || r.roles.contains(&Role::Admin))
                 && r.matches(claims).is_ok()
             {
                 return Ok(());

@@ -35,6 +35,7 @@ fn allow(
         }],
         deny_targets: vec![],
         roles: vec![],
+        role_targets: vec![],
     }
 }
 
@@ -50,6 +51,7 @@ fn deny(name: &str, m: Vec<(&str, Matcher)>, targets: &[&str]) -> Rule {
         grants: vec![],
         deny_targets: targets.iter().map(|s| s.to_string()).collect(),
         roles: vec![],
+        role_targets: vec![],
     }
 }
 
@@ -344,6 +346,53 @@ fn roles_come_from_allow_rules_and_admin_implies_all() {
         )
         .is_err());
     assert!(Role::parse("superuser").is_none());
+}
+
+#[test]
+fn target_roles_cover_only_their_targets_and_targeted_denies_refuse() {
+    let mut intro = allow("intro", vec![("team", exact("ops"))], "t", &[], None);
+    intro.grants.clear();
+    intro.roles = vec![Role::Introspect];
+    intro.role_targets = vec!["orders".into()];
+    let p = Policy::new(vec![
+        intro,
+        deny(
+            "no-forks-on-orders",
+            vec![("fork", exact("true"))],
+            &["orders"],
+        ),
+    ]);
+    let ops = claims(json!({"team": "ops"}));
+    assert!(p
+        .has_role_for("bb", &ops, Role::Introspect, "orders")
+        .is_ok());
+    assert_eq!(
+        p.has_role_for("bb", &ops, Role::Introspect, "billing"),
+        Err(Denied::RoleNotGranted("introspect"))
+    );
+    assert!(
+        p.has_role("bb", &ops, Role::Introspect).is_ok(),
+        "holds the role somewhere"
+    );
+    assert!(p
+        .has_role_for(
+            "bb",
+            &claims(json!({"team": "dev"})),
+            Role::Introspect,
+            "orders"
+        )
+        .is_err());
+    assert_eq!(
+        p.has_role_for(
+            "bb",
+            &claims(json!({"team": "ops", "fork": "true"})),
+            Role::Introspect,
+            "orders"
+        ),
+        Err(Denied::DenyRule {
+            rule: "no-forks-on-orders".into()
+        })
+    );
 }
 
 // ---- properties ----

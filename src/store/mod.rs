@@ -145,6 +145,14 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// of tokens expired before `now`; at most `limit` leases. Answers how many leases.
     async fn purge(&self, before: i64, now: i64, limit: usize) -> Result<usize, StoreError>;
 
+    /// Live leases per target at `now`.
+    async fn live_lease_counts(&self, now: i64) -> Result<Vec<(String, u64)>, StoreError>;
+
+    /// Lets the store report its writer's batch sizes and commit latency.
+    fn attach_metrics(&self, metrics: crate::metrics::StoreMetrics) {
+        let _ = metrics;
+    }
+
     /// Follows the sequence number of the committed chain head.
     fn subscribe_head(&self) -> tokio::sync::watch::Receiver<i64>;
 

@@ -189,6 +189,8 @@ pub struct SqliteStore {
     /// A read-only connection for audit queries, opened on first use: a slow filter
     /// never holds up the writer (and so never holds up Mint).
     reader: Arc<std::sync::Mutex<Option<Connection>>>,
+    /// Batch size and commit latency, once the server attaches its metrics.
+    metrics: Arc<std::sync::OnceLock<crate::metrics::StoreMetrics>>,
 }
 
 fn unavailable(e: rusqlite::Error) -> StoreError {
@@ -211,15 +213,26 @@ impl SqliteStore {
         let (tx, rx) = mpsc::channel();
         let head_tx = Arc::new(watch::channel(head.0).0);
         let notify = head_tx.clone();
+        let metrics: Arc<std::sync::OnceLock<crate::metrics::StoreMetrics>> = Arc::default();
+        let writer_metrics = metrics.clone();
         std::thread::Builder::new()
             .name("latchkey-store".into())
-            .spawn(move || Writer { conn, head, notify }.run(rx))
+            .spawn(move || {
+                Writer {
+                    conn,
+                    head,
+                    notify,
+                    metrics: writer_metrics,
+                }
+                .run(rx)
+            })
             .map_err(|e| StoreError::Unavailable(format!("cannot start writer thread: {e}")))?;
         Ok(SqliteStore {
             tx,
             path: cfg.path.clone(),
             head: head_tx,
             reader: Arc::default(),
+            metrics,
         })
     }
 
@@ -301,6 +314,7 @@ struct Writer {
     head: (i64, String),
     /// Tells followers (tail, checkpointer) the committed head moved.
     notify: Arc<watch::Sender<i64>>,
+    metrics: Arc<std::sync::OnceLock<crate::metrics::StoreMetrics>>,
 }
 
 impl Writer {
@@ -330,6 +344,7 @@ impl Writer {
     }
 
     fn write_batch(&mut self, batch: Vec<Write>) {
+        let started = std::time::Instant::now();
         let mut head = self.head.clone();
         let result = (|| -> Result<Vec<Done>, StoreError> {
             let tx = self
@@ -350,6 +365,10 @@ impl Writer {
             tx.commit().map_err(unavailable)?;
             Ok(out)
         })();
+        if let Some(m) = self.metrics.get() {
+            m.batch_size.observe(batch.len() as f64);
+            m.commit_seconds.observe(started.elapsed().as_secs_f64());
+        }
         match result {
             Ok(done) => {
                 if head.0 != self.head.0 {
@@ -977,6 +996,23 @@ impl Store for SqliteStore {
 
     fn subscribe_head(&self) -> watch::Receiver<i64> {
         self.head.subscribe()
+    }
+
+    async fn live_lease_counts(&self, now: i64) -> Result<Vec<(String, u64)>, StoreError> {
+        self.read(move |c| {
+            let mut st = c
+                .prepare_cached("SELECT target, count(*) FROM leases WHERE state = 'live' AND expires_at > ? GROUP BY target ORDER BY target")
+                .map_err(unavailable)?;
+            let rows = st
+                .query_map([now], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64)))
+                .map_err(unavailable)?;
+            rows.collect::<Result<Vec<_>, _>>().map_err(unavailable)
+        })
+        .await
+    }
+
+    fn attach_metrics(&self, metrics: crate::metrics::StoreMetrics) {
+        let _ = self.metrics.set(metrics);
     }
 
     async fn audit_head(&self) -> Result<(i64, String), StoreError> {

@@ -3,16 +3,20 @@
 
 use crate::broker::Broker;
 use axum::extract::State;
+use axum::extract::{ConnectInfo, DefaultBodyLimit, Request};
 use axum::http::{header, StatusCode};
+use axum::middleware::{self, Next};
 use axum::response::IntoResponse;
-use axum::routing::get;
+use axum::response::Response;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::json;
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 /// The router. Discovery and JWKS live beneath the path of `server.issuer_url`, as OIDC
 /// discovery requires.
-pub fn router(broker: Arc<Broker>) -> Router {
+pub fn router(broker: Arc<Broker>, request_timeout: std::time::Duration) -> Router {
     let prefix = reqwest::Url::parse(broker.issuer_url())
         .map(|u| u.path().trim_end_matches('/').to_string())
         .unwrap_or_default();
@@ -23,10 +27,50 @@ pub fn router(broker: Arc<Broker>) -> Router {
         )
         .route(&format!("{prefix}/.well-known/jwks.json"), get(jwks))
         .route("/v1/audit/keys", get(audit_keys))
+        .merge(
+            Router::new()
+                .route("/v1/token", post(super::oauth::token))
+                .route("/v1/introspect", post(super::oauth::introspect))
+                .route_layer(middleware::from_fn_with_state(broker.clone(), limit_source)),
+        )
         .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics))
         .route("/readyz", get(readyz))
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(middleware::from_fn_with_state(request_timeout, timeout))
         .with_state(broker)
 }
+
+/// Refuses a source address over its rate limit before the request is looked at.
+async fn limit_source(
+    State(b): State<Arc<Broker>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    req: Request,
+    next: Next,
+) -> Response {
+    match b.rate_limits().check_source(peer.ip()) {
+        Ok(()) => next.run(req).await,
+        Err(e) => {
+            b.metrics()
+                .rate_limited
+                .get_or_create(&crate::metrics::LimitScope { scope: "source_ip" })
+                .inc();
+            tracing::info!(%peer, "rate limited by source address");
+            super::oauth::too_many_requests(e.retry_after_secs())
+        }
+    }
+}
+
+/// Ends a request that runs past the request timeout.
+async fn timeout(State(limit): State<std::time::Duration>, req: Request, next: Next) -> Response {
+    match tokio::time::timeout(limit, next.run(req)).await {
+        Ok(r) => r,
+        Err(_) => super::oauth::timed_out(),
+    }
+}
+
+/// Largest HTTP request body accepted (a form carrying a 16 KiB token fits easily).
+pub const MAX_BODY_BYTES: usize = 64 * 1024;
 
 async fn discovery(State(b): State<Arc<Broker>>) -> impl IntoResponse {
     let iss = b.issuer_url();
@@ -54,6 +98,16 @@ async fn jwks(State(b): State<Arc<Broker>>) -> impl IntoResponse {
     )
 }
 
+async fn metrics(State(b): State<Arc<Broker>>) -> impl IntoResponse {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        b.render_metrics().await,
+    )
+}
+
 async fn healthz() -> impl IntoResponse {
     Json(json!({"status": "ok"}))
 }
@@ -66,33 +120,19 @@ async fn audit_keys(State(b): State<Arc<Broker>>) -> impl IntoResponse {
     )
 }
 
-/// Ready when the store can commit (no credential can be issued otherwise). Witness
-/// delivery is reported but never makes the broker unready: a hung witness must not stop
-/// Mint.
+/// `GET /readyz`: 200 when ready, 503 otherwise, with every check in the body.
 async fn readyz(State(b): State<Arc<Broker>>) -> impl IntoResponse {
-    use std::sync::atomic::Ordering;
-    let store = b.store().check_writable().await;
-    let status = b.audit_status();
-    let witness = json!({
-        "lag": status.witness_lag(),
-        "consecutive_failures": status.witness_failures.load(Ordering::SeqCst),
-        "last_checkpoint": status.last_checkpoint.load(Ordering::SeqCst),
-    });
-    let (code, store_check) = match &store {
-        Ok(()) => (StatusCode::OK, json!({"ok": true})),
-        Err(e) => {
-            tracing::warn!(error = %e, "not ready: store cannot commit");
-            (
-                StatusCode::SERVICE_UNAVAILABLE,
-                json!({"ok": false, "reason": e.to_string()}),
-            )
-        }
+    let r = b.readiness().await;
+    let code = if r.ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
     };
     (
         code,
         Json(json!({
-            "status": if store.is_ok() { "ready" } else { "unready" },
-            "checks": {"store": store_check, "audit_witness": witness},
+            "status": if r.ready { "ready" } else { "unready" },
+            "checks": r.checks,
         })),
     )
 }

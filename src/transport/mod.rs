@@ -6,12 +6,18 @@ pub mod audit;
 pub mod grpc;
 pub mod http;
 pub mod leases;
+pub mod listen;
+pub mod oauth;
 pub mod status;
 
 /// Generated protobuf and gRPC code for `latchkey.v1`.
 #[allow(missing_docs, clippy::all)]
 pub mod pb {
     tonic::include_proto!("latchkey.v1");
+
+    /// The encoded `FileDescriptorSet` of `proto/`, served by gRPC reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        include_bytes!(concat!(env!("OUT_DIR"), "/latchkey_descriptor.bin"));
 
     // `Credential` is built with `skip_debug`: this hand-written Debug never shows the
     // token or password.

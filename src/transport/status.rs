@@ -44,6 +44,7 @@ pub fn code(e: &BrokerError) -> Code {
         BrokerError::NotLeaseOwner => Code::PermissionDenied,
         BrokerError::NotRenewable(_) => Code::FailedPrecondition,
         BrokerError::Conflict => Code::Aborted,
+        BrokerError::RateLimited(_) => Code::ResourceExhausted,
     }
 }
 
@@ -58,7 +59,62 @@ pub fn to_status(e: &BrokerError, request_id: &str) -> Status {
     if c == Code::Internal {
         tracing::error!(request_id, error = %e, "internal error");
     }
-    Status::new(c, msg)
+    let mut s = Status::new(c, msg);
+    if let BrokerError::RateLimited(x) = e {
+        if let Ok(v) = x.retry_after_secs().to_string().parse() {
+            s.metadata_mut().insert("retry-after", v);
+        }
+    }
+    s
+}
+
+/// An RFC 6749 error: the HTTP status and the `error` code for a broker error, with the
+/// same meaning as the gRPC code from [`code`]. No wildcard arms.
+pub fn oauth(e: &BrokerError) -> (u16, &'static str) {
+    match e {
+        BrokerError::Identity(IdentityError::KeysUnavailable(_)) => {
+            (503, "temporarily_unavailable")
+        }
+        BrokerError::Identity(IdentityError::Missing | IdentityError::Oversized(_)) => {
+            (400, "invalid_request")
+        }
+        BrokerError::Identity(
+            IdentityError::Malformed(_)
+            | IdentityError::Algorithm(_)
+            | IdentityError::ForbiddenHeader(_)
+            | IdentityError::UnknownIssuer
+            | IdentityError::UnknownKey
+            | IdentityError::BadSignature
+            | IdentityError::Expired
+            | IdentityError::NotYetValid
+            | IdentityError::TooOld
+            | IdentityError::Audience
+            | IdentityError::Claim(_),
+        ) => (400, "invalid_grant"),
+        BrokerError::Denied(Denied::ScopeNotGranted { .. }) => (400, "invalid_scope"),
+        BrokerError::Denied(
+            Denied::DenyRule { .. } | Denied::NoRuleMatched { .. } | Denied::RoleNotGranted(_),
+        ) => (403, "access_denied"),
+        BrokerError::InvalidRequest(_) => (400, "invalid_request"),
+        BrokerError::UnknownTarget(_) => (400, "invalid_target"),
+        BrokerError::Mint(MintError::MissingClaim(_)) => (403, "access_denied"),
+        BrokerError::Mint(MintError::Upstream { .. }) => (503, "temporarily_unavailable"),
+        BrokerError::Mint(MintError::Signing(_)) => (500, "server_error"),
+        BrokerError::Mint(MintError::Unsupported { .. }) => (400, "invalid_request"),
+        BrokerError::Audit(_) | BrokerError::Store(_) => (503, "temporarily_unavailable"),
+        BrokerError::Quota(_) => (429, "temporarily_unavailable"),
+        BrokerError::Replay(_) => (400, "invalid_grant"),
+        BrokerError::UnknownLease | BrokerError::NotRenewable(_) => (400, "invalid_request"),
+        BrokerError::NotLeaseOwner => (403, "access_denied"),
+        BrokerError::Conflict => (503, "temporarily_unavailable"),
+        BrokerError::RateLimited(_) => (429, "temporarily_unavailable"),
+    }
+}
+
+/// The `error_description` for a broker error: the same stable message as the gRPC
+/// status, with a correlation id instead of detail for internal faults.
+pub fn description(e: &BrokerError, request_id: &str) -> String {
+    to_status(e, request_id).message().to_string()
 }
 
 #[cfg(test)]
@@ -101,5 +157,95 @@ mod tests {
         let s = to_status(&MintError::Signing("t".into()).into(), "req-1");
         assert_eq!(s.code(), Code::Internal);
         assert!(s.message().contains("req-1"));
+    }
+
+    #[test]
+    fn oauth_errors_follow_rfc_6749_and_agree_with_grpc() {
+        let cases: Vec<(BrokerError, u16, &str, Code)> = vec![
+            (
+                IdentityError::Missing.into(),
+                400,
+                "invalid_request",
+                Code::Unauthenticated,
+            ),
+            (
+                IdentityError::Expired.into(),
+                400,
+                "invalid_grant",
+                Code::Unauthenticated,
+            ),
+            (
+                IdentityError::KeysUnavailable("x".into()).into(),
+                503,
+                "temporarily_unavailable",
+                Code::Unavailable,
+            ),
+            (
+                Denied::ScopeNotGranted {
+                    scope: "w".into(),
+                    target: "t".into(),
+                }
+                .into(),
+                400,
+                "invalid_scope",
+                Code::PermissionDenied,
+            ),
+            (
+                Denied::NoRuleMatched {
+                    target: "t".into(),
+                    hint: None,
+                }
+                .into(),
+                403,
+                "access_denied",
+                Code::PermissionDenied,
+            ),
+            (
+                BrokerError::UnknownTarget("t".into()),
+                400,
+                "invalid_target",
+                Code::NotFound,
+            ),
+            (
+                BrokerError::InvalidRequest("x".into()),
+                400,
+                "invalid_request",
+                Code::InvalidArgument,
+            ),
+            (
+                BrokerError::Audit(StoreError::Unavailable("x".into())),
+                503,
+                "temporarily_unavailable",
+                Code::Unavailable,
+            ),
+            (
+                MintError::Upstream {
+                    target: "t".into(),
+                    reason: "r".into(),
+                }
+                .into(),
+                503,
+                "temporarily_unavailable",
+                Code::Unavailable,
+            ),
+            (
+                MintError::Signing("t".into()).into(),
+                500,
+                "server_error",
+                Code::Internal,
+            ),
+            (
+                BrokerError::Quota(1),
+                429,
+                "temporarily_unavailable",
+                Code::ResourceExhausted,
+            ),
+        ];
+        for (e, http, err, grpc) in cases {
+            assert_eq!(oauth(&e), (http, err), "{e}");
+            assert_eq!(code(&e), grpc, "{e}");
+        }
+        let d = description(&MintError::Signing("t".into()).into(), "req-9");
+        assert!(d.contains("req-9") && !d.contains("signing failed"), "{d}");
     }
 }

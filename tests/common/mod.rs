@@ -23,6 +23,8 @@ pub struct Env {
     pub http: String,
     pub db: PathBuf,
     pub config: Config,
+    /// The broker's store (tests make it read-only to simulate a full disk).
+    pub store: Arc<latchkey::store::sqlite::SqliteStore>,
 }
 
 pub fn config_text(
@@ -145,9 +147,21 @@ impl Env {
             store_extra,
         ) + extra;
         let config = Config::parse(&text, "test.toml").unwrap();
-        let running = latchkey::server::start(&config, &MasterKey::generate(), clock)
-            .await
-            .unwrap();
+        let store = Arc::new(
+            latchkey::store::sqlite::SqliteStore::open(&latchkey::store::sqlite::Config {
+                path: config.store.path.clone(),
+                busy_timeout: config.store.busy_timeout,
+            })
+            .unwrap(),
+        );
+        let running = latchkey::server::start_with_store(
+            &config,
+            store.clone(),
+            &MasterKey::generate(),
+            clock,
+        )
+        .await
+        .unwrap();
         let channel = Channel::from_shared(format!("http://{}", running.grpc_addr))
             .unwrap()
             .connect()
@@ -163,6 +177,7 @@ impl Env {
             client,
             db,
             config,
+            store,
         }
     }
 

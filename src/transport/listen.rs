@@ -1,0 +1,346 @@
+//! The two listeners: accept loops with a connection cap and a TLS handshake timeout,
+//! TLS (rustls) whose certificate, key and client CA are reloaded in place (new
+//! connections get the new files; open ones keep theirs), and the HTTP/1 server with
+//! header size and header read time limits and a draining graceful shutdown.
+
+use crate::config::TlsConfig;
+use axum::extract::ConnectInfo;
+use axum::Router;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{RootCertStore, ServerConfig};
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, RwLock};
+use std::task::{Context, Poll};
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
+use tokio_rustls::TlsAcceptor;
+use tokio_stream::wrappers::ReceiverStream;
+
+/// Longest a client may take to finish the TLS handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest a client may take to send its request headers (HTTP port).
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest request head on the HTTP port (request line and headers).
+pub const MAX_HEADER_BYTES: usize = 64 * 1024;
+/// Longest a graceful shutdown waits for in-flight HTTP requests.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Why TLS files could not be used. Never carries key material.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// A file could not be read or parsed.
+    #[error("{path}: {reason}")]
+    File {
+        /// The file.
+        path: String,
+        /// Why.
+        reason: String,
+    },
+    /// The files do not make a usable configuration (key does not match, ...).
+    #[error("{0}")]
+    Config(String),
+}
+
+fn file_err(p: &std::path::Path, e: impl std::fmt::Display) -> TlsError {
+    TlsError::File {
+        path: p.display().to_string(),
+        reason: e.to_string(),
+    }
+}
+
+fn server_config(cfg: &TlsConfig, alpn: &[u8]) -> Result<ServerConfig, TlsError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&cfg.cert_file)
+        .map_err(|e| file_err(&cfg.cert_file, e))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| file_err(&cfg.cert_file, e))?;
+    if certs.is_empty() {
+        return Err(file_err(&cfg.cert_file, "no certificate in the file"));
+    }
+    let key = PrivateKeyDer::from_pem_file(&cfg.key_file)
+        .map_err(|_| file_err(&cfg.key_file, "no usable private key in the file"))?;
+    let builder = ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TlsError::Config(e.to_string()))?;
+    let builder = match &cfg.client_ca_file {
+        Some(ca) => {
+            let mut roots = RootCertStore::empty();
+            for c in CertificateDer::pem_file_iter(ca).map_err(|e| file_err(ca, e))? {
+                roots
+                    .add(c.map_err(|e| file_err(ca, e))?)
+                    .map_err(|e| file_err(ca, e))?;
+            }
+            let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+                .build()
+                .map_err(|e| file_err(ca, e))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+        None => builder.with_no_client_auth(),
+    };
+    let mut sc = builder
+        .with_single_cert(certs, key)
+        .map_err(|e| TlsError::Config(format!("certificate and key: {e}")))?;
+    sc.alpn_protocols = vec![alpn.to_vec()];
+    Ok(sc)
+}
+
+/// TLS for both ports from one set of files, replaceable while serving.
+#[derive(Debug)]
+pub struct Tls {
+    files: TlsConfig,
+    grpc: RwLock<Arc<ServerConfig>>,
+    http: RwLock<Arc<ServerConfig>>,
+}
+
+/// Which port a connection arrived on (they negotiate different protocols).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Port {
+    /// gRPC: HTTP/2 only.
+    Grpc,
+    /// HTTP: HTTP/1.1.
+    Http,
+}
+
+impl Tls {
+    /// Loads the files. Fails when any is unreadable or they do not fit together.
+    pub fn load(files: &TlsConfig) -> Result<Arc<Tls>, TlsError> {
+        Ok(Arc::new(Tls {
+            grpc: RwLock::new(Arc::new(server_config(files, b"h2")?)),
+            http: RwLock::new(Arc::new(server_config(files, b"http/1.1")?)),
+            files: files.clone(),
+        }))
+    }
+
+    /// Reads the files again; on success new connections use them. On failure the
+    /// configuration in service stays, and the error says why.
+    pub fn reload(&self) -> Result<(), TlsError> {
+        let grpc = Arc::new(server_config(&self.files, b"h2")?);
+        let http = Arc::new(server_config(&self.files, b"http/1.1")?);
+        *self.grpc.write().unwrap_or_else(|e| e.into_inner()) = grpc;
+        *self.http.write().unwrap_or_else(|e| e.into_inner()) = http;
+        Ok(())
+    }
+
+    fn acceptor(&self, port: Port) -> TlsAcceptor {
+        let l = match port {
+            Port::Grpc => &self.grpc,
+            Port::Http => &self.http,
+        };
+        TlsAcceptor::from(l.read().unwrap_or_else(|e| e.into_inner()).clone())
+    }
+}
+
+enum Io {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+}
+
+/// One accepted connection (after the TLS handshake, when TLS is on). Holds its place
+/// under the connection cap until dropped.
+pub struct Conn {
+    io: Io,
+    local: SocketAddr,
+    remote: SocketAddr,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Conn {
+    /// The peer's address.
+    pub fn remote(&self) -> SocketAddr {
+        self.remote
+    }
+}
+
+impl AsyncRead for Conn {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match &mut self.get_mut().io {
+            Io::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Conn {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match &mut self.get_mut().io {
+            Io::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match &mut self.get_mut().io {
+            Io::Plain(s) => Pin::new(s).poll_flush(cx),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match &mut self.get_mut().io {
+            Io::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match &mut self.get_mut().io {
+            Io::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match &self.io {
+            Io::Plain(s) => s.is_write_vectored(),
+            Io::Tls(s) => s.is_write_vectored(),
+        }
+    }
+}
+
+impl tonic::transport::server::Connected for Conn {
+    type ConnectInfo = tonic::transport::server::TcpConnectInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        tonic::transport::server::TcpConnectInfo {
+            local_addr: Some(self.local),
+            remote_addr: Some(self.remote),
+        }
+    }
+}
+
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    let _ = stop.wait_for(|v| *v).await;
+}
+
+/// Accepts connections until `stop`, at most `max_connections` open at once, each
+/// through the TLS handshake (concurrently, bounded by a timeout) when TLS is on.
+pub fn incoming(
+    listener: TcpListener,
+    tls: Option<Arc<Tls>>,
+    port: Port,
+    max_connections: usize,
+    mut stop: watch::Receiver<bool>,
+) -> ReceiverStream<io::Result<Conn>> {
+    let (tx, rx) = mpsc::channel(64);
+    let slots = Arc::new(Semaphore::new(max_connections));
+    tokio::spawn(async move {
+        loop {
+            let permit = tokio::select! {
+                _ = stopped(&mut stop) => return,
+                p = slots.clone().acquire_owned() => match p {
+                    Ok(p) => p,
+                    Err(_) => return,
+                },
+            };
+            let (tcp, remote) = tokio::select! {
+                _ = stopped(&mut stop) => return,
+                a = listener.accept() => match a {
+                    Ok(a) => a,
+                    Err(e) => {
+                        // Out of file descriptors and the like: pause, keep serving.
+                        tracing::warn!(error = %e, ?port, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                },
+            };
+            let _ = tcp.set_nodelay(true);
+            let local = tcp.local_addr().unwrap_or(remote);
+            let tx = tx.clone();
+            let acceptor = tls.as_ref().map(|t| t.acceptor(port));
+            tokio::spawn(async move {
+                let io = match acceptor {
+                    None => Io::Plain(tcp),
+                    Some(a) => match tokio::time::timeout(HANDSHAKE_TIMEOUT, a.accept(tcp)).await {
+                        Ok(Ok(s)) => Io::Tls(Box::new(s)),
+                        Ok(Err(e)) => {
+                            tracing::debug!(%remote, error = %e, "tls handshake failed");
+                            return;
+                        }
+                        Err(_) => {
+                            tracing::debug!(%remote, "tls handshake timed out");
+                            return;
+                        }
+                    },
+                };
+                let _ = tx
+                    .send(Ok(Conn {
+                        io,
+                        local,
+                        remote,
+                        _permit: permit,
+                    }))
+                    .await;
+            });
+        }
+    });
+    ReceiverStream::new(rx)
+}
+
+/// Serves `app` over HTTP/1.1 on the accepted connections until `stop`; then stops
+/// accepting, lets in-flight requests finish (bounded by the drain timeout), and
+/// returns. Each request carries its peer address as `ConnectInfo<SocketAddr>`.
+pub async fn serve_http(
+    mut conns: ReceiverStream<io::Result<Conn>>,
+    app: Router,
+    mut stop: watch::Receiver<bool>,
+) {
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    use tokio_stream::StreamExt;
+    use tower_service::Service;
+
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    loop {
+        let conn = tokio::select! {
+            _ = stopped(&mut stop) => break,
+            c = conns.next() => match c {
+                Some(Ok(c)) => c,
+                Some(Err(_)) => continue,
+                None => break,
+            },
+        };
+        let remote = conn.remote();
+        let app = app.clone();
+        let svc =
+            hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+                req.extensions_mut().insert(ConnectInfo(remote));
+                let mut app = app.clone();
+                async move { app.call(req).await }
+            });
+        let served = hyper::server::conn::http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(HEADER_READ_TIMEOUT)
+            .max_buf_size(MAX_HEADER_BYTES)
+            .serve_connection(TokioIo::new(conn), svc);
+        let watched = graceful.watch(served);
+        tokio::spawn(async move {
+            if let Err(e) = watched.await {
+                tracing::debug!(%remote, error = %e, "http connection ended with an error");
+            }
+        });
+    }
+    tokio::select! {
+        _ = graceful.shutdown() => {}
+        _ = tokio::time::sleep(DRAIN_TIMEOUT) => {
+            tracing::warn!("http drain timed out; closing remaining connections");
+        }
+    }
+}
