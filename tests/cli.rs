@@ -555,6 +555,7 @@ async fn sighup_reloads_rules_and_refuses_a_bad_config() {
     let child = Command::new(BIN)
         .args(["--log-format", "json", "serve", "--config", &cfg])
         .env("LATCHKEY_MASTER_KEY", master.expose())
+        .env("RUST_LOG", "debug")
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&log_path).unwrap())
         .spawn()

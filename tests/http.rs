@@ -217,6 +217,16 @@ async fn token_exchange_errors_follow_rfc_6749() {
         (413, "invalid_request")
     );
 
+    // Request heads over 64 KiB are refused by the HTTP server itself.
+    let r = reqwest::Client::new()
+        .post(format!("{}/v1/token", env.http))
+        .header("x-padding", "p".repeat(100 * 1024))
+        .form(&[("grant_type", EXCHANGE)])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 431);
+
     // The store cannot commit: nothing is issued, and the caller is told to retry.
     env.store.set_read_only(true).await.unwrap();
     let (s, body) = exchange(&env, &good, &[("audience", "orders-api")]).await;

@@ -586,3 +586,75 @@ async fn shutdown_drains_in_flight_requests_on_both_ports() {
     let report = latchkey::store::sqlite::audit::verify_file(&db, &Default::default()).unwrap();
     assert!(report.intact(), "{report}");
 }
+
+#[tokio::test]
+async fn a_request_past_the_timeout_is_cut_off_cleanly_on_both_ports() {
+    let env = Env::start().await;
+    let mut cfg = env.config.clone();
+    cfg.store.path = env.dir.path().join("timeout.db");
+    cfg.limits.request_timeout = std::time::Duration::from_secs(1);
+    let store = std::sync::Arc::new(
+        latchkey::store::sqlite::SqliteStore::open(&latchkey::store::sqlite::Config {
+            path: cfg.store.path.clone(),
+            busy_timeout: std::time::Duration::from_secs(1),
+        })
+        .unwrap(),
+    );
+    let running = latchkey::server::start_with_minters(
+        &cfg,
+        store,
+        &latchkey::keys::MasterKey::generate(),
+        std::sync::Arc::new(latchkey::clock::SystemClock),
+        vec![(
+            "reports".into(),
+            std::sync::Arc::new(Slow(std::time::Duration::from_secs(3))),
+        )],
+    )
+    .await
+    .unwrap();
+    let token = env.token("main");
+    let r = reqwest::Client::new()
+        .post(format!("http://{}/v1/token", running.http_addr))
+        .form(&[
+            (
+                "grant_type",
+                "urn:ietf:params:oauth:grant-type:token-exchange",
+            ),
+            ("subject_token", token.as_str()),
+            ("subject_token_type", "urn:ietf:params:oauth:token-type:jwt"),
+            ("audience", "reports"),
+        ])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503);
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["error_description"], "request timed out");
+
+    let channel = tonic::transport::Channel::from_shared(format!("http://{}", running.grpc_addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let e = latchkey::transport::pb::credential_broker_client::CredentialBrokerClient::new(channel)
+        .mint(common::authed(
+            latchkey::transport::pb::MintRequest {
+                target: "reports".into(),
+                ..Default::default()
+            },
+            &token,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Cancelled, "{e:?}");
+    // The broker is still serving.
+    assert_eq!(
+        reqwest::get(format!("http://{}/healthz", running.http_addr))
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    running.shutdown().await;
+    env.stop().await;
+}

@@ -28,6 +28,8 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// Largest request head on the HTTP port (request line and headers).
 pub const MAX_HEADER_BYTES: usize = 64 * 1024;
+/// Most header fields in one request on the HTTP port.
+const MAX_HEADERS: usize = 100;
 /// Longest a graceful shutdown waits for in-flight HTTP requests.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -328,7 +330,8 @@ pub async fn serve_http(
         let served = hyper::server::conn::http1::Builder::new()
             .timer(TokioTimer::new())
             .header_read_timeout(HEADER_READ_TIMEOUT)
-            .max_buf_size(MAX_HEADER_BYTES)
+            .max_header_size(MAX_HEADER_BYTES)
+            .max_headers(MAX_HEADERS)
             .serve_connection(TokioIo::new(conn), svc);
         let watched = graceful.watch(served);
         tokio::spawn(async move {
