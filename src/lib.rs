@@ -20,6 +20,7 @@
 //! | [`config`] | TOML → checked [`config::Config`] |
 //! | [`metrics`] | Prometheus metrics of one broker |
 //! | [`ratelimit`] | per-identity and per-source-IP rate limits |
+//! | [`rotation`] | rotation schedule math and report types (the runner is in [`broker`]) |
 //! | [`server`] | starting/stopping listeners |
 //! | [`cli`] | the `latchkey` command |
 //! | [`devissuer`] | the development issuer used by `latchkey dev` and the tests |
@@ -41,6 +42,7 @@ pub mod metrics;
 pub mod mint;
 pub mod policy;
 pub mod ratelimit;
+pub mod rotation;
 pub mod secret;
 pub mod server;
 pub mod store;

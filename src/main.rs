@@ -25,6 +25,7 @@ fn main() {
             Command::Leases { command } => Ok(cli::leases::run(command).await),
             Command::Audit { command } => Ok(cli::audit::run(command).await),
             Command::Explain(a) => Ok(cli::explain::run(a).await),
+            Command::Rotate(a) => Ok(cli::rotate::run(a).await),
             Command::CheckConfig(a) => Ok(cli::check_config::run(a)),
             Command::Policy {
                 command: PolicyCommand::Test(a),

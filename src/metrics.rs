@@ -52,6 +52,22 @@ pub struct TargetLabel {
     pub target: String,
 }
 
+/// Labels naming a rotatable item and an outcome.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ItemOutcome {
+    /// `signing-key:<target>` or `root:<target>`.
+    pub item: String,
+    /// `rotated`, `deferred`, `failed` (`not_due` is not counted).
+    pub outcome: String,
+}
+
+/// A single `item` label.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ItemLabel {
+    /// `signing-key:<target>` or `root:<target>`.
+    pub item: String,
+}
+
 /// A single `scope` label for rate limits.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct LimitScope {
@@ -87,6 +103,9 @@ pub struct Metrics {
     jwks_keys: Family<IssuerLabel, Gauge>,
     jwks_age: Family<IssuerLabel, Gauge>,
     live_leases: Family<TargetLabel, Gauge>,
+    rotations: Family<ItemOutcome, Counter>,
+    rotation_due: Family<ItemLabel, Gauge>,
+    key_age: Family<TargetLabel, Gauge>,
     audit_head: Gauge,
     witness_lag: Gauge,
     /// Serialises scrape-time updates (counters are advanced to their source's value).
@@ -109,6 +128,10 @@ pub struct Snapshot {
     pub audit_head: i64,
     /// Checkpoints the witness has not yet taken.
     pub witness_lag: i64,
+    /// Per scheduled item: seconds until it is next due (0 when due).
+    pub rotation_due: Vec<(String, i64)>,
+    /// Per signing target: seconds since its current key started signing.
+    pub key_age: Vec<(String, i64)>,
 }
 
 impl Default for Metrics {
@@ -186,6 +209,26 @@ impl Metrics {
         );
         let live_leases = Family::<TargetLabel, Gauge>::default();
         registry.register("live_leases", "Live leases per target", live_leases.clone());
+        let rotations = Family::<ItemOutcome, Counter>::default();
+        registry.register(
+            "rotations",
+            "Rotation attempts by item and outcome (rotated, deferred, failed)",
+            rotations.clone(),
+        );
+        let rotation_due = Family::<ItemLabel, Gauge>::default();
+        registry.register_with_unit(
+            "rotation_next_due",
+            "Time until each scheduled item is next due to rotate (0 when due)",
+            prometheus_client::registry::Unit::Seconds,
+            rotation_due.clone(),
+        );
+        let key_age = Family::<TargetLabel, Gauge>::default();
+        registry.register_with_unit(
+            "signing_key_age",
+            "Time since each target's current signing key started signing",
+            prometheus_client::registry::Unit::Seconds,
+            key_age.clone(),
+        );
         let audit_head = Gauge::default();
         registry.register(
             "audit_head_seq",
@@ -210,6 +253,9 @@ impl Metrics {
             jwks_keys,
             jwks_age,
             live_leases,
+            rotations,
+            rotation_due,
+            key_age,
             audit_head,
             witness_lag,
             scrape: Mutex::new(()),
@@ -242,6 +288,18 @@ impl Metrics {
             .inc();
     }
 
+    /// Records a rotation attempt (`not_due` is not one).
+    pub fn rotation(&self, item: &str, outcome: &str) {
+        if outcome != "not_due" {
+            self.rotations
+                .get_or_create(&ItemOutcome {
+                    item: item.to_string(),
+                    outcome: outcome.to_string(),
+                })
+                .inc();
+        }
+    }
+
     /// The exposition text after applying `snap`.
     pub fn render(&self, snap: &Snapshot) -> String {
         let _serial = self.scrape.lock().unwrap_or_else(|e| e.into_inner());
@@ -260,6 +318,18 @@ impl Metrics {
                     target: target.clone(),
                 })
                 .set(*n as i64);
+        }
+        for (item, secs) in &snap.rotation_due {
+            self.rotation_due
+                .get_or_create(&ItemLabel { item: item.clone() })
+                .set(*secs);
+        }
+        for (target, secs) in &snap.key_age {
+            self.key_age
+                .get_or_create(&TargetLabel {
+                    target: target.clone(),
+                })
+                .set(*secs);
         }
         self.audit_head.set(snap.audit_head);
         self.witness_lag.set(snap.witness_lag);
@@ -290,15 +360,20 @@ mod tests {
         m.denied("no_rule");
         m.stage("verify", Duration::from_millis(2));
         m.store.batch_size.observe(3.0);
+        m.rotation("signing-key:orders", "rotated");
+        m.rotation("signing-key:orders", "not_due");
         let text = m.render(&Snapshot {
             issuers: vec![("bb".into(), 4, 1, 2, Some(30))],
             live_leases: vec![("orders".into(), 7)],
             audit_head: 42,
             witness_lag: 1,
+            rotation_due: vec![("signing-key:orders".into(), 3600)],
+            key_age: vec![("orders".into(), 60)],
         });
         for want in [
             "latchkey_mints_total{target=\"orders\",outcome=\"allowed\"} 2",
             "latchkey_denials_total{reason=\"no_rule\"} 1",
+            "latchkey_rotations_total{item=\"signing-key:orders\",outcome=\"rotated\"} 1",
             "latchkey_mint_stage_duration_seconds_count{stage=\"verify\"} 1",
             "latchkey_audit_batch_size_count 1",
             "latchkey_jwks_refreshes_total{issuer=\"bb\"} 4",
@@ -306,6 +381,8 @@ mod tests {
             "latchkey_jwks_key_set_age_seconds{issuer=\"bb\"} 30",
             "latchkey_live_leases{target=\"orders\"} 7",
             "latchkey_audit_head_seq 42",
+            "latchkey_rotation_next_due_seconds{item=\"signing-key:orders\"} 3600",
+            "latchkey_signing_key_age_seconds{target=\"orders\"} 60",
             "# EOF",
         ] {
             assert!(text.contains(want), "missing {want:?} in\n{text}");

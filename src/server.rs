@@ -378,6 +378,10 @@ pub async fn start_with_minters(
         .max_decoding_message_size(MAX_REQUEST_BYTES);
     let audit = AuditServer::new(AuditService::new(broker.clone()))
         .max_decoding_message_size(MAX_REQUEST_BYTES);
+    let rotation = crate::transport::pb::rotation_server::RotationServer::new(
+        crate::transport::rotation::RotationService::new(broker.clone()),
+    )
+    .max_decoding_message_size(MAX_REQUEST_BYTES);
     let (health, health_service) = tonic_health::server::health_reporter();
     let reflection = |b: tonic_reflection::server::Builder<'static>| {
         b.register_encoded_file_descriptor_set(crate::transport::pb::FILE_DESCRIPTOR_SET)
@@ -395,7 +399,8 @@ pub async fn start_with_minters(
         .add_service(reflection_v1alpha)
         .add_service(service)
         .add_service(leases)
-        .add_service(audit);
+        .add_service(audit)
+        .add_service(rotation);
     let grpc_conns = listen::incoming(
         grpc_listener,
         tls.clone(),
@@ -424,6 +429,13 @@ pub async fn start_with_minters(
     );
     let http_task = tokio::spawn(listen::serve_http(http_conns, app, stopped));
     let mut refreshers = broker.verifier().spawn_refreshers();
+    if cfg.rotation.scheduler {
+        refreshers.push(tokio::spawn(run_scheduler(
+            broker.clone(),
+            cfg.rotation.check_interval,
+            stop.subscribe(),
+        )));
+    }
     let forgetter = broker.clone();
     refreshers.push(tokio::spawn(async move {
         loop {
@@ -503,12 +515,31 @@ async fn report_health(
     }
 }
 
+/// The in-process rotation scheduler: every `interval`, the same run a cron's `RunDue`
+/// makes, under the same lock.
+async fn run_scheduler(broker: Arc<Broker>, interval: Duration, mut stop: watch::Receiver<bool>) {
+    loop {
+        let id = uuid::Uuid::new_v4().to_string();
+        if let Err(e) = broker
+            .run_due(crate::broker::RotationCaller::Scheduler, &id)
+            .await
+        {
+            tracing::warn!(error = %e, "scheduled rotation run did not run");
+        }
+        tokio::select! {
+            _ = stop.wait_for(|v| *v) => return,
+            _ = tokio::time::sleep(interval) => {}
+        }
+    }
+}
+
 /// The services `grpc.health.v1` reports on (`""` is the server as a whole).
-const HEALTH_SERVICES: [&str; 4] = [
+const HEALTH_SERVICES: [&str; 5] = [
     "",
     "latchkey.v1.CredentialBroker",
     "latchkey.v1.Leases",
     "latchkey.v1.Audit",
+    "latchkey.v1.Rotation",
 ];
 
 /// How often the gRPC health status is recomputed.

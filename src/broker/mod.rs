@@ -5,6 +5,7 @@
 mod audit;
 mod health;
 mod leases;
+mod rotation;
 
 pub use audit::{AuditPager, AuditTail, CheckpointList};
 pub use health::Readiness;
@@ -12,6 +13,7 @@ pub use leases::{
     Introspection, LeaseLister, LeaseProof, RenewRequest, Renewed, RevokeMatching, RevokeSummary,
     Revoked,
 };
+pub use rotation::{Force, RotationCaller};
 
 use crate::audit::checkpoint::{AuditStatus, CheckpointKeys};
 use crate::audit::AuditEntry;
@@ -267,6 +269,9 @@ pub enum BrokerError {
     /// The lease changed while this request was handled; retrying may succeed.
     #[error("lease changed concurrently; retry")]
     Conflict,
+    /// Another run holds the rotation lock past the wait.
+    #[error("busy: {0}")]
+    Busy(String),
     /// The caller's identity exceeded its rate limit.
     #[error("rate limit exceeded for this identity; retry in {}s", .0.retry_after_secs())]
     RateLimited(crate::ratelimit::Exceeded),
@@ -306,6 +311,7 @@ impl BrokerError {
             BrokerError::NotRenewable(_) => "not_renewable",
             BrokerError::Conflict => "conflict",
             BrokerError::RateLimited(_) => "rate_limited",
+            BrokerError::Busy(_) => "busy",
         }
     }
 }
@@ -321,6 +327,7 @@ pub struct Broker {
     /// Replaced whole on config reload; a request uses the policy it started with.
     policy: std::sync::RwLock<Arc<Policy>>,
     rate_limits: crate::ratelimit::RateLimits,
+    rotation_cfg: crate::config::RotationConfig,
     targets: HashMap<String, Target>,
     store: Arc<dyn Store>,
     keys: Arc<KeyRing>,
@@ -395,6 +402,7 @@ impl Broker {
             verifier: Verifier::new(&cfg.issuers, clock.clone()),
             policy: std::sync::RwLock::new(Arc::new(cfg.policy.clone())),
             rate_limits: crate::ratelimit::RateLimits::new(cfg.limits.rate),
+            rotation_cfg: cfg.rotation.clone(),
             targets,
             store,
             keys,
@@ -490,6 +498,18 @@ impl Broker {
         if let Ok((seq, _)) = self.store.audit_head().await {
             snap.audit_head = seq;
         }
+        if let Ok(items) = self.scheduled_items().await {
+            for i in items {
+                if let Some(due) = i.next_due {
+                    snap.rotation_due.push((i.item.clone(), (due - now).max(0)));
+                }
+                if i.kind == crate::rotation::ItemKind::SigningKey {
+                    if let Some(last) = i.last_rotated {
+                        snap.key_age.push((i.target.clone(), now - last));
+                    }
+                }
+            }
+        }
         self.metrics.render(&snap)
     }
 
@@ -569,6 +589,11 @@ impl Broker {
     /// Now, by the broker's clock (seconds since the epoch).
     pub fn now(&self) -> i64 {
         self.clock.now()
+    }
+
+    /// How long verifiers may cache the JWKS (its `Cache-Control: max-age`).
+    pub fn jwks_max_age(&self) -> u64 {
+        self.rotation_cfg.jwks_cache.as_secs()
     }
 
     /// The `iss` of minted tokens.

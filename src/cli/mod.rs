@@ -9,6 +9,7 @@ pub mod leases;
 pub mod mint;
 pub mod policy_test;
 pub mod revoke;
+pub mod rotate;
 pub mod serve;
 
 use clap::{Parser, Subcommand, ValueEnum};
@@ -62,6 +63,8 @@ pub enum Command {
         #[command(subcommand)]
         command: audit::Command,
     },
+    /// Rotate signing keys and root credentials: --due (cron), --target T --now, --schedule.
+    Rotate(rotate::Args),
     /// Ask a broker what Mint would decide for this token, without minting.
     Explain(explain::Args),
     /// Validate a configuration file without starting anything.

@@ -57,6 +57,36 @@ pub struct Config {
     pub audit: crate::audit::checkpoint::Config,
     /// Rate limits, timeouts and connection caps.
     pub limits: LimitsConfig,
+    /// The rotation scheduler.
+    pub rotation: RotationConfig,
+}
+
+/// The rotation scheduler (`[rotation]`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct RotationConfig {
+    /// Whether the broker runs due rotations by itself (a cron can run them too).
+    pub scheduler: bool,
+    /// How often the in-process scheduler looks for due work.
+    pub check_interval: Duration,
+    /// How long verifiers may cache the JWKS: the `Cache-Control` of the JWKS, and how
+    /// long a next key is published before it may sign.
+    pub jwks_cache: Duration,
+    /// How long a rotation run's lock lasts if its holder dies.
+    pub lock_ttl: Duration,
+    /// Spread of due times across items with the same period.
+    pub jitter: Duration,
+}
+
+impl Default for RotationConfig {
+    fn default() -> Self {
+        RotationConfig {
+            scheduler: true,
+            check_interval: Duration::from_secs(60),
+            jwks_cache: Duration::from_secs(300),
+            lock_ttl: Duration::from_secs(300),
+            jitter: Duration::ZERO,
+        }
+    }
 }
 
 /// Rate limits, timeouts and connection caps (`[limits]`).
@@ -191,6 +221,10 @@ pub struct TargetConfig {
     pub max_lifetime: Duration,
     /// Most live leases one identity key may hold on this target; `None` is unlimited.
     pub max_live_leases: Option<u32>,
+    /// When the target's signing key rotates by itself; `None`: only when forced.
+    pub rotation: Option<crate::rotation::Schedule>,
+    /// When the target's upstream root credential rotates; `None`: only when forced.
+    pub root_rotation: Option<crate::rotation::Schedule>,
     /// Kind-specific settings.
     pub kind: TargetKind,
 }
@@ -388,7 +422,56 @@ impl Checker<'_> {
             leases: self.leases(raw.leases)?,
             audit: self.audit(raw.audit)?,
             limits: self.limits(raw.limits)?,
+            rotation: self.rotation(raw.rotation)?,
         })
+    }
+
+    fn rotation(&self, r: RawRotation) -> Result<RotationConfig, ConfigError> {
+        let d = RotationConfig::default();
+        let c = RotationConfig {
+            scheduler: r.scheduler.unwrap_or(d.scheduler),
+            check_interval: r.check_interval.map(|x| x.0).unwrap_or(d.check_interval),
+            jwks_cache: r.jwks_cache.map(|x| x.0).unwrap_or(d.jwks_cache),
+            lock_ttl: r.lock_ttl.map(|x| x.0).unwrap_or(d.lock_ttl),
+            jitter: r.jitter.map(|x| x.0).unwrap_or(d.jitter),
+        };
+        if c.check_interval < Duration::from_secs(1) || c.check_interval > Duration::from_secs(3600)
+        {
+            return Err(self.err("rotation.check_interval", "must be between 1s and 1h"));
+        }
+        if c.jwks_cache > Duration::from_secs(86_400) {
+            return Err(self.err("rotation.jwks_cache", "must be at most 24h"));
+        }
+        if c.lock_ttl < Duration::from_secs(10) || c.lock_ttl > Duration::from_secs(3600) {
+            return Err(self.err("rotation.lock_ttl", "must be between 10s and 1h"));
+        }
+        Ok(c)
+    }
+
+    fn schedule(
+        &self,
+        key: &str,
+        period: Option<raw::Dur>,
+        window: Option<String>,
+    ) -> Result<Option<crate::rotation::Schedule>, ConfigError> {
+        let Some(period) = period else {
+            if window.is_some() {
+                return Err(self.err(format!("{key}_window"), "a window needs a rotation period"));
+            }
+            return Ok(None);
+        };
+        if period.0 < Duration::from_secs(3600) {
+            return Err(self.err(key, "must be at least 1h"));
+        }
+        let window = window
+            .map(|w| crate::rotation::Window::parse(&w))
+            .transpose()
+            .map_err(|e| self.err(format!("{key}_window"), e))?;
+        Ok(Some(crate::rotation::Schedule {
+            period: period.0,
+            window,
+            jitter: Duration::ZERO,
+        }))
     }
 
     fn limits(&self, r: RawLimits) -> Result<LimitsConfig, ConfigError> {
@@ -805,12 +888,26 @@ impl Checker<'_> {
                 ));
             }
         };
+        let rotation = self.schedule(&format!("{key}.rotation"), r.rotation, r.rotation_window)?;
+        let root_rotation = self.schedule(
+            &format!("{key}.root_rotation"),
+            r.root_rotation,
+            r.root_rotation_window,
+        )?;
+        if root_rotation.is_some() && matches!(kind, TargetKind::Jwt(_)) {
+            return Err(self.err(
+                format!("{key}.root_rotation"),
+                "kind jwt has no upstream root credential; rotate its signing key with `rotation`",
+            ));
+        }
         Ok(TargetConfig {
             name: r.name,
             default_ttl,
             max_ttl,
             max_lifetime,
             max_live_leases: r.max_live_leases,
+            rotation,
+            root_rotation,
             kind,
         })
     }

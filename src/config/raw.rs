@@ -37,6 +37,18 @@ pub struct RawConfig {
     pub audit: RawAudit,
     #[serde(default)]
     pub limits: RawLimits,
+    #[serde(default)]
+    pub rotation: RawRotation,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawRotation {
+    pub scheduler: Option<bool>,
+    pub check_interval: Option<Dur>,
+    pub jwks_cache: Option<Dur>,
+    pub lock_ttl: Option<Dur>,
+    pub jitter: Option<Dur>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -133,6 +145,10 @@ pub struct RawTarget {
     pub max_ttl: Option<Dur>,
     pub max_lifetime: Option<Dur>,
     pub max_live_leases: Option<u32>,
+    pub rotation: Option<Dur>,
+    pub rotation_window: Option<String>,
+    pub root_rotation: Option<Dur>,
+    pub root_rotation_window: Option<String>,
     // kind = "jwt"
     pub audience: Option<String>,
     pub algorithm: Option<String>,

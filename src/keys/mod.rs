@@ -7,7 +7,7 @@ pub use master::{MasterKey, MasterKeyError};
 
 use crate::clock::SharedClock;
 use crate::jose::{Alg, SigningKey};
-use crate::store::{Store, StoreError, StoredKey};
+use crate::store::{KeyUpdate, Store, StoreError, StoredKey};
 use serde_json::{json, Value};
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
@@ -37,7 +37,11 @@ pub enum KeyError {
     Missing(String),
 }
 
-/// Signing keys by target, and the published JWKS.
+/// Signing keys by target, and the published JWKS. Each target has a `current` key
+/// (signing), a `next` key (published ahead, so verifiers that cache the JWKS know it
+/// before it signs) and any `retired` keys still published until every token they signed
+/// has expired. Rotation (`crate::rotation`) moves keys between the states in the store
+/// and then calls [`KeyRing::reload`].
 #[derive(Debug)]
 pub struct KeyRing {
     current: RwLock<HashMap<String, Arc<SigningKey>>>,
@@ -46,74 +50,128 @@ pub struct KeyRing {
     jwks_json: RwLock<Arc<Vec<u8>>>,
 }
 
+/// A new key of `alg` for `target` in `state`, sealed for the store.
+pub fn new_stored_key(
+    master: &MasterKey,
+    target: &str,
+    alg: Alg,
+    state: &str,
+    now: i64,
+) -> Result<StoredKey, KeyError> {
+    let (key, pkcs8) = SigningKey::generate(alg).map_err(|e| KeyError::Invalid {
+        kid: "(new)".into(),
+        reason: e.to_string(),
+    })?;
+    Ok(StoredKey {
+        kid: key.kid().to_string(),
+        target: target.to_string(),
+        alg: alg.as_str().to_string(),
+        state: state.to_string(),
+        created_at: now,
+        sealed: master.seal(&pkcs8, aad(key.kid()).as_bytes()),
+        activated_at: (state == "current").then_some(now),
+        remove_at: None,
+    })
+}
+
+fn open_key(master: &MasterKey, sk: &StoredKey) -> Result<SigningKey, KeyError> {
+    let alg = Alg::parse(&sk.alg).ok_or_else(|| KeyError::Invalid {
+        kid: sk.kid.clone(),
+        reason: format!("unknown algorithm {}", sk.alg),
+    })?;
+    let pkcs8 = master
+        .open(&sk.sealed, aad(&sk.kid).as_bytes())
+        .map_err(|_| KeyError::WrongMasterKey {
+            kid: sk.kid.clone(),
+        })?;
+    let key = SigningKey::from_pkcs8(alg, pkcs8.expose()).map_err(|e| KeyError::Invalid {
+        kid: sk.kid.clone(),
+        reason: e.to_string(),
+    })?;
+    if key.kid() != sk.kid {
+        return Err(KeyError::Invalid {
+            kid: sk.kid.clone(),
+            reason: "stored kid does not match the key".into(),
+        });
+    }
+    Ok(key)
+}
+
 impl KeyRing {
-    /// Loads every stored key (opening it with `master`) and generates a key for each
-    /// `(target, alg)` that has none. Fails when a stored key does not open (wrong master
-    /// key) or the store fails.
+    /// Loads every stored key (opening it with `master`) and generates, for each
+    /// `(target, alg)`, a current key and a next key where there are none. Fails when a
+    /// stored key does not open (wrong master key) or the store fails.
     pub async fn load(
         store: &dyn Store,
         master: &MasterKey,
         wanted: &[(String, Alg)],
         clock: &SharedClock,
     ) -> Result<KeyRing, KeyError> {
-        let mut current = HashMap::new();
-        let mut published = Vec::new();
-        for sk in store.signing_keys().await? {
-            let alg = Alg::parse(&sk.alg).ok_or_else(|| KeyError::Invalid {
-                kid: sk.kid.clone(),
-                reason: format!("unknown algorithm {}", sk.alg),
-            })?;
-            let pkcs8 = master
-                .open(&sk.sealed, aad(&sk.kid).as_bytes())
-                .map_err(|_| KeyError::WrongMasterKey {
-                    kid: sk.kid.clone(),
-                })?;
-            let key =
-                SigningKey::from_pkcs8(alg, pkcs8.expose()).map_err(|e| KeyError::Invalid {
-                    kid: sk.kid.clone(),
-                    reason: e.to_string(),
-                })?;
-            if key.kid() != sk.kid {
-                return Err(KeyError::Invalid {
-                    kid: sk.kid,
-                    reason: "stored kid does not match the key".into(),
-                });
-            }
-            published.push(key.public_jwk());
-            if sk.state == "current" && wanted.iter().any(|(t, a)| *t == sk.target && *a == alg) {
-                current.insert(sk.target.clone(), Arc::new(key));
-            }
-        }
-        for (target, alg) in wanted {
-            if current.contains_key(target) {
-                continue;
-            }
-            let (key, pkcs8) = SigningKey::generate(*alg).map_err(|e| KeyError::Invalid {
-                kid: "(new)".into(),
-                reason: e.to_string(),
-            })?;
-            let sealed = master.seal(&pkcs8, aad(key.kid()).as_bytes());
+        let stored = store.signing_keys().await?;
+        // A target whose algorithm changed in the config: its old keys retire (still
+        // published until tokens they signed are gone: max_ttl is at most 24h).
+        let changed: Vec<KeyUpdate> = stored
+            .iter()
+            .filter(|k| k.state == "current" || k.state == "next")
+            .filter(|k| {
+                wanted
+                    .iter()
+                    .any(|(t, a)| *t == k.target && a.as_str() != k.alg)
+            })
+            .map(|k| KeyUpdate {
+                kid: k.kid.clone(),
+                expect_state: k.state.clone(),
+                state: "retired".into(),
+                activated_at: None,
+                remove_at: Some(clock.now() + 24 * 3600),
+            })
+            .collect();
+        if !changed.is_empty() {
             store
-                .insert_signing_key(StoredKey {
-                    kid: key.kid().to_string(),
-                    target: target.clone(),
-                    alg: alg.as_str().to_string(),
-                    state: "current".into(),
-                    created_at: clock.now(),
-                    sealed,
+                .commit_rotation(crate::store::RotationStep {
+                    update: changed,
+                    ..Default::default()
                 })
                 .await?;
-            tracing::info!(target = %target, kid = %key.kid(), alg = %alg, "generated signing key");
-            published.push(key.public_jwk());
-            current.insert(target.clone(), Arc::new(key));
+        }
+        for (target, alg) in wanted {
+            let has = |state: &str| {
+                stored
+                    .iter()
+                    .any(|k| k.target == *target && k.state == state && k.alg == alg.as_str())
+            };
+            for state in ["current", "next"] {
+                if !has(state) {
+                    let k = new_stored_key(master, target, *alg, state, clock.now())?;
+                    tracing::info!(target = %target, kid = %k.kid, alg = %alg, state, "generated signing key");
+                    store.insert_signing_key(k).await?;
+                }
+            }
         }
         let ring = KeyRing {
-            current: RwLock::new(current),
+            current: RwLock::new(HashMap::new()),
             published: RwLock::new(Arc::new(Vec::new())),
             jwks_json: RwLock::new(Arc::new(Vec::new())),
         };
-        ring.publish(published);
+        ring.reload(store, master).await?;
         Ok(ring)
+    }
+
+    /// Rebuilds the ring from the store: signers from `current` keys, the JWKS from
+    /// every current, next and retired key. On failure the ring in service stays.
+    pub async fn reload(&self, store: &dyn Store, master: &MasterKey) -> Result<(), KeyError> {
+        let mut current = HashMap::new();
+        let mut published = Vec::new();
+        for sk in store.signing_keys().await? {
+            let key = open_key(master, &sk)?;
+            published.push(key.public_jwk());
+            if sk.state == "current" {
+                current.insert(sk.target.clone(), Arc::new(key));
+            }
+        }
+        *self.current.write().unwrap_or_else(|e| e.into_inner()) = current;
+        self.publish(published);
+        Ok(())
     }
 
     fn publish(&self, keys: Vec<Value>) {
@@ -199,7 +257,11 @@ mod tests {
             .unwrap();
         let kid_a = ring.signer("a").unwrap().kid().to_string();
         let jwks: Value = serde_json::from_slice(&ring.jwks_json()).unwrap();
-        assert_eq!(jwks["keys"].as_array().unwrap().len(), 2);
+        assert_eq!(
+            jwks["keys"].as_array().unwrap().len(),
+            4,
+            "a current and a next key per target"
+        );
         assert!(
             !String::from_utf8_lossy(&ring.jwks_json()).contains("\"d\""),
             "no private members"
@@ -210,7 +272,7 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(again.signer("a").unwrap().kid(), kid_a);
-        assert_eq!(store.signing_keys().await.unwrap().len(), 2);
+        assert_eq!(store.signing_keys().await.unwrap().len(), 4);
 
         // Other master key: refused with a clear error.
         let err = KeyRing::load(&store, &MasterKey::generate(), &wanted, &clock)

@@ -132,6 +132,22 @@ pub trait Minter: Send + Sync + fmt::Debug {
         })
     }
 
+    /// Whether this kind holds an upstream root credential it can rotate.
+    fn rotates_root(&self) -> bool {
+        false
+    }
+
+    /// Rotates the upstream root credential, in this order: create the new credential,
+    /// verify it works, switch to it, then delete the old one. A failure at any step
+    /// leaves the old credential in service (removing whatever was created) and is
+    /// returned. Answers a short, secret-free summary (the new credential's id).
+    async fn rotate_root(&self) -> Result<String, MintError> {
+        Err(MintError::Unsupported {
+            kind: self.kind(),
+            action: "rotate a root credential",
+        })
+    }
+
     /// Revokes the credential at the target. Idempotent: revoking what is already gone
     /// succeeds. Self-contained credentials (no upstream handle) need nothing here: the
     /// lease's state is what introspection reports.

@@ -19,6 +19,10 @@ pub enum StoreError {
     /// The store's contents are not what this version expects.
     #[error("store corrupt: {0}")]
     Corrupt(String),
+    /// The data changed under the write (another replica got there first); nothing was
+    /// written.
+    #[error("conflict: {0}")]
+    Conflict(String),
 }
 
 /// Where an appended record landed.
@@ -42,10 +46,53 @@ pub struct StoredKey {
     pub alg: String,
     /// `current` (signing), `next`, `retired`.
     pub state: String,
-    /// Creation time (seconds since the epoch).
+    /// Creation time (seconds since the epoch); a `next` key is published from then.
     pub created_at: i64,
     /// AES-256-GCM sealed PKCS#8.
     pub sealed: Vec<u8>,
+    /// When it started signing.
+    pub activated_at: Option<i64>,
+    /// For a retired key: when every token it signed has expired and it may go.
+    pub remove_at: Option<i64>,
+}
+
+/// A change of a signing key's state (rotation).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyUpdate {
+    /// The key.
+    pub kid: String,
+    /// Its state now must be this, or nothing is changed and the step fails.
+    pub expect_state: String,
+    /// The new state.
+    pub state: String,
+    /// Set when it starts signing.
+    pub activated_at: Option<i64>,
+    /// Set when it retires.
+    pub remove_at: Option<i64>,
+}
+
+/// When a rotatable item last rotated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RotationState {
+    /// `signing-key:<target>` or `root:<target>`.
+    pub item: String,
+    /// Last successful rotation (seconds since the epoch).
+    pub last_run: i64,
+}
+
+/// One rotation step, committed atomically with its audit records.
+#[derive(Debug, Default)]
+pub struct RotationStep {
+    /// Keys to add (sealed).
+    pub insert: Vec<StoredKey>,
+    /// State changes of existing keys.
+    pub update: Vec<KeyUpdate>,
+    /// Keys to delete (their private material goes with the row).
+    pub remove: Vec<String>,
+    /// The item's new rotation state.
+    pub state: Option<RotationState>,
+    /// One audit record per phase.
+    pub audit: Vec<AuditEntry>,
 }
 
 /// The audit checkpoint key as stored: the public key in the clear, the private key
@@ -144,6 +191,27 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// Deletes revoked and expired leases that ended before `before`, and replay counters
     /// of tokens expired before `now`; at most `limit` leases. Answers how many leases.
     async fn purge(&self, before: i64, now: i64, limit: usize) -> Result<usize, StoreError>;
+
+    /// Commits a rotation step: keys added, changed and removed, the item's state and the
+    /// step's audit records, all or nothing. Fails (changing nothing) when a key is not in
+    /// the state the step expects (another replica rotated first).
+    async fn commit_rotation(&self, step: RotationStep) -> Result<(), StoreError>;
+
+    /// When each item last rotated.
+    async fn rotation_states(&self) -> Result<Vec<RotationState>, StoreError>;
+
+    /// Takes the named lock for `holder` until `now + ttl_secs`, unless another holder has
+    /// it and it has not expired. Answers whether it was taken.
+    async fn try_lock(
+        &self,
+        name: &str,
+        holder: &str,
+        now: i64,
+        ttl_secs: i64,
+    ) -> Result<bool, StoreError>;
+
+    /// Releases the lock if `holder` holds it.
+    async fn unlock(&self, name: &str, holder: &str) -> Result<(), StoreError>;
 
     /// Live leases per target at `now`.
     async fn live_lease_counts(&self, now: i64) -> Result<Vec<(String, u64)>, StoreError>;

@@ -65,6 +65,15 @@ CREATE TABLE IF NOT EXISTS signing_keys (
     created_at INTEGER NOT NULL,
     sealed BLOB NOT NULL
 );
+CREATE TABLE IF NOT EXISTS rotation_state (
+    item TEXT PRIMARY KEY,
+    last_run INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS locks (
+    name TEXT PRIMARY KEY,
+    holder TEXT NOT NULL,
+    expires_at INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS leases (
     id TEXT PRIMARY KEY,
     issuer TEXT NOT NULL,
@@ -153,6 +162,13 @@ enum Write {
         oneshot::Sender<Result<Appended, CommitError>>,
     ),
     Changes(Vec<(LeaseChange, Option<Prepared>)>, Reply<Vec<bool>>),
+    Rotation(Box<PreparedStep>, Reply<()>),
+}
+
+/// A rotation step with its audit entries rendered.
+struct PreparedStep {
+    step: crate::store::RotationStep,
+    audit: Vec<Prepared>,
 }
 
 /// What a write produced, before the transaction commits.
@@ -160,6 +176,7 @@ enum Done {
     Append(Appended),
     Mint(Result<Appended, CommitError>),
     Changes(Vec<bool>),
+    Rotation,
 }
 
 type ReadFn = Box<dyn FnOnce(&Connection) + Send>;
@@ -287,6 +304,7 @@ fn open_conn(path: &Path, busy: Duration) -> Result<Connection, StoreError> {
     conn.pragma_update(None, "wal_autocheckpoint", 10000)
         .map_err(unavailable)?;
     conn.execute_batch(SCHEMA).map_err(unavailable)?;
+    migrate_signing_keys(&conn)?;
     conn.execute_batch(audit::AUDIT_SCHEMA)
         .map_err(unavailable)?;
     conn.execute(
@@ -309,6 +327,27 @@ fn load_head(conn: &Connection) -> Result<(i64, String), StoreError> {
         .unwrap_or((0, GENESIS_HASH.to_string())))
 }
 
+/// Stores created before rotation lack the key lifecycle columns; add them once.
+fn migrate_signing_keys(conn: &Connection) -> Result<(), StoreError> {
+    let mut st = conn
+        .prepare("SELECT name FROM pragma_table_info('signing_keys')")
+        .map_err(unavailable)?;
+    let cols: Vec<String> = st
+        .query_map([], |r| r.get(0))
+        .map_err(unavailable)?
+        .collect::<Result<_, _>>()
+        .map_err(unavailable)?;
+    for col in ["activated_at", "remove_at"] {
+        if !cols.iter().any(|c| c == col) {
+            conn.execute_batch(&format!(
+                "ALTER TABLE signing_keys ADD COLUMN {col} INTEGER"
+            ))
+            .map_err(unavailable)?;
+        }
+    }
+    Ok(())
+}
+
 struct Writer {
     conn: Connection,
     head: (i64, String),
@@ -323,12 +362,16 @@ impl Writer {
         while let Ok(first) = rx.recv() {
             let mut batch = Vec::new();
             match first {
+                // A rotation step may fail on its own (conflict): it gets its own
+                // transaction, so it never takes other writers down with it.
+                Cmd::Write(w @ Write::Rotation(..)) => deferred.push(Cmd::Write(w)),
                 Cmd::Write(w) => batch.push(w),
                 other => deferred.push(other),
             }
             // Take whatever else is already waiting: this is the group commit.
             while batch.len() < MAX_BATCH {
                 match rx.try_recv() {
+                    Ok(Cmd::Write(w @ Write::Rotation(..))) => deferred.push(Cmd::Write(w)),
                     Ok(Cmd::Write(w)) => batch.push(w),
                     Ok(other) => deferred.push(other),
                     Err(_) => break,
@@ -360,6 +403,10 @@ impl Writer {
                         other => other,
                     }),
                     Write::Changes(c, _) => Done::Changes(apply_changes(&tx, &mut head, c)?),
+                    Write::Rotation(step, _) => {
+                        apply_rotation(&tx, &mut head, step)?;
+                        Done::Rotation
+                    }
                 });
             }
             tx.commit().map_err(unavailable)?;
@@ -386,6 +433,9 @@ impl Writer {
                         (Write::Changes(_, r), Done::Changes(a)) => {
                             let _ = r.send(Ok(a));
                         }
+                        (Write::Rotation(_, r), Done::Rotation) => {
+                            let _ = r.send(Ok(()));
+                        }
                         // `done` is built from `batch` in order, one for one.
                         _ => unreachable!("write and result out of step"),
                     }
@@ -408,6 +458,9 @@ impl Writer {
                         Write::Changes(_, r) => {
                             let _ = r.send(Err(e.clone()));
                         }
+                        Write::Rotation(_, r) => {
+                            let _ = r.send(Err(e.clone()));
+                        }
                     }
                 }
             }
@@ -422,8 +475,8 @@ impl Writer {
                 let res = self
                     .conn
                     .execute(
-                        "INSERT INTO signing_keys (kid, target, alg, state, created_at, sealed) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                        params![k.kid, k.target, k.alg, k.state, k.created_at, k.sealed],
+                        "INSERT INTO signing_keys (kid, target, alg, state, created_at, sealed, activated_at, remove_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                        params![k.kid, k.target, k.alg, k.state, k.created_at, k.sealed, k.activated_at, k.remove_at],
                     )
                     .map(|_| ())
                     .map_err(unavailable);
@@ -575,6 +628,63 @@ fn insert_lease(conn: &Connection, l: &LeaseRecord) -> Result<(), StoreError> {
     })
     .map(|_| ())
     .map_err(unavailable)
+}
+
+/// One rotation step, in a transaction of its own (see `Writer::run`). A key not in the
+/// expected state fails the step before anything is written.
+fn apply_rotation(
+    conn: &Connection,
+    head: &mut (i64, String),
+    p: &PreparedStep,
+) -> Result<(), StoreError> {
+    let step = &p.step;
+    for u in &step.update {
+        let state: Option<String> = conn
+            .query_row(
+                "SELECT state FROM signing_keys WHERE kid = ?1",
+                [&u.kid],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(unavailable)?;
+        if state.as_deref() != Some(u.expect_state.as_str()) {
+            return Err(StoreError::Conflict(format!(
+                "signing key {} is {} (expected {})",
+                u.kid,
+                state.as_deref().unwrap_or("gone"),
+                u.expect_state
+            )));
+        }
+    }
+    for k in &step.insert {
+        conn.execute(
+            "INSERT INTO signing_keys (kid, target, alg, state, created_at, sealed, activated_at, remove_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            params![k.kid, k.target, k.alg, k.state, k.created_at, k.sealed, k.activated_at, k.remove_at],
+        )
+        .map_err(unavailable)?;
+    }
+    for u in &step.update {
+        conn.execute(
+            "UPDATE signing_keys SET state = ?2, activated_at = COALESCE(?3, activated_at), remove_at = COALESCE(?4, remove_at) WHERE kid = ?1",
+            params![u.kid, u.state, u.activated_at, u.remove_at],
+        )
+        .map_err(unavailable)?;
+    }
+    for kid in &step.remove {
+        conn.execute("DELETE FROM signing_keys WHERE kid = ?1", [kid])
+            .map_err(unavailable)?;
+    }
+    if let Some(st) = &step.state {
+        conn.execute(
+            "INSERT INTO rotation_state (item, last_run) VALUES (?1, ?2) ON CONFLICT(item) DO UPDATE SET last_run = excluded.last_run",
+            params![st.item, st.last_run],
+        )
+        .map_err(unavailable)?;
+    }
+    for e in &p.audit {
+        append_row(conn, head, e)?;
+    }
+    Ok(())
 }
 
 fn apply_changes(
@@ -809,7 +919,7 @@ fn row_to_record(r: &rusqlite::Row<'_>) -> rusqlite::Result<Result<AuditRecord, 
 
 fn read_keys(conn: &Connection) -> Result<Vec<StoredKey>, StoreError> {
     let mut stmt = conn
-        .prepare_cached("SELECT kid, target, alg, state, created_at, sealed FROM signing_keys ORDER BY created_at, kid")
+        .prepare_cached("SELECT kid, target, alg, state, created_at, sealed, activated_at, remove_at FROM signing_keys ORDER BY created_at, kid")
         .map_err(unavailable)?;
     let rows = stmt
         .query_map([], |r| {
@@ -820,6 +930,8 @@ fn read_keys(conn: &Connection) -> Result<Vec<StoredKey>, StoreError> {
                 state: r.get(3)?,
                 created_at: r.get(4)?,
                 sealed: r.get(5)?,
+                activated_at: r.get(6)?,
+                remove_at: r.get(7)?,
             })
         })
         .map_err(unavailable)?;
@@ -996,6 +1108,67 @@ impl Store for SqliteStore {
 
     fn subscribe_head(&self) -> watch::Receiver<i64> {
         self.head.subscribe()
+    }
+
+    async fn commit_rotation(&self, step: crate::store::RotationStep) -> Result<(), StoreError> {
+        let audit = step.audit.iter().cloned().map(Prepared::new).collect();
+        let p = PreparedStep { step, audit };
+        self.call(|r| Cmd::Write(Write::Rotation(Box::new(p), r)))
+            .await
+    }
+
+    async fn rotation_states(&self) -> Result<Vec<crate::store::RotationState>, StoreError> {
+        self.read(|c| {
+            let mut st = c
+                .prepare_cached("SELECT item, last_run FROM rotation_state ORDER BY item")
+                .map_err(unavailable)?;
+            let rows = st
+                .query_map([], |r| {
+                    Ok(crate::store::RotationState {
+                        item: r.get(0)?,
+                        last_run: r.get(1)?,
+                    })
+                })
+                .map_err(unavailable)?;
+            rows.collect::<Result<Vec<_>, _>>().map_err(unavailable)
+        })
+        .await
+    }
+
+    async fn try_lock(
+        &self,
+        name: &str,
+        holder: &str,
+        now: i64,
+        ttl_secs: i64,
+    ) -> Result<bool, StoreError> {
+        let (name, holder) = (name.to_string(), holder.to_string());
+        self.read(move |c| {
+            // One statement: take a free or expired lock, or keep our own.
+            let n = c
+                .execute(
+                    "INSERT INTO locks (name, holder, expires_at) VALUES (?1, ?2, ?3)
+                     ON CONFLICT(name) DO UPDATE SET holder = excluded.holder, expires_at = excluded.expires_at
+                     WHERE locks.expires_at <= ?4 OR locks.holder = excluded.holder",
+                    params![name, holder, now.saturating_add(ttl_secs), now],
+                )
+                .map_err(unavailable)?;
+            Ok(n == 1)
+        })
+        .await
+    }
+
+    async fn unlock(&self, name: &str, holder: &str) -> Result<(), StoreError> {
+        let (name, holder) = (name.to_string(), holder.to_string());
+        self.read(move |c| {
+            c.execute(
+                "DELETE FROM locks WHERE name = ?1 AND holder = ?2",
+                params![name, holder],
+            )
+            .map(|_| ())
+            .map_err(unavailable)
+        })
+        .await
     }
 
     async fn live_lease_counts(&self, now: i64) -> Result<Vec<(String, u64)>, StoreError> {
@@ -1179,6 +1352,8 @@ mod tests {
             state: "current".into(),
             created_at: 5,
             sealed: vec![1, 2, 3],
+            activated_at: Some(5),
+            remove_at: None,
         };
         s.insert_signing_key(k.clone()).await.unwrap();
         assert!(s.insert_signing_key(k.clone()).await.is_err());

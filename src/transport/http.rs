@@ -89,10 +89,12 @@ async fn discovery(State(b): State<Arc<Broker>>) -> impl IntoResponse {
 }
 
 async fn jwks(State(b): State<Arc<Broker>>) -> impl IntoResponse {
+    // Rotation publishes a next key at least this long before it signs.
+    let cache = format!("public, max-age={}", b.jwks_max_age());
     (
         [
-            (header::CONTENT_TYPE, "application/json"),
-            (header::CACHE_CONTROL, "public, max-age=300"),
+            (header::CONTENT_TYPE, "application/json".to_string()),
+            (header::CACHE_CONTROL, cache),
         ],
         b.keys().jwks_json().as_ref().clone(),
     )

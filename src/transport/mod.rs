@@ -8,6 +8,7 @@ pub mod http;
 pub mod leases;
 pub mod listen;
 pub mod oauth;
+pub mod rotation;
 pub mod status;
 
 /// Generated protobuf and gRPC code for `latchkey.v1`.

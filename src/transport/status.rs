@@ -45,6 +45,7 @@ pub fn code(e: &BrokerError) -> Code {
         BrokerError::NotRenewable(_) => Code::FailedPrecondition,
         BrokerError::Conflict => Code::Aborted,
         BrokerError::RateLimited(_) => Code::ResourceExhausted,
+        BrokerError::Busy(_) => Code::Unavailable,
     }
 }
 
@@ -108,6 +109,7 @@ pub fn oauth(e: &BrokerError) -> (u16, &'static str) {
         BrokerError::NotLeaseOwner => (403, "access_denied"),
         BrokerError::Conflict => (503, "temporarily_unavailable"),
         BrokerError::RateLimited(_) => (429, "temporarily_unavailable"),
+        BrokerError::Busy(_) => (503, "temporarily_unavailable"),
     }
 }
 

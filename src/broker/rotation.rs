@@ -1,0 +1,665 @@
+//! Rotation of signing keys and upstream root credentials: the runner shared by the
+//! `Rotation` service (a cron calling `RunDue`, an operator forcing `Rotate`) and the
+//! in-process scheduler. Runs are exclusive through a lock in the store, whose lease
+//! expires if its holder dies.
+//!
+//! A signing key moves next → current → retired → removed. The next key is published
+//! (in the JWKS) at least `[rotation] jwks_cache` before it may sign, so a verifier
+//! holding a cached JWKS never meets an unknown `kid`; a retired key stays published
+//! until every token it signed has expired (`max_ttl` + leeway after it retired). A
+//! forced rotation with `drop_old` (the key leaked) skips both waits and says so.
+
+use super::{Broker, BrokerError};
+use crate::audit::AuditEntry;
+use crate::identity::WorkloadIdentity;
+use crate::keys::new_stored_key;
+use crate::policy::Role;
+use crate::rotation::{
+    item_name, jitter_for, next_due, ItemKind, ItemResult, Outcome, Schedule, ScheduledItem,
+};
+use crate::store::{KeyUpdate, RotationState, RotationStep, StoredKey};
+use std::collections::{BTreeMap, HashMap};
+use std::time::{Duration, Instant};
+
+/// The lock rotation runs hold.
+const LOCK: &str = "rotation";
+/// Clock skew allowed to verifiers of tokens signed by a retired key.
+const RETIRE_LEEWAY_SECS: i64 = 60;
+
+/// Who asked for a rotation run.
+#[derive(Debug, Clone, Copy)]
+pub enum RotationCaller<'a> {
+    /// The broker's own scheduler.
+    Scheduler,
+    /// A caller with a workload token (the cron, an operator); needs the `rotator` role.
+    Token(Option<&'a str>),
+}
+
+/// What to force.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Force {
+    /// Rotate the upstream root credential instead of the signing key.
+    pub root: bool,
+    /// The old signing key leaked: remove it at once, and let the next key sign without
+    /// waiting out the JWKS cache period.
+    pub drop_old: bool,
+}
+
+struct Item {
+    kind: ItemKind,
+    target: String,
+    schedule: Option<Schedule>,
+}
+
+impl Item {
+    fn name(&self) -> String {
+        item_name(self.kind, &self.target)
+    }
+}
+
+impl Broker {
+    fn rotation_items(&self) -> Vec<Item> {
+        let mut out = Vec::new();
+        let mut names: Vec<&String> = self.targets.keys().collect();
+        names.sort();
+        for name in names {
+            let t = &self.targets[name];
+            let jitter = |s: Option<Schedule>| {
+                s.map(|s| Schedule {
+                    jitter: self.rotation_cfg.jitter,
+                    ..s
+                })
+            };
+            if matches!(t.cfg.kind, crate::config::TargetKind::Jwt(_)) {
+                out.push(Item {
+                    kind: ItemKind::SigningKey,
+                    target: name.clone(),
+                    schedule: jitter(t.cfg.rotation),
+                });
+            }
+            if t.minter.rotates_root() {
+                out.push(Item {
+                    kind: ItemKind::Root,
+                    target: name.clone(),
+                    schedule: jitter(t.cfg.root_rotation),
+                });
+            }
+        }
+        out
+    }
+
+    async fn rotation_who(
+        &self,
+        caller: RotationCaller<'_>,
+        action: &str,
+        target: &str,
+        request_id: &str,
+    ) -> Result<Option<WorkloadIdentity>, BrokerError> {
+        match caller {
+            RotationCaller::Scheduler => Ok(None),
+            RotationCaller::Token(t) => self
+                .require_role(
+                    action,
+                    Role::Rotator,
+                    t,
+                    target,
+                    BTreeMap::new(),
+                    request_id,
+                )
+                .await
+                .map(Some),
+        }
+    }
+
+    fn rotation_entry(
+        &self,
+        who: &Option<WorkloadIdentity>,
+        request_id: &str,
+        item: &Item,
+        phase: &str,
+        outcome: &str,
+        reason: String,
+    ) -> AuditEntry {
+        let mut e = self.entry("rotation", request_id, None, &item.target, &[]);
+        match who {
+            Some(id) => {
+                e.issuer = Some(id.issuer_name.clone());
+                e.identity_key = Some(id.key.clone());
+                e.subject = Some(id.subject.clone());
+                e.repository = id.repository.clone();
+            }
+            None => {
+                e.context.insert("by".into(), "scheduler".into());
+            }
+        }
+        e.context.insert("item".into(), item.name());
+        e.context.insert("phase".into(), phase.into());
+        e.outcome = outcome.into();
+        e.reason = Some(reason);
+        e
+    }
+
+    async fn lock_rotation(&self, holder: &str) -> Result<(), BrokerError> {
+        let ttl = self.rotation_cfg.lock_ttl;
+        let give_up = Instant::now() + ttl;
+        loop {
+            let taken = self
+                .store
+                .try_lock(LOCK, holder, self.clock.now(), ttl.as_secs() as i64)
+                .await
+                .map_err(BrokerError::Store)?;
+            if taken {
+                return Ok(());
+            }
+            if Instant::now() >= give_up {
+                return Err(BrokerError::Busy(
+                    "another rotation run holds the lock".into(),
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn unlock_rotation(&self, holder: &str) {
+        if let Err(e) = self.store.unlock(LOCK, holder).await {
+            tracing::warn!(error = %e, "rotation lock not released; it expires by itself");
+        }
+    }
+
+    /// Runs every rotation that is due (and removes retired keys whose tokens have all
+    /// expired). Two runs at once, from any number of callers or replicas sharing the
+    /// store, do the work once: the second waits for the first, then finds nothing due.
+    /// Answers one result per item; failures are results, not errors.
+    pub async fn run_due(
+        &self,
+        caller: RotationCaller<'_>,
+        request_id: &str,
+    ) -> Result<Vec<ItemResult>, BrokerError> {
+        let who = self
+            .rotation_who(caller, "rotation_run", "", request_id)
+            .await?;
+        self.lock_rotation(request_id).await?;
+        let mut out = Vec::new();
+        for item in self.rotation_items() {
+            out.push(self.run_item(&who, request_id, &item, None).await);
+        }
+        self.unlock_rotation(request_id).await;
+        Ok(out)
+    }
+
+    /// Rotates one target's signing key (or, with `force.root`, its upstream root
+    /// credential) now, due or not.
+    pub async fn rotate_now(
+        &self,
+        caller: RotationCaller<'_>,
+        target: &str,
+        force: Force,
+        request_id: &str,
+    ) -> Result<ItemResult, BrokerError> {
+        let who = self
+            .rotation_who(caller, "rotation_force", target, request_id)
+            .await?;
+        let kind = if force.root {
+            ItemKind::Root
+        } else {
+            ItemKind::SigningKey
+        };
+        let item = self
+            .rotation_items()
+            .into_iter()
+            .find(|i| i.target == target && i.kind == kind)
+            .ok_or_else(|| match self.targets.contains_key(target) {
+                true => BrokerError::InvalidRequest(format!(
+                    "target {target} has no {} to rotate",
+                    if force.root {
+                        "upstream root credential"
+                    } else {
+                        "signing key"
+                    }
+                )),
+                false => BrokerError::UnknownTarget(target.to_string()),
+            })?;
+        self.lock_rotation(request_id).await?;
+        let r = self.run_item(&who, request_id, &item, Some(force)).await;
+        self.unlock_rotation(request_id).await;
+        Ok(r)
+    }
+
+    /// Every rotatable item with its last and next rotation (`rotator` role; audited).
+    pub async fn rotation_schedule(
+        &self,
+        token: Option<&str>,
+        request_id: &str,
+    ) -> Result<Vec<ScheduledItem>, BrokerError> {
+        self.rotation_who(
+            RotationCaller::Token(token),
+            "rotation_schedule",
+            "",
+            request_id,
+        )
+        .await?;
+        self.scheduled_items().await.map_err(BrokerError::Store)
+    }
+
+    /// The schedule without authorisation (metrics, the scheduler).
+    pub(crate) async fn scheduled_items(
+        &self,
+    ) -> Result<Vec<ScheduledItem>, crate::store::StoreError> {
+        let now = self.clock.now();
+        let states = self.rotation_last_runs().await?;
+        let keys = self.store.signing_keys().await?;
+        let mut out = Vec::new();
+        for item in self.rotation_items() {
+            let name = item.name();
+            let mine: Vec<&StoredKey> = keys.iter().filter(|k| k.target == item.target).collect();
+            let last = last_run(&states, &name, item.kind, &mine);
+            let signing = item.kind == ItemKind::SigningKey;
+            let kid = |state: &str| {
+                mine.iter()
+                    .find(|k| k.state == state)
+                    .map(|k| k.kid.clone())
+                    .filter(|_| signing)
+            };
+            out.push(ScheduledItem {
+                target: item.target.clone(),
+                kind: item.kind,
+                period_secs: item.schedule.map(|s| s.period.as_secs()),
+                window: item.schedule.and_then(|s| s.window).map(|w| w.to_string()),
+                last_rotated: last,
+                next_due: item
+                    .schedule
+                    .map(|s| next_due(&s, last, now, jitter_for(&name, s.jitter))),
+                current_kid: kid("current"),
+                next_kid: kid("next"),
+                retired: mine
+                    .iter()
+                    .filter(|k| signing && k.state == "retired")
+                    .map(|k| (k.kid.clone(), k.remove_at.unwrap_or(now)))
+                    .collect(),
+                item: name,
+            });
+        }
+        Ok(out)
+    }
+
+    async fn rotation_last_runs(&self) -> Result<HashMap<String, i64>, crate::store::StoreError> {
+        Ok(self
+            .store
+            .rotation_states()
+            .await?
+            .into_iter()
+            .map(|s| (s.item, s.last_run))
+            .collect())
+    }
+
+    async fn run_item(
+        &self,
+        who: &Option<WorkloadIdentity>,
+        request_id: &str,
+        item: &Item,
+        force: Option<Force>,
+    ) -> ItemResult {
+        let r = match item.kind {
+            ItemKind::SigningKey => self.rotate_signing_key(who, request_id, item, force).await,
+            ItemKind::Root => self.rotate_root(who, request_id, item, force).await,
+        };
+        let r = r.unwrap_or_else(|e| ItemResult {
+            item: item.name(),
+            outcome: Outcome::Failed,
+            detail: e.to_string(),
+            next_due: None,
+        });
+        self.metrics.rotation(&r.item, r.outcome.as_str());
+        match r.outcome {
+            Outcome::Rotated => {
+                tracing::info!(item = %r.item, detail = %r.detail, "rotated")
+            }
+            Outcome::Failed => {
+                tracing::error!(item = %r.item, detail = %r.detail, "rotation failed; the old credential stays in service")
+            }
+            Outcome::Deferred => {
+                tracing::info!(item = %r.item, detail = %r.detail, "rotation deferred")
+            }
+            Outcome::NotDue => {}
+        }
+        r
+    }
+
+    async fn commit_step(&self, step: RotationStep) -> Result<(), BrokerError> {
+        self.store
+            .commit_rotation(step)
+            .await
+            .map_err(BrokerError::Audit)?;
+        self.keys
+            .reload(self.store.as_ref(), &self.master)
+            .await
+            .map_err(|e| BrokerError::Mint(crate::mint::MintError::Signing(e.to_string())))
+    }
+
+    async fn rotate_signing_key(
+        &self,
+        who: &Option<WorkloadIdentity>,
+        request_id: &str,
+        item: &Item,
+        force: Option<Force>,
+    ) -> Result<ItemResult, BrokerError> {
+        let name = item.name();
+        let now = self.clock.now();
+        let target = &self.targets[&item.target];
+        // Refutable once targets of other kinds exist; signing keys belong to jwt targets.
+        #[allow(irrefutable_let_patterns)]
+        let crate::config::TargetKind::Jwt(jwt) = &target.cfg.kind
+        else {
+            return Err(BrokerError::InvalidRequest(format!(
+                "target {} does not sign",
+                item.target
+            )));
+        };
+        let keys: Vec<StoredKey> = self
+            .store
+            .signing_keys()
+            .await
+            .map_err(BrokerError::Store)?
+            .into_iter()
+            .filter(|k| k.target == item.target)
+            .collect();
+
+        // Housekeeping on every run: retired keys whose tokens have all expired go.
+        let gone: Vec<&StoredKey> = keys
+            .iter()
+            .filter(|k| k.state == "retired" && k.remove_at.is_some_and(|t| t <= now))
+            .collect();
+        if !gone.is_empty() {
+            let step = RotationStep {
+                remove: gone.iter().map(|k| k.kid.clone()).collect(),
+                audit: gone
+                    .iter()
+                    .map(|k| {
+                        let mut e = self.rotation_entry(
+                            who,
+                            request_id,
+                            item,
+                            "remove",
+                            "allowed",
+                            format!(
+                                "retired key {} removed: every token it signed has expired",
+                                k.kid
+                            ),
+                        );
+                        e.context.insert("kid".into(), k.kid.clone());
+                        e
+                    })
+                    .collect(),
+                ..Default::default()
+            };
+            self.commit_step(step).await?;
+        }
+
+        let states = self
+            .rotation_last_runs()
+            .await
+            .map_err(BrokerError::Store)?;
+        let refs: Vec<&StoredKey> = keys.iter().collect();
+        let last = last_run(&states, &name, item.kind, &refs);
+        let offset = item
+            .schedule
+            .map(|s| jitter_for(&name, s.jitter))
+            .unwrap_or(0);
+        if force.is_none() {
+            match item.schedule {
+                None => {
+                    return Ok(ItemResult {
+                        item: name,
+                        outcome: Outcome::NotDue,
+                        detail: "no schedule; rotate with --now".into(),
+                        next_due: None,
+                    })
+                }
+                Some(s) => {
+                    let due = next_due(&s, last, now, offset);
+                    if due > now {
+                        return Ok(ItemResult {
+                            item: name,
+                            outcome: Outcome::NotDue,
+                            detail: "not due".into(),
+                            next_due: Some(due),
+                        });
+                    }
+                }
+            }
+        }
+        let drop_old = force.is_some_and(|f| f.drop_old);
+        let current = keys.iter().find(|k| k.state == "current");
+        let Some(next) = keys.iter().find(|k| k.state == "next") else {
+            // No key published ahead (a store from before rotation): publish one now;
+            // it may sign once verifiers' cached JWKS have expired.
+            let k = new_stored_key(&self.master, &item.target, jwt.algorithm, "next", now)
+                .map_err(|e| BrokerError::Mint(crate::mint::MintError::Signing(e.to_string())))?;
+            let mut e = self.rotation_entry(
+                who,
+                request_id,
+                item,
+                "publish",
+                "allowed",
+                format!("next key {} published", k.kid),
+            );
+            e.context.insert("kid".into(), k.kid.clone());
+            let ready = now + self.rotation_cfg.jwks_cache.as_secs() as i64;
+            let kid = k.kid.clone();
+            self.commit_step(RotationStep {
+                insert: vec![k],
+                audit: vec![e],
+                ..Default::default()
+            })
+            .await?;
+            return Ok(ItemResult {
+                item: name,
+                outcome: Outcome::Deferred,
+                detail: format!("published next key {kid}; it signs from {ready}"),
+                next_due: Some(ready),
+            });
+        };
+        let ready = next.created_at + self.rotation_cfg.jwks_cache.as_secs() as i64;
+        if ready > now && !drop_old {
+            return Ok(ItemResult {
+                item: name,
+                outcome: Outcome::Deferred,
+                detail: format!(
+                    "next key {} has been published for less than the JWKS cache period; it may sign from {ready}",
+                    next.kid
+                ),
+                next_due: Some(ready),
+            });
+        }
+
+        let fresh = new_stored_key(&self.master, &item.target, jwt.algorithm, "next", now)
+            .map_err(|e| BrokerError::Mint(crate::mint::MintError::Signing(e.to_string())))?;
+        let mut step = RotationStep {
+            update: vec![KeyUpdate {
+                kid: next.kid.clone(),
+                expect_state: "next".into(),
+                state: "current".into(),
+                activated_at: Some(now),
+                remove_at: None,
+            }],
+            state: Some(RotationState {
+                item: name.clone(),
+                last_run: now,
+            }),
+            ..Default::default()
+        };
+        let mut audit = Vec::new();
+        let mut phase = |phase: &str, kid: &str, reason: String| {
+            let mut e = self.rotation_entry(who, request_id, item, phase, "allowed", reason);
+            e.context.insert("kid".into(), kid.to_string());
+            if force.is_some() {
+                e.context.insert("forced".into(), "true".into());
+            }
+            audit.push(e);
+        };
+        phase("activate", &next.kid, format!("key {} now signs", next.kid));
+        let mut detail = format!("now signing with {}", next.kid);
+        if let Some(cur) = current {
+            if drop_old {
+                step.remove.push(cur.kid.clone());
+                phase(
+                    "drop",
+                    &cur.kid,
+                    format!(
+                        "key {} removed at once (forced): tokens it signed no longer verify",
+                        cur.kid
+                    ),
+                );
+                detail.push_str(&format!(
+                    "; {} removed at once, tokens it signed no longer verify",
+                    cur.kid
+                ));
+                if ready > now {
+                    detail.push_str(&format!(
+                        "; {} signs before a full JWKS cache period: verifiers may refuse its tokens until their cache expires (up to {}s)",
+                        next.kid,
+                        ready - now
+                    ));
+                }
+            } else {
+                let remove_at = now + target.cfg.max_ttl.as_secs() as i64 + RETIRE_LEEWAY_SECS;
+                step.update.push(KeyUpdate {
+                    kid: cur.kid.clone(),
+                    expect_state: "current".into(),
+                    state: "retired".into(),
+                    activated_at: None,
+                    remove_at: Some(remove_at),
+                });
+                phase(
+                    "retire",
+                    &cur.kid,
+                    format!(
+                        "key {} retired; published until {remove_at}, when every token it signed has expired",
+                        cur.kid
+                    ),
+                );
+                detail.push_str(&format!("; {} retired until {remove_at}", cur.kid));
+            }
+        }
+        phase(
+            "publish",
+            &fresh.kid,
+            format!("next key {} published", fresh.kid),
+        );
+        detail.push_str(&format!("; next key {}", fresh.kid));
+        step.insert.push(fresh);
+        step.audit = audit;
+        self.commit_step(step).await?;
+        Ok(ItemResult {
+            next_due: item.schedule.map(|s| next_due(&s, Some(now), now, offset)),
+            item: name,
+            outcome: Outcome::Rotated,
+            detail,
+        })
+    }
+
+    async fn rotate_root(
+        &self,
+        who: &Option<WorkloadIdentity>,
+        request_id: &str,
+        item: &Item,
+        force: Option<Force>,
+    ) -> Result<ItemResult, BrokerError> {
+        let name = item.name();
+        let now = self.clock.now();
+        let states = self
+            .rotation_last_runs()
+            .await
+            .map_err(BrokerError::Store)?;
+        let last = states.get(&name).copied();
+        let offset = item
+            .schedule
+            .map(|s| jitter_for(&name, s.jitter))
+            .unwrap_or(0);
+        if force.is_none() {
+            let Some(s) = item.schedule else {
+                return Ok(ItemResult {
+                    item: name,
+                    outcome: Outcome::NotDue,
+                    detail: "no schedule; rotate with --now --root".into(),
+                    next_due: None,
+                });
+            };
+            let due = next_due(&s, last, now, offset);
+            if due > now {
+                return Ok(ItemResult {
+                    item: name,
+                    outcome: Outcome::NotDue,
+                    detail: "not due".into(),
+                    next_due: Some(due),
+                });
+            }
+        }
+        let minter = self.targets[&item.target].minter.clone();
+        match minter.rotate_root().await {
+            Ok(summary) => {
+                let e = self.rotation_entry(
+                    who,
+                    request_id,
+                    item,
+                    "rotate_root",
+                    "allowed",
+                    format!("root credential rotated: {summary}"),
+                );
+                self.commit_step(RotationStep {
+                    state: Some(RotationState {
+                        item: name.clone(),
+                        last_run: now,
+                    }),
+                    audit: vec![e],
+                    ..Default::default()
+                })
+                .await?;
+                Ok(ItemResult {
+                    next_due: item.schedule.map(|s| next_due(&s, Some(now), now, offset)),
+                    item: name,
+                    outcome: Outcome::Rotated,
+                    detail: summary,
+                })
+            }
+            Err(err) => {
+                let e = self.rotation_entry(
+                    who,
+                    request_id,
+                    item,
+                    "rotate_root",
+                    "error",
+                    format!("root rotation failed, the old credential stays in service: {err}"),
+                );
+                self.commit_step(RotationStep {
+                    audit: vec![e],
+                    ..Default::default()
+                })
+                .await?;
+                Ok(ItemResult {
+                    item: name,
+                    outcome: Outcome::Failed,
+                    detail: format!("{err}; the old credential stays in service"),
+                    next_due: Some(now),
+                })
+            }
+        }
+    }
+}
+
+/// When an item last rotated: its recorded state, else (signing keys) when the current
+/// key started signing.
+fn last_run(
+    states: &HashMap<String, i64>,
+    name: &str,
+    kind: ItemKind,
+    keys: &[&StoredKey],
+) -> Option<i64> {
+    states.get(name).copied().or_else(|| match kind {
+        ItemKind::SigningKey => keys
+            .iter()
+            .find(|k| k.state == "current")
+            .map(|k| k.activated_at.unwrap_or(k.created_at)),
+        ItemKind::Root => None,
+    })
+}
