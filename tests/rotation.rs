@@ -578,6 +578,68 @@ async fn the_cron_cli_runs_due_work_and_fails_loudly_when_an_upstream_rotation_f
     );
     assert_ne!(*fake.current.lock().unwrap(), "root-1");
 
+    // The shipped CronJob and systemd unit run exactly these commands: their arguments,
+    // pointed at this server (plain http, so no CA file) with a token file.
+    let token_file = dir.path().join("rotator.jwt");
+    std::fs::write(&token_file, &rotator).unwrap();
+    let deploy = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy");
+    let cron = std::fs::read_to_string(deploy.join("kubernetes/rotation-cronjob.yaml")).unwrap();
+    let cron_args: Vec<String> = cron
+        .lines()
+        .skip_while(|l| l.trim() != "args:")
+        .skip(1)
+        .take_while(|l| l.trim_start().starts_with("- "))
+        .map(|l| l.trim_start().trim_start_matches("- ").to_string())
+        .collect();
+    let unit = std::fs::read_to_string(deploy.join("systemd/latchkey-rotate.service")).unwrap();
+    let exec: Vec<String> = unit
+        .lines()
+        .find_map(|l| l.strip_prefix("ExecStart="))
+        .unwrap()
+        .split_whitespace()
+        .skip(1)
+        .map(str::to_string)
+        .collect();
+    for shipped in [cron_args, exec] {
+        assert!(
+            shipped.starts_with(&["rotate".to_string(), "--due".to_string()]),
+            "{shipped:?}"
+        );
+        let mut args = Vec::new();
+        let mut it = shipped.iter();
+        while let Some(a) = it.next() {
+            match a.as_str() {
+                "--server" => {
+                    it.next();
+                    args.extend(["--server".to_string(), server.clone()]);
+                }
+                "--ca-file" => {
+                    it.next();
+                }
+                "--token-file" => {
+                    it.next();
+                    args.extend(["--token-file".to_string(), token_file.display().to_string()]);
+                }
+                _ => args.push(a.clone()),
+            }
+        }
+        let out = tokio::task::block_in_place(|| {
+            std::process::Command::new(BIN)
+                .args(&args)
+                .env_remove("BITBUCKET_STEP_OIDC_TOKEN")
+                .env_remove("LATCHKEY_TOKEN")
+                .output()
+                .unwrap()
+        });
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(String::from_utf8_lossy(&out.stdout).contains("signing-key:rot-api"));
+    }
+
     // No rotator role, no rotation; a bad target is named.
     let (code, _, err) = tokio::task::block_in_place(|| {
         let out = std::process::Command::new(BIN)
