@@ -62,6 +62,7 @@ default_ttl = "5m"
 max_ttl = "1h"
 subject = "bb:{{repositoryUuid}}"
 claims = {{ branch = "{{branchName}}" }}
+rotation = "24h"
 
 [[rules]]
 name = "orders-main-and-release"
@@ -80,6 +81,12 @@ name = "security-team"
 issuer = "dev"
 claims = {{ repositoryUuid = "{repo}", branchName = "ops/audit" }}
 roles = ["auditor"]
+
+[[rules]]
+name = "rotation-operators"
+issuer = "dev"
+claims = {{ repositoryUuid = "{repo}", branchName = "ops/rotate" }}
+roles = ["rotator", "introspect"]
 
 [audit]
 checkpoint_every = 100
