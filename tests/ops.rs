@@ -265,20 +265,7 @@ async fn identity_rate_limit_is_hit_audited_and_recovered() {
     assert_eq!(e.metadata().get("retry-after").unwrap(), "1");
 
     // The same identity over HTTP shares the allowance: 429 with Retry-After.
-    let r = reqwest::Client::new()
-        .post(format!("{}/v1/token", env.http))
-        .form(&[
-            (
-                "grant_type",
-                "urn:ietf:params:oauth:grant-type:token-exchange",
-            ),
-            ("subject_token", token.as_str()),
-            ("subject_token_type", "urn:ietf:params:oauth:token-type:jwt"),
-            ("audience", "orders-api"),
-        ])
-        .send()
-        .await
-        .unwrap();
+    let r = common::exchange(&env.http, &token, "orders-api", &[]).await;
     assert_eq!(r.status(), 429);
     assert_eq!(r.headers()["retry-after"], "1");
 
@@ -467,61 +454,27 @@ impl latchkey::mint::Minter for Slow {
     }
 }
 
+fn slow(d: std::time::Duration) -> Vec<(String, std::sync::Arc<dyn latchkey::mint::Minter>)> {
+    vec![("reports".into(), std::sync::Arc::new(Slow(d)))]
+}
+
 #[tokio::test]
 async fn shutdown_drains_in_flight_requests_on_both_ports() {
-    use latchkey::server::start_with_minters;
-    let issuer = latchkey::devissuer::DevIssuer::spawn(
-        "127.0.0.1:0".parse().unwrap(),
-        latchkey::jose::Alg::RS256,
-    )
-    .await
-    .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("drain.db");
-    let text = common::config_text(
-        issuer.issuer_url(),
-        &issuer.audience(),
-        &db.display().to_string(),
+    let mut env = Env::start_with_minters(
         "",
         "",
-    ) + "\n[limits]\nidentity_rate = 0\nsource_ip_rate = 0\n";
-    let cfg = latchkey::config::Config::parse(&text, "drain.toml").unwrap();
-    let store = std::sync::Arc::new(
-        latchkey::store::sqlite::SqliteStore::open(&latchkey::store::sqlite::Config {
-            path: db.clone(),
-            busy_timeout: std::time::Duration::from_secs(1),
-        })
-        .unwrap(),
-    );
-    let running = start_with_minters(
-        &cfg,
-        store,
-        &latchkey::keys::MasterKey::generate(),
+        "\n[limits]\nidentity_rate = 0\nsource_ip_rate = 0\n",
         std::sync::Arc::new(latchkey::clock::SystemClock),
-        vec![(
-            "reports".into(),
-            std::sync::Arc::new(Slow(std::time::Duration::from_millis(700))),
-        )],
+        slow(std::time::Duration::from_millis(700)),
     )
-    .await
-    .unwrap();
-    let token = issuer.sign(&issuer.bitbucket_claims("main"));
-    let channel = tonic::transport::Channel::from_shared(format!("http://{}", running.grpc_addr))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    let http = format!("http://{}", running.http_addr);
+    .await;
+    let token = env.token("main");
     let mut tasks = Vec::new();
     for i in 0..16 {
-        let (token, channel, http) = (token.clone(), channel.clone(), http.clone());
+        let (token, http, mut client) = (token.clone(), env.http.clone(), env.client.clone());
         tasks.push(tokio::spawn(async move {
             if i % 2 == 0 {
-                let mut c =
-                    latchkey::transport::pb::credential_broker_client::CredentialBrokerClient::new(
-                        channel,
-                    );
-                let r = c
+                let r = client
                     .mint(common::authed(
                         latchkey::transport::pb::MintRequest {
                             target: "reports".into(),
@@ -533,21 +486,8 @@ async fn shutdown_drains_in_flight_requests_on_both_ports() {
                     .expect("in-flight gRPC mint completes");
                 r.into_inner().lease.unwrap().id
             } else {
-                let r = reqwest::Client::new()
-                    .post(format!("{http}/v1/token"))
-                    .form(&[
-                        (
-                            "grant_type",
-                            "urn:ietf:params:oauth:grant-type:token-exchange",
-                        ),
-                        ("subject_token", token.as_str()),
-                        ("subject_token_type", "urn:ietf:params:oauth:token-type:jwt"),
-                        ("audience", "reports"),
-                    ])
-                    .send()
-                    .await
-                    .expect("in-flight HTTP exchange completes");
-                assert_eq!(r.status(), 200);
+                let r = common::exchange(&http, &token, "reports", &[]).await;
+                assert_eq!(r.status(), 200, "in-flight HTTP exchange completes");
                 let body: serde_json::Value = r.json().await.unwrap();
                 body["lease_id"].as_str().unwrap().to_string()
             }
@@ -555,18 +495,18 @@ async fn shutdown_drains_in_flight_requests_on_both_ports() {
     }
     // Every request is inside the slow minter when shutdown begins.
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
-    let shutdown = tokio::spawn(running.shutdown());
+    let shutdown = tokio::spawn(env.running.take().unwrap().shutdown());
     let mut leases = Vec::new();
     for t in tasks {
         leases.push(t.await.unwrap());
     }
     shutdown.await.unwrap();
     // After shutdown nothing is accepted.
-    assert!(reqwest::get(format!("{http}/healthz")).await.is_err());
+    assert!(reqwest::get(format!("{}/healthz", env.http)).await.is_err());
 
     // Every credential handed out has its committed record, and the chain is whole.
     let recs = latchkey::store::sqlite::audit::query_file(
-        &db,
+        &env.db,
         &latchkey::audit::AuditQuery {
             action: Some("mint".into()),
             ..Default::default()
@@ -583,78 +523,34 @@ async fn shutdown_drains_in_flight_requests_on_both_ports() {
         );
     }
     assert_eq!(recs.len(), 16);
-    let report = latchkey::store::sqlite::audit::verify_file(&db, &Default::default()).unwrap();
+    let report = latchkey::store::sqlite::audit::verify_file(&env.db, &Default::default()).unwrap();
     assert!(report.intact(), "{report}");
 }
 
 #[tokio::test]
 async fn a_request_past_the_timeout_is_cut_off_cleanly_on_both_ports() {
-    let env = Env::start().await;
-    let mut cfg = env.config.clone();
-    cfg.store.path = env.dir.path().join("timeout.db");
-    cfg.limits.request_timeout = std::time::Duration::from_secs(1);
-    let store = std::sync::Arc::new(
-        latchkey::store::sqlite::SqliteStore::open(&latchkey::store::sqlite::Config {
-            path: cfg.store.path.clone(),
-            busy_timeout: std::time::Duration::from_secs(1),
-        })
-        .unwrap(),
-    );
-    let running = latchkey::server::start_with_minters(
-        &cfg,
-        store,
-        &latchkey::keys::MasterKey::generate(),
+    let env = Env::start_with_minters(
+        "",
+        "",
+        "\n[limits]\nrequest_timeout = \"1s\"\n",
         std::sync::Arc::new(latchkey::clock::SystemClock),
-        vec![(
-            "reports".into(),
-            std::sync::Arc::new(Slow(std::time::Duration::from_secs(3))),
-        )],
+        slow(std::time::Duration::from_secs(3)),
     )
-    .await
-    .unwrap();
+    .await;
     let token = env.token("main");
-    let r = reqwest::Client::new()
-        .post(format!("http://{}/v1/token", running.http_addr))
-        .form(&[
-            (
-                "grant_type",
-                "urn:ietf:params:oauth:grant-type:token-exchange",
-            ),
-            ("subject_token", token.as_str()),
-            ("subject_token_type", "urn:ietf:params:oauth:token-type:jwt"),
-            ("audience", "reports"),
-        ])
-        .send()
-        .await
-        .unwrap();
+    let r = common::exchange(&env.http, &token, "reports", &[]).await;
     assert_eq!(r.status(), 503);
     let body: serde_json::Value = r.json().await.unwrap();
     assert_eq!(body["error_description"], "request timed out");
-
-    let channel = tonic::transport::Channel::from_shared(format!("http://{}", running.grpc_addr))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    let e = latchkey::transport::pb::credential_broker_client::CredentialBrokerClient::new(channel)
-        .mint(common::authed(
-            latchkey::transport::pb::MintRequest {
-                target: "reports".into(),
-                ..Default::default()
-            },
-            &token,
-        ))
-        .await
-        .unwrap_err();
+    let e = env.mint(&token, "reports", &[], None).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::Cancelled, "{e:?}");
     // The broker is still serving.
     assert_eq!(
-        reqwest::get(format!("http://{}/healthz", running.http_addr))
+        reqwest::get(format!("{}/healthz", env.http))
             .await
             .unwrap()
             .status(),
         200
     );
-    running.shutdown().await;
     env.stop().await;
 }

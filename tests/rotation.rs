@@ -460,42 +460,19 @@ impl latchkey::mint::Minter for FakeRoot {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_cron_cli_runs_due_work_and_fails_loudly_when_an_upstream_rotation_fails() {
-    let issuer = latchkey::devissuer::DevIssuer::spawn(
-        "127.0.0.1:0".parse().unwrap(),
-        latchkey::jose::Alg::RS256,
-    )
-    .await
-    .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("rot.db");
-    let text = common::config_text(
-        issuer.issuer_url(),
-        &issuer.audience(),
-        &db.display().to_string(),
-        "",
-        "",
-    ) + &extra();
-    let cfg = latchkey::config::Config::parse(&text, "rot.toml").unwrap();
     let fake = Arc::new(FakeRoot::default());
     *fake.current.lock().unwrap() = "root-1".into();
     fake.existing.lock().unwrap().push("root-1".into());
-    let store = Arc::new(
-        latchkey::store::sqlite::SqliteStore::open(&latchkey::store::sqlite::Config {
-            path: db.clone(),
-            busy_timeout: std::time::Duration::from_secs(1),
-        })
-        .unwrap(),
-    );
-    let running = latchkey::server::start_with_minters(
-        &cfg,
-        store,
-        &latchkey::keys::MasterKey::generate(),
+    let mut env = Env::start_with_minters(
+        "",
+        "",
+        &extra(),
         Arc::new(SystemClock),
         vec![("reports".into(), fake.clone())],
     )
-    .await
-    .unwrap();
-    let server = format!("http://{}", running.grpc_addr);
+    .await;
+    let (issuer, dir, db) = (&env.issuer, env.dir.path().to_path_buf(), env.db.clone());
+    let server = format!("http://{}", env.running.as_ref().unwrap().grpc_addr);
     let rotator = issuer.sign(&issuer.bitbucket_claims("ops/rotate"));
     let cli = |args: &[&str]| {
         let out = std::process::Command::new(BIN)
@@ -580,7 +557,7 @@ async fn the_cron_cli_runs_due_work_and_fails_loudly_when_an_upstream_rotation_f
 
     // The shipped CronJob and systemd unit run exactly these commands: their arguments,
     // pointed at this server (plain http, so no CA file) with a token file.
-    let token_file = dir.path().join("rotator.jwt");
+    let token_file = dir.join("rotator.jwt");
     std::fs::write(&token_file, &rotator).unwrap();
     let deploy = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy");
     let cron = std::fs::read_to_string(deploy.join("kubernetes/rotation-cronjob.yaml")).unwrap();
@@ -659,7 +636,7 @@ async fn the_cron_cli_runs_due_work_and_fails_loudly_when_an_upstream_rotation_f
     });
     assert_eq!(code, Some(1));
     assert!(err.contains("role rotator not granted"), "{err}");
-    running.shutdown().await;
+    env.running.take().unwrap().shutdown().await;
 
     // Both attempts are in the audit log, the failure as an error with its reason.
     let recs = latchkey::store::sqlite::audit::query_file(

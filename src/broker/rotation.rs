@@ -401,31 +401,10 @@ impl Broker {
             .map_err(BrokerError::Store)?;
         let refs: Vec<&StoredKey> = keys.iter().collect();
         let last = last_run(&states, &name, item.kind, &refs);
-        let offset = item
-            .schedule
-            .map(|s| jitter_for(&name, s.jitter))
-            .unwrap_or(0);
+        let offset = offset_of(item);
         if force.is_none() {
-            match item.schedule {
-                None => {
-                    return Ok(ItemResult {
-                        item: name,
-                        outcome: Outcome::NotDue,
-                        detail: "no schedule; rotate with --now".into(),
-                        next_due: None,
-                    })
-                }
-                Some(s) => {
-                    let due = next_due(&s, last, now, offset);
-                    if due > now {
-                        return Ok(ItemResult {
-                            item: name,
-                            outcome: Outcome::NotDue,
-                            detail: "not due".into(),
-                            next_due: Some(due),
-                        });
-                    }
-                }
+            if let Some(r) = not_due(item, last, now, "rotate with --now") {
+                return Ok(r);
             }
         }
         let drop_old = force.is_some_and(|f| f.drop_old);
@@ -572,27 +551,10 @@ impl Broker {
             .await
             .map_err(BrokerError::Store)?;
         let last = states.get(&name).copied();
-        let offset = item
-            .schedule
-            .map(|s| jitter_for(&name, s.jitter))
-            .unwrap_or(0);
+        let offset = offset_of(item);
         if force.is_none() {
-            let Some(s) = item.schedule else {
-                return Ok(ItemResult {
-                    item: name,
-                    outcome: Outcome::NotDue,
-                    detail: "no schedule; rotate with --now --root".into(),
-                    next_due: None,
-                });
-            };
-            let due = next_due(&s, last, now, offset);
-            if due > now {
-                return Ok(ItemResult {
-                    item: name,
-                    outcome: Outcome::NotDue,
-                    detail: "not due".into(),
-                    next_due: Some(due),
-                });
+            if let Some(r) = not_due(item, last, now, "rotate with --now --root") {
+                return Ok(r);
             }
         }
         let minter = self.targets[&item.target].minter.clone();
@@ -645,6 +607,32 @@ impl Broker {
             }
         }
     }
+}
+
+fn offset_of(item: &Item) -> i64 {
+    item.schedule
+        .map(|s| jitter_for(&item.name(), s.jitter))
+        .unwrap_or(0)
+}
+
+/// The answer for an item that is not due (or has no schedule); `None` when it is due.
+fn not_due(item: &Item, last: Option<i64>, now: i64, how_to_force: &str) -> Option<ItemResult> {
+    let (detail, next) = match item.schedule {
+        None => (format!("no schedule; {how_to_force}"), None),
+        Some(s) => {
+            let due = next_due(&s, last, now, offset_of(item));
+            if due <= now {
+                return None;
+            }
+            ("not due".to_string(), Some(due))
+        }
+    };
+    Some(ItemResult {
+        item: item.name(),
+        outcome: Outcome::NotDue,
+        detail,
+        next_due: next,
+    })
 }
 
 /// When an item last rotated: its recorded state, else (signing keys) when the current

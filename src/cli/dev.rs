@@ -184,7 +184,11 @@ mod tests {
         );
         let cfg = Config::parse(&text, "dev.toml").unwrap();
         assert_eq!(cfg.targets.len(), 1);
-        assert_eq!(cfg.policy.rules().len(), 3);
+        assert_eq!(cfg.policy.rules().len(), 4);
+        assert!(
+            cfg.targets[0].rotation.is_some(),
+            "dev rotates its key daily"
+        );
         assert!(cfg.audit.witness.is_some());
     }
 }

@@ -298,6 +298,24 @@ fn exchange_response(m: &Minted, now: i64) -> Value {
     })
 }
 
+/// A JSON answer that must not be cached, or the OAuth error.
+fn respond(id: &str, r: Result<Value, OAuthError>) -> Response {
+    match r {
+        Ok(v) => {
+            let mut r = Json(v).into_response();
+            no_store(r.headers_mut(), id);
+            r
+        }
+        Err(e) => e.into_response(),
+    }
+}
+
+fn new_request_id() -> String {
+    let id = request_id();
+    tracing::Span::current().record("request_id", id.as_str());
+    id
+}
+
 /// `POST /v1/token`.
 #[tracing::instrument(skip_all, fields(request_id))]
 pub async fn token(
@@ -305,25 +323,18 @@ pub async fn token(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let id = request_id();
-    tracing::Span::current().record("request_id", id.as_str());
-    let form = match Form::parse(&headers, body, &id) {
-        Ok(f) => f,
-        Err(e) => return e.into_response(),
-    };
-    let (subject, req) = match exchange_request(&form, &id) {
-        Ok(r) => r,
-        Err(e) => return e.into_response(),
-    };
-    match b.mint(Some(&subject), req, &id).await {
-        Ok(m) => {
-            let now = b.now();
-            let mut r = Json(exchange_response(&m, now)).into_response();
-            no_store(r.headers_mut(), &id);
-            r
-        }
-        Err(e) => OAuthError::from_broker(&e, &id).into_response(),
+    let id = new_request_id();
+    let r = async {
+        let form = Form::parse(&headers, body, &id)?;
+        let (subject, req) = exchange_request(&form, &id)?;
+        let m = b
+            .mint(Some(&subject), req, &id)
+            .await
+            .map_err(|e| OAuthError::from_broker(&e, &id))?;
+        Ok(exchange_response(&m, b.now()))
     }
+    .await;
+    respond(&id, r)
 }
 
 /// `POST /v1/introspect`: the caller authenticates with its own workload token
@@ -334,57 +345,53 @@ pub async fn introspect(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let id = request_id();
-    tracing::Span::current().record("request_id", id.as_str());
+    let id = new_request_id();
     let caller = super::bearer(
         headers
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok()),
     )
     .map(str::to_string);
-    let form = match Form::parse(&headers, body, &id) {
-        Ok(f) => f,
-        Err(e) => return e.into_response(),
-    };
-    let Some(checked) = form.get("token") else {
-        return OAuthError::invalid_request("token is required", &id).into_response();
-    };
-    match b.introspect(caller.as_deref(), checked, &id).await {
-        Ok(i) => {
-            let mut body = json!({"active": i.active});
-            if let (true, Some(l)) = (i.active, &i.lease) {
-                body = json!({
-                    "active": true,
-                    "scope": l.scopes.join(" "),
-                    "token_type": "Bearer",
-                    "exp": l.expires_at,
-                    "iat": l.issued_at,
-                    "sub": i.subject,
-                    "aud": i.audience,
-                    "iss": b.issuer_url(),
-                    "jti": l.id,
-                    "latchkey_target": l.target,
-                    "latchkey_lease_state": l.state,
-                });
-            }
-            let mut r = Json(body).into_response();
-            no_store(r.headers_mut(), &id);
-            r
-        }
-        Err(e) => {
-            let mut err = OAuthError::from_broker(&e, &id);
-            if matches!(e, BrokerError::Identity(_)) && err.status == StatusCode::BAD_REQUEST {
-                // The caller's own credential is missing or bad: RFC 7662 answers 401.
-                err.description = format!(
-                    "{}; authenticate with your workload token: Authorization: Bearer <token>",
-                    err.description
-                );
-                err.status = StatusCode::UNAUTHORIZED;
-                err.error = "invalid_client";
-            }
-            err.into_response()
-        }
+    let r = async {
+        let form = Form::parse(&headers, body, &id)?;
+        let checked = form
+            .get("token")
+            .ok_or_else(|| OAuthError::invalid_request("token is required", &id))?;
+        let i = b
+            .introspect(caller.as_deref(), checked, &id)
+            .await
+            .map_err(|e| {
+                let mut err = OAuthError::from_broker(&e, &id);
+                if matches!(e, BrokerError::Identity(_)) && err.status == StatusCode::BAD_REQUEST {
+                    // The caller's own credential is missing or bad: RFC 7662 answers 401.
+                    err.description = format!(
+                        "{}; authenticate with your workload token: Authorization: Bearer <token>",
+                        err.description
+                    );
+                    err.status = StatusCode::UNAUTHORIZED;
+                    err.error = "invalid_client";
+                }
+                err
+            })?;
+        Ok(match (i.active, &i.lease) {
+            (true, Some(l)) => json!({
+                "active": true,
+                "scope": l.scopes.join(" "),
+                "token_type": "Bearer",
+                "exp": l.expires_at,
+                "iat": l.issued_at,
+                "sub": i.subject,
+                "aud": i.audience,
+                "iss": b.issuer_url(),
+                "jti": l.id,
+                "latchkey_target": l.target,
+                "latchkey_lease_state": l.state,
+            }),
+            _ => json!({"active": false}),
+        })
     }
+    .await;
+    respond(&id, r)
 }
 
 #[cfg(test)]

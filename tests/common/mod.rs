@@ -134,6 +134,17 @@ impl Env {
         extra: &str,
         clock: latchkey::clock::SharedClock,
     ) -> Env {
+        Env::start_with_minters(issuer_extra, store_extra, extra, clock, Vec::new()).await
+    }
+
+    /// [`Env::start_full`] with the minters of some targets replaced (fake upstreams).
+    pub async fn start_with_minters(
+        issuer_extra: &str,
+        store_extra: &str,
+        extra: &str,
+        clock: latchkey::clock::SharedClock,
+        minters: Vec<(String, Arc<dyn latchkey::mint::Minter>)>,
+    ) -> Env {
         let issuer = DevIssuer::spawn("127.0.0.1:0".parse().unwrap(), Alg::RS256)
             .await
             .unwrap();
@@ -154,11 +165,12 @@ impl Env {
             })
             .unwrap(),
         );
-        let running = latchkey::server::start_with_store(
+        let running = latchkey::server::start_with_minters(
             &config,
             store.clone(),
             &MasterKey::generate(),
             clock,
+            minters,
         )
         .await
         .unwrap();
@@ -254,6 +266,31 @@ impl Env {
             r.shutdown().await;
         }
     }
+}
+
+/// `grant_type` of RFC 8693.
+pub const TOKEN_EXCHANGE: &str = "urn:ietf:params:oauth:grant-type:token-exchange";
+
+/// `POST /v1/token` as curl sends it: `subject_token` for `audience`, plus `extra`.
+pub async fn exchange(
+    http: &str,
+    subject_token: &str,
+    audience: &str,
+    extra: &[(&str, &str)],
+) -> reqwest::Response {
+    let mut form = vec![
+        ("grant_type", TOKEN_EXCHANGE),
+        ("subject_token", subject_token),
+        ("subject_token_type", "urn:ietf:params:oauth:token-type:jwt"),
+        ("audience", audience),
+    ];
+    form.extend_from_slice(extra);
+    reqwest::Client::new()
+        .post(format!("{http}/v1/token"))
+        .form(&form)
+        .send()
+        .await
+        .unwrap()
 }
 
 pub fn authed<T>(msg: T, token: &str) -> tonic::Request<T> {
