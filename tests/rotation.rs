@@ -437,23 +437,47 @@ impl latchkey::mint::Minter for FakeRoot {
             upstream: None,
         })
     }
-    async fn rotate_root(&self) -> Result<String, latchkey::mint::MintError> {
+    async fn rotate_root(
+        &self,
+        journal: &mut Vec<latchkey::mint::RootStep>,
+    ) -> Result<String, latchkey::mint::MintError> {
+        use latchkey::mint::RootStep;
         let new = {
             let mut n = self.counter.lock().unwrap();
             *n += 1;
             format!("root-{}", *n + 1)
         };
         self.existing.lock().unwrap().push(new.clone());
+        journal.push(RootStep {
+            phase: "create",
+            detail: format!("{new} created"),
+        });
         if self.fail_verify.load(Ordering::SeqCst) {
             // The new credential does not work: remove it, keep the old one.
             self.existing.lock().unwrap().retain(|c| *c != new);
+            journal.push(RootStep {
+                phase: "cleanup",
+                detail: format!("{new} deleted: it failed verification"),
+            });
             return Err(latchkey::mint::MintError::Upstream {
                 target: "reports".into(),
                 reason: "new root credential failed verification (HTTP 401)".into(),
             });
         }
+        journal.push(RootStep {
+            phase: "verify",
+            detail: format!("{new} works"),
+        });
         let old = std::mem::replace(&mut *self.current.lock().unwrap(), new.clone());
+        journal.push(RootStep {
+            phase: "switch",
+            detail: format!("now using {new}"),
+        });
         self.existing.lock().unwrap().retain(|c| *c != old);
+        journal.push(RootStep {
+            phase: "delete",
+            detail: format!("{old} deleted"),
+        });
         Ok(format!("now using {new}"))
     }
 }
@@ -648,17 +672,28 @@ async fn the_cron_cli_runs_due_work_and_fails_loudly_when_an_upstream_rotation_f
         100,
     )
     .unwrap();
-    let root: Vec<_> = recs
+    let root: Vec<(String, String)> = recs
         .iter()
         .filter(|r| r.entry.context.get("item").map(String::as_str) == Some("root:reports"))
+        .map(|r| (r.entry.context["phase"].clone(), r.entry.outcome.clone()))
         .collect();
-    assert_eq!(root.len(), 2);
-    assert_eq!(root[0].entry.outcome, "error");
-    assert!(root[0]
+    let want: Vec<(String, String)> = [
+        ("create", "allowed"),
+        ("cleanup", "allowed"),
+        ("rotate_root", "error"),
+        ("create", "allowed"),
+        ("verify", "allowed"),
+        ("switch", "allowed"),
+        ("delete", "allowed"),
+        ("rotate_root", "allowed"),
+    ]
+    .iter()
+    .map(|(a, b)| (a.to_string(), b.to_string()))
+    .collect();
+    assert_eq!(root, want, "every phase of both attempts is audited");
+    assert!(recs.iter().any(|r| r
         .entry
         .reason
         .as_deref()
-        .unwrap()
-        .contains("HTTP 401"));
-    assert_eq!(root[1].entry.outcome, "allowed");
+        .is_some_and(|x| x.contains("HTTP 401"))));
 }

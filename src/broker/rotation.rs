@@ -558,22 +558,38 @@ impl Broker {
             }
         }
         let minter = self.targets[&item.target].minter.clone();
-        match minter.rotate_root().await {
+        let mut journal = Vec::new();
+        let result = minter.rotate_root(&mut journal).await;
+        // One record per step the upstream went through, then the outcome.
+        let mut audit: Vec<AuditEntry> = journal
+            .iter()
+            .map(|step| {
+                self.rotation_entry(
+                    who,
+                    request_id,
+                    item,
+                    step.phase,
+                    "allowed",
+                    step.detail.clone(),
+                )
+            })
+            .collect();
+        match result {
             Ok(summary) => {
-                let e = self.rotation_entry(
+                audit.push(self.rotation_entry(
                     who,
                     request_id,
                     item,
                     "rotate_root",
                     "allowed",
                     format!("root credential rotated: {summary}"),
-                );
+                ));
                 self.commit_step(RotationStep {
                     state: Some(RotationState {
                         item: name.clone(),
                         last_run: now,
                     }),
-                    audit: vec![e],
+                    audit,
                     ..Default::default()
                 })
                 .await?;
@@ -585,16 +601,16 @@ impl Broker {
                 })
             }
             Err(err) => {
-                let e = self.rotation_entry(
+                audit.push(self.rotation_entry(
                     who,
                     request_id,
                     item,
                     "rotate_root",
                     "error",
                     format!("root rotation failed, the old credential stays in service: {err}"),
-                );
+                ));
                 self.commit_step(RotationStep {
-                    audit: vec![e],
+                    audit,
                     ..Default::default()
                 })
                 .await?;

@@ -75,6 +75,15 @@ impl Credential {
     }
 }
 
+/// One step of an upstream root rotation, for the audit log. Never holds a secret.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RootStep {
+    /// `create`, `verify`, `switch`, `delete`, `cleanup`.
+    pub phase: &'static str,
+    /// What was done (credential ids, never credentials).
+    pub detail: String,
+}
+
 /// Why minting failed. Messages are safe to show the caller.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum MintError {
@@ -138,10 +147,12 @@ pub trait Minter: Send + Sync + fmt::Debug {
     }
 
     /// Rotates the upstream root credential, in this order: create the new credential,
-    /// verify it works, switch to it, then delete the old one. A failure at any step
-    /// leaves the old credential in service (removing whatever was created) and is
-    /// returned. Answers a short, secret-free summary (the new credential's id).
-    async fn rotate_root(&self) -> Result<String, MintError> {
+    /// verify it works, switch to it, then delete the old one, recording each step done
+    /// in `journal` (each becomes an audit record). A failure at any step leaves the old
+    /// credential in service (removing whatever was created) and is returned. Answers a
+    /// short, secret-free summary (the new credential's id).
+    async fn rotate_root(&self, journal: &mut Vec<RootStep>) -> Result<String, MintError> {
+        let _ = journal;
         Err(MintError::Unsupported {
             kind: self.kind(),
             action: "rotate a root credential",
