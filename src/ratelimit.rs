@@ -30,7 +30,9 @@ impl Limit {
         if self.rate <= 0.0 || !self.rate.is_finite() {
             return None;
         }
-        let period = Duration::from_secs_f64(1.0 / self.rate).max(Duration::from_nanos(1));
+        let period = Duration::try_from_secs_f64(1.0 / self.rate)
+            .ok()?
+            .max(Duration::from_nanos(1));
         let burst = NonZeroU32::new(self.burst.max(1))?;
         Quota::with_period(period).map(|q| q.allow_burst(burst))
     }

@@ -74,6 +74,9 @@ pub enum ReloadError {
     /// The TLS files could not be used.
     #[error("tls: {0}")]
     Tls(#[from] crate::transport::listen::TlsError),
+    /// The reload's audit record could not be committed, so nothing was applied.
+    #[error("audit store unavailable; configuration not reloaded")]
+    Audit,
 }
 
 /// `[limits]` keys that a reload applies.
@@ -180,7 +183,7 @@ impl Running {
         let mut ctx =
             std::collections::BTreeMap::from([("file".to_string(), path.display().to_string())]);
         let (ok, reason) = match &result {
-            Ok((raw, cfg)) => {
+            Ok((raw, cfg, _)) => {
                 let rules = raw.get("rules").map(|r| r.to_string()).unwrap_or_default();
                 ctx.insert(
                     "rules_sha256".into(),
@@ -194,14 +197,11 @@ impl Running {
         if let Err(e) = self.broker.audit_reload(ok, &reason, ctx).await {
             // Not applying what cannot be audited keeps the log the whole truth.
             tracing::error!(error = %e, "config reload not applied: its audit record could not be committed");
-            return Err(ReloadError::Read {
-                path: path.display().to_string(),
-                reason: "audit store unavailable".into(),
-            });
+            return Err(ReloadError::Audit);
         }
-        let (raw, cfg) = result?;
-        if let Some(t) = &self.tls {
-            t.reload()?;
+        let (raw, cfg, tls_files) = result?;
+        if let (Some(t), Some(files)) = (&self.tls, tls_files) {
+            t.install(files);
         }
         self.broker.reconfigure(cfg.policy, cfg.limits.rate);
         tracing::info!(
@@ -224,7 +224,14 @@ impl Running {
         &self,
         path: &std::path::Path,
         applied: &toml::Value,
-    ) -> Result<(toml::Value, Config), ReloadError> {
+    ) -> Result<
+        (
+            toml::Value,
+            Config,
+            Option<crate::transport::listen::TlsFiles>,
+        ),
+        ReloadError,
+    > {
         let text = std::fs::read_to_string(path).map_err(|e| ReloadError::Read {
             path: path.display().to_string(),
             reason: e.to_string(),
@@ -238,11 +245,9 @@ impl Running {
         if !changed.is_empty() {
             return Err(ReloadError::NeedsRestart(changed));
         }
-        if let Some(files) = &cfg.server.tls {
-            // Check the files before anything is applied; `reload` swaps them in.
-            crate::transport::listen::Tls::load(files)?;
-        }
-        Ok((raw, cfg))
+        // Read and check the TLS files before anything is applied; `reload` installs them.
+        let tls_files = self.tls.as_ref().map(|t| t.read()).transpose()?;
+        Ok((raw, cfg, tls_files))
     }
 
     /// Waits until the listeners stop on their own (they do not, unless shut down).
@@ -494,8 +499,19 @@ async fn report_health(
 ) {
     use tonic_health::ServingStatus;
     let names = HEALTH_SERVICES;
+    let mut was_ready = None;
     loop {
-        let status = if broker.readiness().await.ready {
+        let r = broker.readiness().await;
+        if was_ready != Some(r.ready) {
+            // Logged on change only: an outage is one line, not one every interval.
+            if r.ready {
+                tracing::info!("ready");
+            } else {
+                tracing::warn!(checks = %r.checks, "not ready");
+            }
+            was_ready = Some(r.ready);
+        }
+        let status = if r.ready {
             ServingStatus::Serving
         } else {
             ServingStatus::NotServing

@@ -71,9 +71,6 @@ impl Broker {
             "consecutive_failures": status.witness_failures.load(Ordering::SeqCst),
             "last_checkpoint": status.last_checkpoint.load(Ordering::SeqCst),
         });
-        if !ready {
-            tracing::warn!(checks = %json!({"store": store_check, "signing_keys": keys_check}), "not ready");
-        }
         Readiness {
             ready,
             checks: json!({

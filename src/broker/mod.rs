@@ -633,17 +633,6 @@ impl Broker {
     ) -> Result<WorkloadIdentity, BrokerError> {
         let token = token.ok_or(IdentityError::Missing)?;
         let id = self.verifier.verify(token).await?;
-        if let Err(e) = self.rate_limits.check_identity(&id.key) {
-            entry.issuer = Some(id.issuer_name.clone());
-            entry.identity_key = Some(id.key.clone());
-            entry.subject = Some(id.subject.clone());
-            entry.repository = id.repository.clone();
-            self.metrics
-                .rate_limited
-                .get_or_create(&crate::metrics::LimitScope { scope: "identity" })
-                .inc();
-            return Err(BrokerError::RateLimited(e));
-        }
         entry.issuer = Some(id.issuer_name.clone());
         entry.identity_key = Some(id.key.clone());
         entry.subject = Some(id.subject.clone());
@@ -653,6 +642,14 @@ impl Broker {
         entry.pipeline = id.pipeline.clone();
         entry.claims = serde_json::Value::Object((*id.claims).clone());
         crate::audit::checkpoint::redact(&mut entry.claims, &self.audit.redact);
+        // Counted once the caller is known, so the refusal's record says who it was.
+        if let Err(e) = self.rate_limits.check_identity(&id.key) {
+            self.metrics
+                .rate_limited
+                .get_or_create(&crate::metrics::LimitScope { scope: "identity" })
+                .inc();
+            return Err(BrokerError::RateLimited(e));
+        }
         Ok(id)
     }
 

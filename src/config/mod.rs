@@ -486,10 +486,10 @@ impl Checker<'_> {
                     d.burst
                 }),
             };
-            if !l.rate.is_finite() || l.rate < 0.0 {
+            if !l.rate.is_finite() || l.rate < 0.0 || (l.rate > 0.0 && l.rate < 0.001) {
                 return Err(self.err(
                     format!("limits.{name}_rate"),
-                    "must be a number of requests per second, 0 to turn the limit off",
+                    "must be a number of requests per second, at least 0.001, or 0 to turn the limit off",
                 ));
             }
             if l.rate > 0.0 && l.burst == 0 {

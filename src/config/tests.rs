@@ -428,6 +428,11 @@ fn limits_are_checked_and_default_sensibly() {
         "requests per second",
     );
     rejects(
+        append("[limits]\nidentity_rate = 1e-20"),
+        "limits.identity_rate",
+        "at least 0.001",
+    );
+    rejects(
         append("[limits]\nsource_ip_rate = 5\nsource_ip_burst = 0"),
         "limits.source_ip_burst",
         "at least 1",

@@ -272,6 +272,27 @@ impl SqliteStore {
         rx.await.map_err(|_| stopped())?
     }
 
+    /// Runs `f` on the read-only connection (opened on first use), off the writer
+    /// thread: for reads that may be slow and need not see the latest uncommitted state.
+    async fn read_only<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let (reader, path) = (self.reader.clone(), self.path.clone());
+        tokio::task::spawn_blocking(move || {
+            let mut slot = reader.lock().unwrap_or_else(|e| e.into_inner());
+            if slot.is_none() {
+                *slot = Some(audit::open_read_only(&path)?);
+            }
+            match slot.as_ref() {
+                Some(c) => f(c),
+                None => Err(stopped()),
+            }
+        })
+        .await
+        .map_err(|_| StoreError::Unavailable("read task failed".into()))?
+    }
+
     /// Runs `f` on the store's connection (reads are served between write batches).
     async fn read<T: Send + 'static>(
         &self,
@@ -1172,7 +1193,8 @@ impl Store for SqliteStore {
     }
 
     async fn live_lease_counts(&self, now: i64) -> Result<Vec<(String, u64)>, StoreError> {
-        self.read(move |c| {
+        // On the read-only connection: a scrape never waits for, or holds up, a commit.
+        self.read_only(move |c| {
             let mut st = c
                 .prepare_cached("SELECT target, count(*) FROM leases WHERE state = 'live' AND expires_at > ? GROUP BY target ORDER BY target")
                 .map_err(unavailable)?;
@@ -1198,19 +1220,7 @@ impl Store for SqliteStore {
         limit: usize,
     ) -> Result<Vec<AuditRecord>, StoreError> {
         let q = query.clone();
-        let (reader, path) = (self.reader.clone(), self.path.clone());
-        tokio::task::spawn_blocking(move || {
-            let mut slot = reader.lock().unwrap_or_else(|e| e.into_inner());
-            if slot.is_none() {
-                *slot = Some(audit::open_read_only(&path)?);
-            }
-            match slot.as_ref() {
-                Some(c) => audit::query(c, &q, limit),
-                None => Err(stopped()),
-            }
-        })
-        .await
-        .map_err(|_| StoreError::Unavailable("query task failed".into()))?
+        self.read_only(move |c| audit::query(c, &q, limit)).await
     }
 
     async fn audit_keys(&self) -> Result<Vec<StoredAuditKey>, StoreError> {

@@ -100,6 +100,18 @@ pub struct Tls {
     http: RwLock<Arc<ServerConfig>>,
 }
 
+/// TLS configurations read from the files, not yet in service.
+pub struct TlsFiles {
+    grpc: Arc<ServerConfig>,
+    http: Arc<ServerConfig>,
+}
+
+impl std::fmt::Debug for TlsFiles {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TlsFiles")
+    }
+}
+
 /// Which port a connection arrived on (they negotiate different protocols).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Port {
@@ -122,11 +134,23 @@ impl Tls {
     /// Reads the files again; on success new connections use them. On failure the
     /// configuration in service stays, and the error says why.
     pub fn reload(&self) -> Result<(), TlsError> {
-        let grpc = Arc::new(server_config(&self.files, b"h2")?);
-        let http = Arc::new(server_config(&self.files, b"http/1.1")?);
-        *self.grpc.write().unwrap_or_else(|e| e.into_inner()) = grpc;
-        *self.http.write().unwrap_or_else(|e| e.into_inner()) = http;
+        let read = self.read()?;
+        self.install(read);
         Ok(())
+    }
+
+    /// Reads and checks the files without using them yet.
+    pub fn read(&self) -> Result<TlsFiles, TlsError> {
+        Ok(TlsFiles {
+            grpc: Arc::new(server_config(&self.files, b"h2")?),
+            http: Arc::new(server_config(&self.files, b"http/1.1")?),
+        })
+    }
+
+    /// Puts files read by [`Tls::read`] in service for new connections.
+    pub fn install(&self, files: TlsFiles) {
+        *self.grpc.write().unwrap_or_else(|e| e.into_inner()) = files.grpc;
+        *self.http.write().unwrap_or_else(|e| e.into_inner()) = files.http;
     }
 
     fn acceptor(&self, port: Port) -> TlsAcceptor {

@@ -126,8 +126,14 @@ fn no_store(h: &mut HeaderMap, request_id: &str) {
 
 /// A parsed `application/x-www-form-urlencoded` body. Parameters may appear once
 /// (RFC 6749 section 3.2); unknown ones are ignored, as the RFC requires.
-#[derive(Debug)]
 struct Form(BTreeMap<String, String>);
+
+/// Names only: a form carries the subject token.
+impl std::fmt::Debug for Form {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_set().entries(self.0.keys()).finish()
+    }
+}
 
 impl Form {
     fn parse(
@@ -473,8 +479,17 @@ mod tests {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/x-www-form-urlencoded; charset=utf-8"),
         );
-        let f = Form::parse(&h, Ok(Bytes::from_static(b"a=1&b=%20x")), "id").unwrap();
+        let f = Form::parse(
+            &h,
+            Ok(Bytes::from_static(b"a=1&b=%20x&subject_token=s3cret")),
+            "id",
+        )
+        .unwrap();
         assert_eq!(f.get("b"), Some(" x"));
+        assert!(
+            !format!("{f:?}").contains("s3cret"),
+            "Debug shows names only"
+        );
         let e = Form::parse(&h, Ok(Bytes::from_static(b"a=1&a=2")), "id").unwrap_err();
         assert!(e.description.contains("more than once"));
         h.insert(
