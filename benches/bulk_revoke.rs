@@ -126,13 +126,11 @@ async fn main() {
             .await
             .expect("keys"),
     );
-    let broker = Arc::new(Broker::new(
-        &cfg,
-        store.clone(),
-        keys,
-        master,
-        clock.clone(),
-    ));
+    let broker = Arc::new(
+        Broker::build(&cfg, store.clone(), keys, master, clock.clone())
+            .await
+            .expect("broker"),
+    );
 
     // Seed: concurrent commits, so the writer group-commits them.
     let now = clock.now();

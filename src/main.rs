@@ -30,6 +30,7 @@ fn main() {
             Command::Policy {
                 command: PolicyCommand::Test(a),
             } => Ok(cli::policy_test::run(a)),
+            Command::Keys { command } => cli::keys::run(command).await,
             Command::Keygen => {
                 println!(
                     "{}",

@@ -4,7 +4,7 @@
 use crate::audit::checkpoint::{AuditKeyError, AuditSigner, AuditStatus, Checkpointer, Witness};
 use crate::broker::Broker;
 use crate::clock::SharedClock;
-use crate::config::{Config, TargetKind};
+use crate::config::Config;
 use crate::keys::{KeyError, KeyRing, MasterKey};
 use crate::store::sqlite::{self, SqliteStore};
 use crate::store::{Store, StoreError};
@@ -15,6 +15,7 @@ use crate::transport::listen::{self, Port, Tls};
 use crate::transport::pb::audit_server::AuditServer;
 use crate::transport::pb::credential_broker_server::CredentialBrokerServer;
 use crate::transport::pb::leases_server::LeasesServer;
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -49,6 +50,14 @@ pub enum StartError {
     /// TLS files could not be loaded.
     #[error("tls: {0}")]
     Tls(String),
+    /// A target's minter could not be built (an upstream secret cannot be read).
+    #[error("target {target}: {reason}")]
+    Target {
+        /// The target.
+        target: String,
+        /// Why (names the secret's source, never its value).
+        reason: String,
+    },
     /// The embedded protobuf descriptors are broken (a build fault).
     #[error("grpc reflection: {0}")]
     Reflection(String),
@@ -299,9 +308,7 @@ pub async fn start_with_minters(
     let wanted: Vec<_> = cfg
         .targets
         .iter()
-        .map(|t| match &t.kind {
-            TargetKind::Jwt(j) => (t.name.clone(), j.algorithm),
-        })
+        .filter_map(|t| t.kind.signing_alg().map(|a| (t.name.clone(), a)))
         .collect();
     let keys = Arc::new(KeyRing::load(store.as_ref(), master, &wanted, &clock).await?);
     let signer = Arc::new(AuditSigner::load(store.as_ref(), master, &clock).await?);
@@ -313,17 +320,30 @@ pub async fn start_with_minters(
         cfg.audit.clone(),
         status.clone(),
     );
-    let mut broker = Broker::new(
-        cfg,
-        store.clone(),
-        keys,
-        Arc::new(master.duplicate()),
-        clock,
-    )
-    .with_audit(signer.keys().clone(), status.clone());
-    for (target, minter) in minters {
-        broker.set_minter(&target, minter);
+    let master = Arc::new(master.duplicate());
+    let deps = crate::mint::Deps {
+        issuer_url: cfg.server.issuer_url.clone(),
+        keys: keys.clone(),
+        store: store.clone(),
+        master: master.clone(),
+        clock: clock.clone(),
+    };
+    let mut built = HashMap::new();
+    for t in &cfg.targets {
+        if let Some((_, m)) = minters.iter().find(|(n, _)| *n == t.name) {
+            built.insert(t.name.clone(), m.clone());
+            continue;
+        }
+        let m = crate::mint::build(t, &deps)
+            .await
+            .map_err(|reason| StartError::Target {
+                target: t.name.clone(),
+                reason,
+            })?;
+        built.insert(t.name.clone(), m);
     }
+    let broker = Broker::new(cfg, store.clone(), keys, master, clock, built)
+        .with_audit(signer.keys().clone(), status.clone());
     let broker = Arc::new(broker);
     store.attach_metrics(broker.metrics().store.clone());
 

@@ -269,13 +269,15 @@ async fn renewal_stops_when_the_granting_rule_is_removed() {
         .cloned()
         .collect();
     cfg.policy = latchkey::policy::Policy::new(rules);
-    let changed = latchkey::broker::Broker::new(
+    let changed = latchkey::broker::Broker::build(
         &cfg,
         broker.store().clone(),
         broker.keys().clone(),
         Arc::new(latchkey::keys::MasterKey::generate()),
         Arc::new(SystemClock),
-    );
+    )
+    .await
+    .expect("broker");
     let e = changed
         .renew(
             None,
@@ -771,13 +773,15 @@ async fn upstream_revocations_are_retried_until_the_target_answers() {
     let clock = ManualClock::new(t0);
     let env = start(Arc::new(clock.clone()), "").await;
     let fake = Arc::new(FakeUpstream::default());
-    let mut broker = latchkey::broker::Broker::new(
+    let mut broker = latchkey::broker::Broker::build(
         &env.config,
         env.broker().store().clone(),
         env.broker().keys().clone(),
         Arc::new(latchkey::keys::MasterKey::generate()),
         Arc::new(clock.clone()),
-    );
+    )
+    .await
+    .expect("broker");
     broker.set_minter("reports", fake.clone());
     let token = token_at(&env, "main", DEV_REPOSITORY, t0);
     let admin = token_at(&env, "ops/admin", DEV_REPOSITORY, t0);

@@ -1,7 +1,6 @@
 //! Readiness: what `/readyz` and the gRPC health service report.
 
 use super::Broker;
-use crate::config::TargetKind;
 use serde_json::{json, Value};
 use std::sync::atomic::Ordering;
 
@@ -53,7 +52,7 @@ impl Broker {
         let mut missing: Vec<&str> = self
             .targets
             .iter()
-            .filter(|(_, t)| matches!(t.cfg.kind, TargetKind::Jwt(_)))
+            .filter(|(_, t)| t.cfg.kind.signing_alg().is_some())
             .filter(|(name, _)| self.keys.signer(name).is_err())
             .map(|(name, _)| name.as_str())
             .collect();

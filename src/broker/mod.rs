@@ -18,12 +18,12 @@ pub use rotation::{Force, RotationCaller};
 use crate::audit::checkpoint::{AuditStatus, CheckpointKeys};
 use crate::audit::AuditEntry;
 use crate::clock::SharedClock;
-use crate::config::{Config, LeaseConfig, TargetConfig, TargetKind};
+use crate::config::{Config, LeaseConfig, TargetConfig};
 use crate::identity::{IdentityError, Verifier, WorkloadIdentity};
 use crate::keys::{KeyRing, MasterKey};
 use crate::lease::reaper::Reaper;
 use crate::lease::{self, CommitError, LeaseRecord, LeaseState, MintGuard, ReplayGuard};
-use crate::mint::{Credential, JwtMinter, MintContext, MintError, Minter};
+use crate::mint::{Credential, MintContext, MintError, Minter};
 use crate::policy::{Denied, Policy, Request, Role};
 use crate::secret::SecretString;
 use crate::store::{Store, StoreError};
@@ -301,6 +301,8 @@ impl BrokerError {
             BrokerError::Mint(MintError::MissingClaim(_)) => "missing_claim",
             BrokerError::Mint(MintError::Signing(_)) => "signing",
             BrokerError::Mint(MintError::Upstream { .. }) => "upstream",
+            BrokerError::Mint(MintError::Refused { .. }) => "upstream_refused",
+            BrokerError::Mint(MintError::Invalid(_)) => "invalid_request",
             BrokerError::Mint(MintError::Unsupported { .. }) => "unsupported",
             BrokerError::Audit(_) => "audit_unavailable",
             BrokerError::Store(_) => "store_unavailable",
@@ -361,33 +363,49 @@ impl std::fmt::Debug for Broker {
 }
 
 impl Broker {
-    /// Builds the broker from checked config, an open store and a loaded key ring.
+    /// [`Broker::new`] with every target's minter built from the config (reading the
+    /// targets' upstream secrets). Fails, naming the target, when one cannot be built.
+    pub async fn build(
+        cfg: &Config,
+        store: Arc<dyn Store>,
+        keys: Arc<KeyRing>,
+        master: Arc<MasterKey>,
+        clock: SharedClock,
+    ) -> Result<Broker, String> {
+        let deps = crate::mint::Deps {
+            issuer_url: cfg.server.issuer_url.clone(),
+            keys: keys.clone(),
+            store: store.clone(),
+            master: master.clone(),
+            clock: clock.clone(),
+        };
+        let minters = crate::mint::build_all(&cfg.targets, &deps).await?;
+        Ok(Broker::new(cfg, store, keys, master, clock, minters))
+    }
+
+    /// Builds the broker from checked config, an open store, a loaded key ring, and the
+    /// targets' minters ([`crate::mint::build_all`]). A target without a minter here
+    /// cannot be minted for.
     pub fn new(
         cfg: &Config,
         store: Arc<dyn Store>,
         keys: Arc<KeyRing>,
         master: Arc<MasterKey>,
         clock: SharedClock,
+        mut built: HashMap<String, Arc<dyn Minter>>,
     ) -> Broker {
-        let targets = cfg
+        let targets: HashMap<String, Target> = cfg
             .targets
             .iter()
-            .map(|t| {
-                let minter: Arc<dyn Minter> = match &t.kind {
-                    TargetKind::Jwt(j) => Arc::new(JwtMinter::new(
-                        &t.name,
-                        j.clone(),
-                        &cfg.server.issuer_url,
-                        keys.clone(),
-                    )),
-                };
-                (
+            .filter_map(|t| {
+                let minter = built.remove(&t.name)?;
+                Some((
                     t.name.clone(),
                     Target {
                         cfg: t.clone(),
                         minter,
                     },
-                )
+                ))
             })
             .collect();
         let reaper = Reaper::new(

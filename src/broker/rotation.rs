@@ -70,7 +70,7 @@ impl Broker {
                     ..s
                 })
             };
-            if matches!(t.cfg.kind, crate::config::TargetKind::Jwt(_)) {
+            if t.cfg.kind.signing_alg().is_some() {
                 out.push(Item {
                     kind: ItemKind::SigningKey,
                     target: name.clone(),
@@ -346,10 +346,7 @@ impl Broker {
         let name = item.name();
         let now = self.clock.now();
         let target = &self.targets[&item.target];
-        // Refutable once targets of other kinds exist; signing keys belong to jwt targets.
-        #[allow(irrefutable_let_patterns)]
-        let crate::config::TargetKind::Jwt(jwt) = &target.cfg.kind
-        else {
+        let Some(alg) = target.cfg.kind.signing_alg() else {
             return Err(BrokerError::InvalidRequest(format!(
                 "target {} does not sign",
                 item.target
@@ -412,7 +409,7 @@ impl Broker {
         let Some(next) = keys.iter().find(|k| k.state == "next") else {
             // No key published ahead (a store from before rotation): publish one now;
             // it may sign once verifiers' cached JWKS have expired.
-            let k = new_stored_key(&self.master, &item.target, jwt.algorithm, "next", now)
+            let k = new_stored_key(&self.master, &item.target, alg, "next", now)
                 .map_err(|e| BrokerError::Mint(crate::mint::MintError::Signing(e.to_string())))?;
             let mut e = self.rotation_entry(
                 who,
@@ -451,7 +448,7 @@ impl Broker {
             });
         }
 
-        let fresh = new_stored_key(&self.master, &item.target, jwt.algorithm, "next", now)
+        let fresh = new_stored_key(&self.master, &item.target, alg, "next", now)
             .map_err(|e| BrokerError::Mint(crate::mint::MintError::Signing(e.to_string())))?;
         let mut step = RotationStep {
             update: vec![KeyUpdate {

@@ -5,6 +5,7 @@ pub mod check_config;
 pub mod client;
 pub mod dev;
 pub mod explain;
+pub mod keys;
 pub mod leases;
 pub mod mint;
 pub mod policy_test;
@@ -77,6 +78,12 @@ pub enum Command {
     },
     /// Print a new random master key (base64) for LATCHKEY_MASTER_KEY or a key file.
     Keygen,
+    /// Signing key tools: export a target's public key (Pulsar's tokenPublicKey, PEM, JWK).
+    Keys {
+        /// What to do.
+        #[command(subcommand)]
+        command: keys::Command,
+    },
 }
 
 /// `latchkey policy …`

@@ -4,6 +4,9 @@
 //! environment or a key file named here.
 
 mod raw;
+mod targets;
+
+pub use targets::*;
 
 use crate::identity::Preset;
 use crate::jose::Alg;
@@ -240,22 +243,6 @@ impl TargetConfig {
     }
 }
 
-/// Kind-specific target settings.
-#[derive(Debug, Clone)]
-pub enum TargetKind {
-    /// A JWT signed by the broker's key ring.
-    Jwt(JwtTargetConfig),
-}
-
-impl TargetKind {
-    /// The kind's name as written in config.
-    pub fn name(&self) -> &'static str {
-        match self {
-            TargetKind::Jwt(_) => "jwt",
-        }
-    }
-}
-
 /// Settings of a `jwt` target.
 #[derive(Debug, Clone)]
 pub struct JwtTargetConfig {
@@ -411,6 +398,19 @@ impl Checker<'_> {
             }
             rules.push(r);
         }
+        let rotation = self.rotation(raw.rotation)?;
+        for (i, t) in targets.iter().enumerate() {
+            if matches!(t.kind, TargetKind::Airflow(_))
+                && t.rotation.is_some()
+                && rotation.jwks_cache < Duration::from_secs(3600)
+            {
+                return Err(self.err(
+                    format!("targets[{i}].rotation"),
+                    "Airflow reads the JWKS at most hourly and never refetches on an unknown kid: \
+                     set [rotation] jwks_cache to at least 1h so a new key is published an hour before it signs",
+                ));
+            }
+        }
         Ok(Config {
             source: self.file.into(),
             server,
@@ -422,7 +422,7 @@ impl Checker<'_> {
             leases: self.leases(raw.leases)?,
             audit: self.audit(raw.audit)?,
             limits: self.limits(raw.limits)?,
-            rotation: self.rotation(raw.rotation)?,
+            rotation,
         })
     }
 
@@ -838,66 +838,41 @@ impl Checker<'_> {
                 "must be at least 1 (leave it out for no limit)",
             ));
         }
-        let kind = match r.kind.as_str() {
-            "jwt" => {
-                let audience = match r.audience {
-                    Some(a) if !a.trim().is_empty() => a,
-                    _ => {
-                        return Err(self.err(format!("{key}.audience"), "required for kind \"jwt\""))
-                    }
-                };
-                let algorithm = match r.algorithm.as_deref() {
-                    None => Alg::ES256,
-                    Some(a @ ("ES256" | "EdDSA" | "RS256")) => Alg::parse(a).unwrap_or(Alg::ES256),
-                    Some(other) => {
-                        return Err(self.err(
-                            format!("{key}.algorithm"),
-                            format!("{other:?} is not supported; use ES256, EdDSA or RS256"),
-                        ))
-                    }
-                };
-                let subject = match r.subject {
-                    Some(s) => Some(
-                        Template::parse(&s).map_err(|e| self.err(format!("{key}.subject"), e))?,
-                    ),
-                    None => None,
-                };
-                let mut claims = Vec::new();
-                for (name, tpl) in r.claims {
-                    if RESERVED_CLAIMS.contains(&name.as_str()) {
-                        return Err(self.err(
-                            format!("{key}.claims.{name}"),
-                            "is set by the broker and cannot be overridden",
-                        ));
-                    }
-                    let t = Template::parse(&tpl)
-                        .map_err(|e| self.err(format!("{key}.claims.{name}"), e))?;
-                    claims.push((name, t));
-                }
-                TargetKind::Jwt(JwtTargetConfig {
-                    audience,
-                    algorithm,
-                    subject,
-                    claims,
-                })
-            }
-            other => {
-                return Err(self.err(
-                    format!("{key}.kind"),
-                    format!("unknown kind {other:?}; supported: jwt"),
-                ));
-            }
-        };
+        let kind = self.target_kind(key, &r.kind, r.settings)?;
         let rotation = self.schedule(&format!("{key}.rotation"), r.rotation, r.rotation_window)?;
         let root_rotation = self.schedule(
             &format!("{key}.root_rotation"),
             r.root_rotation,
             r.root_rotation_window,
         )?;
-        if root_rotation.is_some() && matches!(kind, TargetKind::Jwt(_)) {
+        let rotates_root = match &kind {
+            TargetKind::Vercel(_) => true,
+            TargetKind::Postgres(p) => p.password.is_some(),
+            _ => false,
+        };
+        if root_rotation.is_some() && !rotates_root {
+            let why = match &kind {
+                TargetKind::Postgres(_) => "the admin logs in without a password (set password_file or password_env to rotate it)".to_string(),
+                k if k.signing_alg().is_some() => format!("kind {} has no upstream root credential; rotate its signing key with `rotation`", k.name()),
+                k => format!("kind {} cannot rotate its upstream credential through the target's API", k.name()),
+            };
+            return Err(self.err(format!("{key}.root_rotation"), why));
+        }
+        if rotation.is_some() && matches!(kind, TargetKind::Pulsar(_)) {
             return Err(self.err(
-                format!("{key}.root_rotation"),
-                "kind jwt has no upstream root credential; rotate its signing key with `rotation`",
+                format!("{key}.rotation"),
+                "Pulsar trusts exactly one public key (tokenPublicKey) and cannot follow a JWKS: \
+                 a scheduled rotation would break every Pulsar client; rotate by hand \
+                 (latchkey rotate --target … --now, then re-export the key to Pulsar)",
+            ));
+        }
+        if rotation.is_some() && kind.signing_alg().is_none() {
+            return Err(self.err(
+                format!("{key}.rotation"),
+                format!(
+                    "kind {} does not sign with a broker key here; nothing to rotate",
+                    kind.name()
+                ),
             ));
         }
         Ok(TargetConfig {
@@ -988,6 +963,30 @@ impl Checker<'_> {
                             humantime::format_duration(t.max_lifetime)
                         ),
                     ));
+                }
+            }
+            if let Some(known) = t.kind.known_scopes() {
+                if g.scopes.is_empty() {
+                    return Err(self.err(
+                        format!("{gk}.scopes"),
+                        format!(
+                            "target {} maps scopes to what it grants; list the scopes granted (known: {})",
+                            t.name,
+                            known.join(", ")
+                        ),
+                    ));
+                }
+                for (k, sc) in g.scopes.iter().enumerate() {
+                    if !known.contains(&sc.as_str()) {
+                        return Err(self.err(
+                            format!("{gk}.scopes[{k}]"),
+                            format!(
+                                "target {} knows no scope {sc:?} (known: {})",
+                                t.name,
+                                known.join(", ")
+                            ),
+                        ));
+                    }
                 }
             }
             grants.push(Grant {

@@ -136,8 +136,9 @@ pub struct RawIssuer {
     pub max_mints_per_token: Option<u32>,
 }
 
+/// The keys every target has; the kind's own keys stay in `settings` and are checked
+/// against the kind's mirror (which refuses unknown keys).
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct RawTarget {
     pub name: String,
     pub kind: String,
@@ -149,12 +150,8 @@ pub struct RawTarget {
     pub rotation_window: Option<String>,
     pub root_rotation: Option<Dur>,
     pub root_rotation_window: Option<String>,
-    // kind = "jwt"
-    pub audience: Option<String>,
-    pub algorithm: Option<String>,
-    pub subject: Option<String>,
-    #[serde(default)]
-    pub claims: BTreeMap<String, String>,
+    #[serde(flatten)]
+    pub settings: toml::Table,
 }
 
 #[derive(Debug, Deserialize)]

@@ -74,6 +74,12 @@ pub fn new_stored_key(
     })
 }
 
+/// Opens a stored key with the master key (for tools that export its public half).
+/// Fails when the master key does not match or the key is unusable.
+pub fn open_stored(master: &MasterKey, sk: &StoredKey) -> Result<SigningKey, KeyError> {
+    open_key(master, sk)
+}
+
 fn open_key(master: &MasterKey, sk: &StoredKey) -> Result<SigningKey, KeyError> {
     let alg = Alg::parse(&sk.alg).ok_or_else(|| KeyError::Invalid {
         kid: sk.kid.clone(),

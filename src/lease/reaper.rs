@@ -3,7 +3,7 @@
 //! stuck, and purges finished leases past their retention. It reads time from a
 //! [`Clock`](crate::clock::Clock), so tests drive it by moving a manual clock.
 
-use super::{backoff, upstream_aad, LeaseChange, LeaseRecord, LeaseState};
+use super::{backoff, upstream_aad, LeaseChange, LeaseFilter, LeaseRecord, LeaseState};
 use crate::audit::AuditEntry;
 use crate::clock::SharedClock;
 use crate::config::LeaseConfig;
@@ -36,6 +36,8 @@ pub struct ReapReport {
     pub stuck: Vec<String>,
     /// Finished leases deleted after their retention.
     pub purged: usize,
+    /// Upstream credentials no lease owned (orphans), removed at their target.
+    pub reconciled: usize,
 }
 
 struct Inner {
@@ -231,11 +233,88 @@ impl Reaper {
         report
             .stuck
             .retain(|id| failed.iter().any(|(f, _)| f == id));
+        report.reconciled = self.reconcile(now).await?;
         let retain = i64::try_from(self.0.cfg.retain.as_secs()).unwrap_or(i64::MAX);
         report.purged = store
             .purge(now.saturating_sub(retain), now, 10 * PAGE)
             .await?;
         Ok(report)
+    }
+
+    /// Asks each target that can list what the broker created there to remove what no
+    /// unfinished lease owns; audits each removal. An unreachable target is logged and
+    /// tried again next pass. Answers how many were removed.
+    pub async fn reconcile(&self, now: i64) -> Result<usize, StoreError> {
+        let mut removed = 0;
+        let mut targets: Vec<(&String, &Arc<dyn Minter>)> = self
+            .0
+            .minters
+            .iter()
+            .filter(|(_, m)| m.reconciles())
+            .collect();
+        targets.sort_by_key(|(t, _)| *t);
+        for (target, minter) in targets {
+            let filter = LeaseFilter {
+                target: Some(target.clone()),
+                include_inactive: true,
+                ..LeaseFilter::default()
+            };
+            let mut live = std::collections::HashSet::new();
+            let mut after = None;
+            loop {
+                let page = self.0.store.leases(&filter, now, after, PAGE).await?;
+                for l in &page {
+                    if !matches!(l.state, LeaseState::Live | LeaseState::Revoking) {
+                        continue;
+                    }
+                    if let Some(sealed) = &l.upstream {
+                        match self.0.master.open(sealed, &upstream_aad(&l.id)) {
+                            Ok(b) => {
+                                if let Ok(h) = String::from_utf8(b.expose().clone()) {
+                                    live.insert(h);
+                                }
+                            }
+                            Err(_) => {
+                                // Cannot tell what this lease owns: touch nothing here.
+                                tracing::warn!(lease_id = %l.id, target = %target, "upstream handle cannot be opened; skipping reconciliation");
+                                return Ok(removed);
+                            }
+                        }
+                    }
+                }
+                if page.len() < PAGE {
+                    break;
+                }
+                after = page.last().map(|l| (l.issued_at, l.id.clone()));
+            }
+            match tokio::time::timeout(UPSTREAM_TIMEOUT * 4, minter.reconcile(&live, now)).await {
+                Ok(Ok(gone)) => {
+                    for handle in gone {
+                        removed += 1;
+                        tracing::warn!(target = %target, credential = %handle, "removed an upstream credential no lease owned");
+                        let entry = AuditEntry {
+                            time_ms: self.0.clock.now_ms(),
+                            request_id: format!("reaper-{}", uuid::Uuid::new_v4()),
+                            action: "reconcile".into(),
+                            outcome: "allowed".into(),
+                            target: Some(target.clone()),
+                            reason: Some(format!(
+                                "upstream credential {handle} was owned by no lease; removed"
+                            )),
+                            context: [("actor".to_string(), "reaper".to_string())].into(),
+                            claims: serde_json::Value::Null,
+                            ..AuditEntry::default()
+                        };
+                        self.0.store.append(entry).await?;
+                    }
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!(target = %target, error = %e, "reconciliation failed; will retry")
+                }
+                Err(_) => tracing::warn!(target = %target, "reconciliation timed out; will retry"),
+            }
+        }
+        Ok(removed)
     }
 
     /// Runs a pass every `interval` until `stop` turns true.

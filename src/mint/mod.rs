@@ -1,17 +1,38 @@
 //! Minting: one [`Minter`] per target kind behind one trait, and the [`Template`]s
 //! targets use to put caller claims into what they mint.
 
+mod airflow;
+mod databricks;
 mod jwt;
+mod oauth;
+mod postgres;
+mod prefect;
+mod pulsar;
+mod root;
 mod template;
+mod upstream;
+mod vercel;
 
+pub use airflow::AirflowMinter;
+pub use databricks::DatabricksMinter;
 pub use jwt::JwtMinter;
+pub use oauth::{BitbucketMinter, OAuth2Minter};
+pub use postgres::PostgresMinter;
+pub use prefect::PrefectMinter;
+pub use pulsar::{pulsar_public_key, spki_der, PulsarMinter};
 pub use template::Template;
 
+use crate::clock::SharedClock;
+use crate::config::{TargetConfig, TargetKind};
 use crate::identity::WorkloadIdentity;
+use crate::keys::{KeyRing, MasterKey};
 use crate::secret::SecretString;
+use crate::store::Store;
 use async_trait::async_trait;
-use std::collections::BTreeMap;
+use serde_json::Value;
+use std::collections::{BTreeMap, HashSet};
 use std::fmt;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// What a minter needs to know about one request that policy allowed.
@@ -101,7 +122,20 @@ pub enum MintError {
         /// What was asked.
         action: &'static str,
     },
-    /// The upstream system failed or refused.
+    /// The request cannot be served as asked (scopes that map to more than one role,
+    /// a claim the target cannot take).
+    #[error("{0}")]
+    Invalid(String),
+    /// The upstream refused the broker's own credential (HTTP 401/403, a failed login):
+    /// the broker is not allowed to do this there.
+    #[error("upstream {target} refused the broker: {reason}")]
+    Refused {
+        /// The target.
+        target: String,
+        /// A short, secret-free reason.
+        reason: String,
+    },
+    /// The upstream system failed, timed out or is rate limiting.
     #[error("upstream {target} unavailable: {reason}")]
     Upstream {
         /// The target.
@@ -159,6 +193,20 @@ pub trait Minter: Send + Sync + fmt::Debug {
         })
     }
 
+    /// Whether this kind can list what it created upstream (see [`Minter::reconcile`]).
+    fn reconciles(&self) -> bool {
+        false
+    }
+
+    /// Removes credentials this broker created upstream that no lease owns any more
+    /// (`live` holds the upstream handles of every lease not yet finished), leaving
+    /// alone anything created too recently to have its lease committed yet. Answers
+    /// the handles removed.
+    async fn reconcile(&self, live: &HashSet<String>, now: i64) -> Result<Vec<String>, MintError> {
+        let _ = (live, now);
+        Ok(Vec::new())
+    }
+
     /// Revokes the credential at the target. Idempotent: revoking what is already gone
     /// succeeds. Self-contained credentials (no upstream handle) need nothing here: the
     /// lease's state is what introspection reports.
@@ -170,4 +218,126 @@ pub trait Minter: Send + Sync + fmt::Debug {
         let _ = (lease_id, upstream);
         Ok(())
     }
+}
+
+/// What minters are built from besides their own config.
+#[derive(Debug, Clone)]
+pub struct Deps {
+    /// The broker's issuer URL (`iss` of what it signs).
+    pub issuer_url: String,
+    /// The broker's signing keys.
+    pub keys: Arc<KeyRing>,
+    /// The store (rotated root credentials live there, sealed).
+    pub store: Arc<dyn Store>,
+    /// The master key.
+    pub master: Arc<MasterKey>,
+    /// The clock.
+    pub clock: SharedClock,
+}
+
+/// Builds the minter of a target: reads its upstream secrets (files, environment),
+/// prefers a root credential the broker rotated and stored over the configured one.
+/// Fails, naming the target and the secret's source (never its value), when a secret
+/// cannot be read or the target's settings cannot be used.
+pub async fn build(t: &TargetConfig, deps: &Deps) -> Result<Arc<dyn Minter>, String> {
+    let name = t.name.as_str();
+    let m: Arc<dyn Minter> = match &t.kind {
+        TargetKind::Jwt(j) => Arc::new(JwtMinter::new(
+            name,
+            j.clone(),
+            &deps.issuer_url,
+            deps.keys.clone(),
+        )),
+        TargetKind::Pulsar(p) => Arc::new(PulsarMinter::new(name, p.clone(), deps)?),
+        TargetKind::Airflow(a) => Arc::new(AirflowMinter::new(name, a.clone(), deps)),
+        TargetKind::Databricks(d) => Arc::new(DatabricksMinter::new(name, d.clone(), deps)?),
+        TargetKind::Vercel(v) => Arc::new(vercel::VercelMinter::new(name, v.clone(), deps).await?),
+        TargetKind::Prefect(p) => Arc::new(PrefectMinter::new(name, p.clone())?),
+        TargetKind::Bitbucket(b) => Arc::new(BitbucketMinter::new(name, b.clone())?),
+        TargetKind::Postgres(p) => Arc::new(PostgresMinter::new(name, p.clone(), deps).await?),
+        TargetKind::OAuth2(o) => Arc::new(OAuth2Minter::new(name, o.clone(), deps)?),
+    };
+    Ok(m)
+}
+
+/// Builds every target's minter, by target name. Fails like [`build`], naming the target.
+pub async fn build_all(
+    targets: &[TargetConfig],
+    deps: &Deps,
+) -> Result<std::collections::HashMap<String, Arc<dyn Minter>>, String> {
+    let mut out = std::collections::HashMap::new();
+    for t in targets {
+        let m = build(t, deps)
+            .await
+            .map_err(|e| format!("target {}: {e}", t.name))?;
+        out.insert(t.name.clone(), m);
+    }
+    Ok(out)
+}
+
+/// The value `map` gives the requested scopes: exactly one distinct value, or a clear
+/// refusal. Used by kinds whose credential carries one role.
+fn one_mapped<'a>(
+    map: &'a BTreeMap<String, String>,
+    scopes: &[String],
+    what: &str,
+) -> Result<&'a str, MintError> {
+    let mut found: Vec<&str> = scopes
+        .iter()
+        .filter_map(|s| map.get(s).map(String::as_str))
+        .collect();
+    found.sort_unstable();
+    found.dedup();
+    match found.as_slice() {
+        [one] => Ok(one),
+        [] => Err(MintError::Invalid(format!(
+            "ask for one scope; each maps to one {what}"
+        ))),
+        _ => Err(MintError::Invalid(format!(
+            "the scopes asked for map to {} different {what}s; a credential carries one: ask for one scope",
+            found.len()
+        ))),
+    }
+}
+
+/// Signs `claims` with the target's current broker key; answers the token and its `kid`.
+fn sign_with_ring(
+    keys: &KeyRing,
+    target: &str,
+    claims: &Value,
+) -> Result<(SecretString, String), MintError> {
+    let signer = keys
+        .signer(target)
+        .map_err(|_| MintError::Signing(target.to_string()))?;
+    let token = signer
+        .sign_jwt(claims, None)
+        .map_err(|_| MintError::Signing(target.to_string()))?;
+    Ok((crate::secret::Secret::new(token), signer.kid().to_string()))
+}
+
+/// `sub` from an optional template, else the caller's identity key.
+fn subject(t: &Option<Template>, id: &WorkloadIdentity) -> Result<String, MintError> {
+    match t {
+        Some(t) => t.render(&id.claims).map_err(MintError::MissingClaim),
+        None => Ok(id.key.clone()),
+    }
+}
+
+/// A random secret of `bytes` bytes, base64url without padding.
+fn random_secret(bytes: usize) -> Result<SecretString, MintError> {
+    use ring::rand::SecureRandom;
+    use zeroize::Zeroize;
+    let mut raw = vec![0u8; bytes];
+    ring::rand::SystemRandom::new()
+        .fill(&mut raw)
+        .map_err(|_| MintError::Signing("random".into()))?;
+    let out = crate::secret::Secret::new(crate::jose::b64(&raw));
+    raw.zeroize();
+    Ok(out)
+}
+
+/// RFC 3339 (UTC, seconds) of a Unix time.
+fn rfc3339(secs: i64) -> String {
+    let t = std::time::UNIX_EPOCH + Duration::from_secs(secs.max(0) as u64);
+    humantime::format_rfc3339_seconds(t).to_string()
 }

@@ -109,6 +109,30 @@ pub struct StoredAuditKey {
     pub sealed: Vec<u8>,
 }
 
+/// An upstream root credential the broker rotated, sealed under the master key. Once
+/// rotated, only the broker knows it: the stored one wins over the configured one.
+#[derive(Clone, PartialEq, Eq)]
+pub struct StoredRootSecret {
+    /// Target name.
+    pub target: String,
+    /// The credential in service (AES-256-GCM sealed).
+    pub sealed: Vec<u8>,
+    /// A new credential set upstream but not yet switched to (two-phase rotation).
+    pub pending: Option<Vec<u8>>,
+    /// When it last changed (seconds since the epoch).
+    pub updated_at: i64,
+}
+
+impl std::fmt::Debug for StoredRootSecret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoredRootSecret")
+            .field("target", &self.target)
+            .field("pending", &self.pending.is_some())
+            .field("updated_at", &self.updated_at)
+            .finish_non_exhaustive()
+    }
+}
+
 /// The storage interface the broker needs.
 #[async_trait]
 pub trait Store: Send + Sync + std::fmt::Debug + 'static {
@@ -209,6 +233,12 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
         now: i64,
         ttl_secs: i64,
     ) -> Result<bool, StoreError>;
+
+    /// The rotated root credential of a target, if it was ever rotated.
+    async fn root_secret(&self, target: &str) -> Result<Option<StoredRootSecret>, StoreError>;
+
+    /// Stores (replaces) a target's rotated root credential.
+    async fn put_root_secret(&self, secret: StoredRootSecret) -> Result<(), StoreError>;
 
     /// Releases the lock if `holder` holds it.
     async fn unlock(&self, name: &str, holder: &str) -> Result<(), StoreError>;

@@ -7,7 +7,7 @@
 
 pub mod audit;
 
-use super::{Appended, Store, StoreError, StoredAuditKey, StoredKey};
+use super::{Appended, Store, StoreError, StoredAuditKey, StoredKey, StoredRootSecret};
 use crate::audit::checkpoint::Checkpoint;
 use crate::audit::verify::{Report, VerifyOptions};
 use crate::audit::{AuditEntry, AuditQuery, AuditRecord, GENESIS_HASH};
@@ -102,6 +102,12 @@ CREATE INDEX IF NOT EXISTS leases_state ON leases(state, expires_at);
 CREATE INDEX IF NOT EXISTS leases_issued ON leases(issued_at, id);
 CREATE INDEX IF NOT EXISTS leases_repository ON leases(repository, issued_at);
 CREATE INDEX IF NOT EXISTS leases_target ON leases(target, issued_at);
+CREATE TABLE IF NOT EXISTS root_secrets (
+    target TEXT PRIMARY KEY,
+    sealed BLOB NOT NULL,
+    pending BLOB,
+    updated_at INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS token_uses (
     issuer TEXT NOT NULL,
     token_key TEXT NOT NULL,
@@ -1175,6 +1181,41 @@ impl Store for SqliteStore {
                 )
                 .map_err(unavailable)?;
             Ok(n == 1)
+        })
+        .await
+    }
+
+    async fn root_secret(&self, target: &str) -> Result<Option<StoredRootSecret>, StoreError> {
+        let target = target.to_string();
+        self.read(move |c| {
+            c.query_row(
+                "SELECT target, sealed, pending, updated_at FROM root_secrets WHERE target = ?1",
+                params![target],
+                |r| {
+                    Ok(StoredRootSecret {
+                        target: r.get(0)?,
+                        sealed: r.get(1)?,
+                        pending: r.get(2)?,
+                        updated_at: r.get(3)?,
+                    })
+                },
+            )
+            .optional()
+            .map_err(unavailable)
+        })
+        .await
+    }
+
+    async fn put_root_secret(&self, secret: StoredRootSecret) -> Result<(), StoreError> {
+        self.read(move |c| {
+            c.execute(
+                "INSERT INTO root_secrets (target, sealed, pending, updated_at) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT(target) DO UPDATE SET sealed = excluded.sealed,
+                     pending = excluded.pending, updated_at = excluded.updated_at",
+                params![secret.target, secret.sealed, secret.pending, secret.updated_at],
+            )
+            .map(|_| ())
+            .map_err(unavailable)
         })
         .await
     }

@@ -1,0 +1,1256 @@
+//! Kind-specific target settings: one raw mirror per kind (unknown keys refused), checked
+//! into the [`TargetKind`] the minters are built from. Upstream secrets are never in the
+//! file: each is a [`SecretRef`] naming a file or an environment variable.
+
+use super::{Checker, ConfigError, JwtTargetConfig, RESERVED_CLAIMS};
+use crate::jose::Alg;
+use crate::mint::Template;
+use crate::secret::{Secret, SecretBytes, SecretString};
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Where an upstream secret is read from, at startup. Never the secret itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SecretRef {
+    /// A file whose contents (without a trailing newline) are the secret.
+    File(PathBuf),
+    /// An environment variable.
+    Env(String),
+}
+
+impl SecretRef {
+    /// Where it comes from, for messages (`file /run/x`, `environment variable X`).
+    pub fn describe(&self) -> String {
+        match self {
+            SecretRef::File(p) => format!("file {}", p.display()),
+            SecretRef::Env(v) => format!("environment variable {v}"),
+        }
+    }
+
+    /// Reads the secret as text. Fails when the file cannot be read, the variable is
+    /// unset, or the value is empty; the message names the source, never the value.
+    pub fn load(&self) -> Result<SecretString, String> {
+        let raw = match self {
+            SecretRef::File(p) => std::fs::read_to_string(p)
+                .map_err(|e| format!("cannot read {}: {e}", self.describe()))?,
+            SecretRef::Env(v) => {
+                std::env::var(v).map_err(|_| format!("{} is not set", self.describe()))?
+            }
+        };
+        let raw = Secret::new(raw);
+        let value = raw.expose().trim_end_matches(['\r', '\n']);
+        if value.is_empty() {
+            return Err(format!("{} is empty", self.describe()));
+        }
+        Ok(Secret::new(value.to_string()))
+    }
+
+    /// Reads key bytes: a file's raw bytes, or a variable's base64 text. Fails like
+    /// [`SecretRef::load`], or when the variable is not base64.
+    pub fn load_bytes(&self) -> Result<SecretBytes, String> {
+        let bytes = match self {
+            SecretRef::File(p) => {
+                std::fs::read(p).map_err(|e| format!("cannot read {}: {e}", self.describe()))?
+            }
+            SecretRef::Env(_) => {
+                use base64::Engine;
+                let text = self.load()?;
+                base64::engine::general_purpose::STANDARD
+                    .decode(text.expose().trim())
+                    .map_err(|_| format!("{} is not base64", self.describe()))?
+            }
+        };
+        if bytes.is_empty() {
+            return Err(format!("{} is empty", self.describe()));
+        }
+        Ok(Secret::new(bytes))
+    }
+}
+
+/// Kind-specific target settings.
+#[derive(Debug, Clone)]
+pub enum TargetKind {
+    /// A JWT signed by the broker's key ring.
+    Jwt(JwtTargetConfig),
+    /// An Apache Pulsar token.
+    Pulsar(PulsarConfig),
+    /// An Apache Airflow 3 API token.
+    Airflow(AirflowConfig),
+    /// A Databricks OAuth token or personal access token.
+    Databricks(DatabricksConfig),
+    /// A Vercel access token.
+    Vercel(VercelConfig),
+    /// A Prefect Cloud service-account API key.
+    Prefect(PrefectConfig),
+    /// A Bitbucket Cloud OAuth access token (client credentials).
+    Bitbucket(OAuthClientConfig),
+    /// A PostgreSQL login role per lease.
+    Postgres(PostgresConfig),
+    /// A token from any OAuth2 server.
+    OAuth2(OAuth2Config),
+}
+
+impl TargetKind {
+    /// The kind's name as written in config.
+    pub fn name(&self) -> &'static str {
+        match self {
+            TargetKind::Jwt(_) => "jwt",
+            TargetKind::Pulsar(_) => "pulsar",
+            TargetKind::Airflow(_) => "airflow",
+            TargetKind::Databricks(_) => "databricks",
+            TargetKind::Vercel(_) => "vercel",
+            TargetKind::Prefect(_) => "prefect",
+            TargetKind::Bitbucket(_) => "bitbucket",
+            TargetKind::Postgres(_) => "postgres",
+            TargetKind::OAuth2(_) => "oauth2",
+        }
+    }
+
+    /// The algorithm of the broker key this target signs with, for kinds that sign
+    /// with the key ring (their keys are published in the JWKS and rotate on
+    /// `rotation`); `None` for kinds that do not.
+    pub fn signing_alg(&self) -> Option<Alg> {
+        match self {
+            TargetKind::Jwt(j) => Some(j.algorithm),
+            TargetKind::Pulsar(p) => match &p.key {
+                PulsarKey::Broker(alg) => Some(*alg),
+                PulsarKey::Shared(_) => None,
+            },
+            TargetKind::Airflow(a) => Some(a.algorithm),
+            TargetKind::Databricks(d) => match &d.mode {
+                DatabricksMode::Federation(f) => Some(f.algorithm),
+                DatabricksMode::M2m { .. } | DatabricksMode::Pat { .. } => None,
+            },
+            TargetKind::OAuth2(o) => match &o.grant {
+                OAuth2Grant::TokenExchange(f) => Some(f.algorithm),
+                OAuth2Grant::ClientCredentials => None,
+            },
+            TargetKind::Vercel(_)
+            | TargetKind::Prefect(_)
+            | TargetKind::Bitbucket(_)
+            | TargetKind::Postgres(_) => None,
+        }
+    }
+
+    /// The scopes this kind knows, where it maps scopes to something at the target;
+    /// `None` where any scope name is accepted.
+    pub fn known_scopes(&self) -> Option<Vec<&str>> {
+        fn keys(m: &BTreeMap<String, String>) -> Option<Vec<&str>> {
+            (!m.is_empty()).then(|| m.keys().map(String::as_str).collect())
+        }
+        match self {
+            TargetKind::Pulsar(p) => match &p.admin {
+                Some(a) => Some(a.permissions.keys().map(String::as_str).collect()),
+                None => keys(&p.roles),
+            },
+            TargetKind::Airflow(a) => keys(&a.roles),
+            TargetKind::Prefect(p) => keys(&p.roles),
+            TargetKind::Postgres(p) => Some(p.roles.keys().map(String::as_str).collect()),
+            TargetKind::OAuth2(o) => keys(&o.scopes),
+            TargetKind::Jwt(_)
+            | TargetKind::Databricks(_)
+            | TargetKind::Vercel(_)
+            | TargetKind::Bitbucket(_) => None,
+        }
+    }
+}
+
+/// How Pulsar tokens are signed.
+#[derive(Debug, Clone)]
+pub enum PulsarKey {
+    /// The broker's own key (RS256 or ES256); Pulsar gets the public key
+    /// (`latchkey keys export --format pulsar`).
+    Broker(Alg),
+    /// An HS256 secret shared with Pulsar (`tokenSecretKey`).
+    Shared(SecretRef),
+}
+
+/// Settings of a `pulsar` target.
+#[derive(Debug, Clone)]
+pub struct PulsarConfig {
+    /// Signing key.
+    pub key: PulsarKey,
+    /// Claim carrying the role (`tokenAuthClaim`), default `sub`.
+    pub role_claim: String,
+    /// Claim carrying the audience (`tokenAudienceClaim`), if Pulsar checks one.
+    pub audience_claim: Option<String>,
+    /// The audience value (`tokenAudience`).
+    pub audience: Option<String>,
+    /// Role template when no `roles` map applies; default the caller's identity key.
+    pub role: Option<Template>,
+    /// Scope → role.
+    pub roles: BTreeMap<String, String>,
+    /// Per-lease permissions through the admin REST API.
+    pub admin: Option<PulsarAdmin>,
+}
+
+/// Pulsar admin REST settings for per-lease permissions.
+#[derive(Debug, Clone)]
+pub struct PulsarAdmin {
+    /// Admin REST base URL (`http://pulsar:8080`).
+    pub url: String,
+    /// Admin token.
+    pub token: SecretRef,
+    /// Scope → what it grants.
+    pub permissions: BTreeMap<String, PulsarPermission>,
+    /// Upstream call timeout.
+    pub timeout: Duration,
+}
+
+/// One scope's Pulsar permission grant.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PulsarPermission {
+    /// `tenant/namespace` or `persistent://tenant/namespace/topic`.
+    pub resource: PulsarResource,
+    /// Actions granted.
+    pub actions: Vec<String>,
+}
+
+/// A namespace or a topic.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PulsarResource {
+    /// `tenant/namespace`.
+    Namespace {
+        /// Tenant.
+        tenant: String,
+        /// Namespace.
+        namespace: String,
+    },
+    /// `persistent://tenant/namespace/topic`.
+    Topic {
+        /// Tenant.
+        tenant: String,
+        /// Namespace.
+        namespace: String,
+        /// Topic.
+        topic: String,
+    },
+}
+
+impl PulsarResource {
+    /// The admin REST path of its permission for `role` (segments percent-encoded).
+    pub fn permission_path(&self, role: &str) -> String {
+        let enc = |s: &str| -> String {
+            form_urlencoded::byte_serialize(s.as_bytes())
+                .collect::<String>()
+                .replace('+', "%20")
+        };
+        match self {
+            PulsarResource::Namespace { tenant, namespace } => format!(
+                "/admin/v2/namespaces/{}/{}/permissions/{}",
+                enc(tenant),
+                enc(namespace),
+                enc(role)
+            ),
+            PulsarResource::Topic {
+                tenant,
+                namespace,
+                topic,
+            } => format!(
+                "/admin/v2/persistent/{}/{}/{}/permissions/{}",
+                enc(tenant),
+                enc(namespace),
+                enc(topic),
+                enc(role)
+            ),
+        }
+    }
+}
+
+/// Which Airflow auth manager reads the token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AirflowAuthManager {
+    /// The simple auth manager: `sub` is a user name, `role` the role.
+    Simple,
+    /// The FAB auth manager: `sub` is the numeric user id.
+    Fab,
+}
+
+/// Settings of an `airflow` target.
+#[derive(Debug, Clone)]
+pub struct AirflowConfig {
+    /// Signing algorithm; Airflow's `jwt_algorithm` must say the same.
+    pub algorithm: Alg,
+    /// `aud` (Airflow's `jwt_audience`).
+    pub audience: String,
+    /// `sub` template; default the caller's identity key.
+    pub subject: Option<Template>,
+    /// The auth manager.
+    pub auth_manager: AirflowAuthManager,
+    /// Role when no `roles` map applies (simple auth manager).
+    pub role: Option<String>,
+    /// Scope → role (simple auth manager).
+    pub roles: BTreeMap<String, String>,
+}
+
+/// Settings of a `databricks` target.
+#[derive(Debug, Clone)]
+pub struct DatabricksConfig {
+    /// `https://<workspace>`.
+    pub workspace_url: String,
+    /// How tokens are obtained.
+    pub mode: DatabricksMode,
+    /// Upstream call timeout.
+    pub timeout: Duration,
+}
+
+/// The three Databricks modes.
+#[derive(Debug, Clone)]
+pub enum DatabricksMode {
+    /// A broker-signed JWT exchanged under a service principal's federation policy.
+    Federation(Federation),
+    /// Client credentials with a stored service-principal secret.
+    M2m {
+        /// The service principal's application id.
+        client_id: String,
+        /// Its OAuth secret.
+        client_secret: SecretRef,
+    },
+    /// A personal access token with a lifetime.
+    Pat {
+        /// The token that creates tokens.
+        token: SecretRef,
+        /// Create on behalf of this service principal (token management API).
+        application_id: Option<String>,
+    },
+}
+
+/// A broker-signed JWT presented to an OAuth2 server by RFC 8693 token exchange.
+#[derive(Debug, Clone)]
+pub struct Federation {
+    /// The OAuth client id sent with the exchange.
+    pub client_id: Option<String>,
+    /// `aud` of the broker's JWT.
+    pub audience: String,
+    /// `sub` template; default the caller's identity key.
+    pub subject: Option<Template>,
+    /// Signing algorithm.
+    pub algorithm: Alg,
+}
+
+/// Settings of a `vercel` target.
+#[derive(Debug, Clone)]
+pub struct VercelConfig {
+    /// API base, default `https://api.vercel.com`.
+    pub api_url: String,
+    /// Team the tokens are created for.
+    pub team_id: Option<String>,
+    /// The full-account token that creates tokens.
+    pub token: SecretRef,
+    /// Upstream call timeout.
+    pub timeout: Duration,
+}
+
+/// Settings of a `prefect` target.
+#[derive(Debug, Clone)]
+pub struct PrefectConfig {
+    /// API base, default `https://api.prefect.cloud/api`.
+    pub api_url: String,
+    /// Account id.
+    pub account_id: String,
+    /// Account role of created service accounts, unless `roles` maps the scope.
+    pub account_role_id: String,
+    /// Scope → account role id.
+    pub roles: BTreeMap<String, String>,
+    /// API key of an account member allowed to manage service accounts.
+    pub token: SecretRef,
+    /// Upstream call timeout.
+    pub timeout: Duration,
+}
+
+/// OAuth client credentials (`bitbucket`).
+#[derive(Debug, Clone)]
+pub struct OAuthClientConfig {
+    /// Token endpoint.
+    pub token_url: String,
+    /// Client id (the consumer key).
+    pub client_id: String,
+    /// Client secret.
+    pub client_secret: SecretRef,
+    /// Upstream call timeout.
+    pub timeout: Duration,
+}
+
+/// Settings of a `postgres` target.
+#[derive(Debug, Clone)]
+pub struct PostgresConfig {
+    /// Admin connection URL, without a password.
+    pub url: String,
+    /// The admin's password, if it logs in with one (needed for root rotation).
+    pub password: Option<SecretRef>,
+    /// Prefix of every role the broker creates; the reconciler owns these names.
+    pub role_prefix: String,
+    /// Scope → group roles granted.
+    pub roles: BTreeMap<String, Vec<String>>,
+    /// Further databases where revocation drops what the role owns.
+    pub databases: Vec<String>,
+    /// Connect and statement timeout.
+    pub timeout: Duration,
+}
+
+/// How a generic OAuth2 client authenticates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientAuth {
+    /// HTTP Basic (`client_secret_basic`).
+    Basic,
+    /// Form fields (`client_secret_post`).
+    Post,
+}
+
+/// The grant a generic `oauth2` target uses.
+#[derive(Debug, Clone)]
+pub enum OAuth2Grant {
+    /// `client_credentials`.
+    ClientCredentials,
+    /// RFC 8693 exchange of a broker-signed JWT.
+    TokenExchange(Federation),
+}
+
+/// Settings of an `oauth2` target.
+#[derive(Debug, Clone)]
+pub struct OAuth2Config {
+    /// Token endpoint.
+    pub token_url: String,
+    /// Grant.
+    pub grant: OAuth2Grant,
+    /// Client id.
+    pub client_id: Option<String>,
+    /// Client secret (required for client credentials).
+    pub client_secret: Option<SecretRef>,
+    /// How the client authenticates.
+    pub client_auth: ClientAuth,
+    /// `audience` parameter.
+    pub audience: Option<String>,
+    /// `resource` parameter.
+    pub resource: Option<String>,
+    /// Scope → upstream scope string; empty passes scopes through.
+    pub scopes: BTreeMap<String, String>,
+    /// Upstream call timeout.
+    pub timeout: Duration,
+}
+
+// ---- raw mirrors -------------------------------------------------------------------
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawJwt {
+    audience: Option<String>,
+    algorithm: Option<String>,
+    subject: Option<String>,
+    #[serde(default)]
+    claims: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPulsar {
+    algorithm: Option<String>,
+    secret_key_file: Option<String>,
+    secret_key_env: Option<String>,
+    role_claim: Option<String>,
+    audience_claim: Option<String>,
+    audience: Option<String>,
+    role: Option<String>,
+    #[serde(default)]
+    roles: BTreeMap<String, String>,
+    admin_url: Option<String>,
+    admin_token_file: Option<String>,
+    admin_token_env: Option<String>,
+    #[serde(default)]
+    permissions: BTreeMap<String, RawPulsarPermission>,
+    timeout: Option<super::raw::Dur>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPulsarPermission {
+    resource: String,
+    actions: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAirflow {
+    algorithm: Option<String>,
+    audience: Option<String>,
+    subject: Option<String>,
+    auth_manager: Option<String>,
+    role: Option<String>,
+    #[serde(default)]
+    roles: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDatabricks {
+    workspace_url: String,
+    mode: String,
+    client_id: Option<String>,
+    client_secret_file: Option<String>,
+    client_secret_env: Option<String>,
+    audience: Option<String>,
+    subject: Option<String>,
+    algorithm: Option<String>,
+    token_file: Option<String>,
+    token_env: Option<String>,
+    application_id: Option<String>,
+    timeout: Option<super::raw::Dur>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawVercel {
+    api_url: Option<String>,
+    team_id: Option<String>,
+    token_file: Option<String>,
+    token_env: Option<String>,
+    timeout: Option<super::raw::Dur>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPrefect {
+    api_url: Option<String>,
+    account_id: Option<String>,
+    account_role_id: Option<String>,
+    #[serde(default)]
+    roles: BTreeMap<String, String>,
+    token_file: Option<String>,
+    token_env: Option<String>,
+    /// Self-hosted server settings, accepted only to be refused with the reason.
+    auth_string_file: Option<String>,
+    auth_string_env: Option<String>,
+    timeout: Option<super::raw::Dur>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBitbucket {
+    token_url: Option<String>,
+    client_id: String,
+    client_secret_file: Option<String>,
+    client_secret_env: Option<String>,
+    timeout: Option<super::raw::Dur>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPostgres {
+    url: String,
+    password_file: Option<String>,
+    password_env: Option<String>,
+    role_prefix: Option<String>,
+    roles: BTreeMap<String, Vec<String>>,
+    #[serde(default)]
+    databases: Vec<String>,
+    timeout: Option<super::raw::Dur>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawOAuth2 {
+    token_url: String,
+    grant: String,
+    client_id: Option<String>,
+    client_secret_file: Option<String>,
+    client_secret_env: Option<String>,
+    client_auth: Option<String>,
+    audience: Option<String>,
+    resource: Option<String>,
+    #[serde(default)]
+    scopes: BTreeMap<String, String>,
+    subject_audience: Option<String>,
+    subject: Option<String>,
+    algorithm: Option<String>,
+    timeout: Option<super::raw::Dur>,
+}
+
+const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
+const AIRFLOW_ROLES: &[&str] = &["VIEWER", "USER", "OP", "ADMIN"];
+const PULSAR_ACTIONS: &[&str] = &[
+    "produce",
+    "consume",
+    "functions",
+    "sources",
+    "sinks",
+    "packages",
+];
+
+impl Checker<'_> {
+    /// Checks the kind-specific keys of target `key` (everything but the common ones).
+    pub(super) fn target_kind(
+        &self,
+        key: &str,
+        kind: &str,
+        rest: toml::Table,
+    ) -> Result<TargetKind, ConfigError> {
+        Ok(match kind {
+            "jwt" => TargetKind::Jwt(self.jwt(key, self.raw(key, rest)?)?),
+            "pulsar" => TargetKind::Pulsar(self.pulsar(key, self.raw(key, rest)?)?),
+            "airflow" => TargetKind::Airflow(self.airflow(key, self.raw(key, rest)?)?),
+            "databricks" => TargetKind::Databricks(self.databricks(key, self.raw(key, rest)?)?),
+            "vercel" => {
+                let r: RawVercel = self.raw(key, rest)?;
+                TargetKind::Vercel(VercelConfig {
+                    api_url: self.url(
+                        &format!("{key}.api_url"),
+                        r.api_url.as_deref().unwrap_or("https://api.vercel.com"),
+                        true,
+                    )?,
+                    team_id: r.team_id,
+                    token: self.secret_ref(key, "token", r.token_file, r.token_env)?,
+                    timeout: self.timeout(key, r.timeout)?,
+                })
+            }
+            "prefect" => TargetKind::Prefect(self.prefect(key, self.raw(key, rest)?)?),
+            "bitbucket" => {
+                let r: RawBitbucket = self.raw(key, rest)?;
+                TargetKind::Bitbucket(OAuthClientConfig {
+                    token_url: self.url(
+                        &format!("{key}.token_url"),
+                        r.token_url
+                            .as_deref()
+                            .unwrap_or("https://bitbucket.org/site/oauth2/access_token"),
+                        true,
+                    )?,
+                    client_id: self.nonempty(key, "client_id", Some(r.client_id))?,
+                    client_secret: self.secret_ref(
+                        key,
+                        "client_secret",
+                        r.client_secret_file,
+                        r.client_secret_env,
+                    )?,
+                    timeout: self.timeout(key, r.timeout)?,
+                })
+            }
+            "postgres" => TargetKind::Postgres(self.postgres(key, self.raw(key, rest)?)?),
+            "oauth2" => TargetKind::OAuth2(self.oauth2(key, self.raw(key, rest)?)?),
+            other => {
+                return Err(self.err(
+                    format!("{key}.kind"),
+                    format!(
+                        "unknown kind {other:?}; supported: jwt, pulsar, airflow, databricks, vercel, prefect, bitbucket, postgres, oauth2"
+                    ),
+                ))
+            }
+        })
+    }
+
+    fn raw<T: DeserializeOwned>(&self, key: &str, rest: toml::Table) -> Result<T, ConfigError> {
+        toml::Value::Table(rest)
+            .try_into()
+            .map_err(|e: toml::de::Error| self.err(key, e.message().trim().to_string()))
+    }
+
+    fn secret_ref(
+        &self,
+        key: &str,
+        name: &str,
+        file: Option<String>,
+        env: Option<String>,
+    ) -> Result<SecretRef, ConfigError> {
+        self.secret_ref_opt(key, name, file, env)?.ok_or_else(|| {
+            self.err(
+                format!("{key}.{name}_file"),
+                format!("set {name}_file or {name}_env (secrets are never written in the config)"),
+            )
+        })
+    }
+
+    fn secret_ref_opt(
+        &self,
+        key: &str,
+        name: &str,
+        file: Option<String>,
+        env: Option<String>,
+    ) -> Result<Option<SecretRef>, ConfigError> {
+        match (file, env) {
+            (Some(_), Some(_)) => Err(self.err(
+                format!("{key}.{name}_env"),
+                format!("set only one of {name}_file and {name}_env"),
+            )),
+            (Some(f), None) if f.trim().is_empty() => {
+                Err(self.err(format!("{key}.{name}_file"), "must not be empty"))
+            }
+            (None, Some(v)) if v.trim().is_empty() || v.contains('=') => Err(self.err(
+                format!("{key}.{name}_env"),
+                "must name an environment variable",
+            )),
+            (Some(f), None) => Ok(Some(SecretRef::File(PathBuf::from(f)))),
+            (None, Some(v)) => Ok(Some(SecretRef::Env(v))),
+            (None, None) => Ok(None),
+        }
+    }
+
+    fn nonempty(&self, key: &str, name: &str, v: Option<String>) -> Result<String, ConfigError> {
+        match v {
+            Some(s) if !s.trim().is_empty() => Ok(s),
+            _ => Err(self.err(format!("{key}.{name}"), "required")),
+        }
+    }
+
+    fn timeout(&self, key: &str, t: Option<super::raw::Dur>) -> Result<Duration, ConfigError> {
+        let t = t.map(|d| d.0).unwrap_or(DEFAULT_TIMEOUT);
+        if t < Duration::from_millis(100) || t > Duration::from_secs(120) {
+            return Err(self.err(format!("{key}.timeout"), "must be between 100ms and 2m"));
+        }
+        Ok(t)
+    }
+
+    fn template(&self, key: &str, s: Option<String>) -> Result<Option<Template>, ConfigError> {
+        s.map(|s| Template::parse(&s).map_err(|e| self.err(key, e)))
+            .transpose()
+    }
+
+    fn alg(
+        &self,
+        key: &str,
+        v: Option<&str>,
+        default: Option<Alg>,
+        allowed: &[&str],
+        why: &str,
+    ) -> Result<Alg, ConfigError> {
+        match v {
+            None => default.ok_or_else(|| self.err(key, format!("required: {why}"))),
+            Some(a) if allowed.contains(&a) => {
+                Alg::parse(a).ok_or_else(|| self.err(key, format!("{a:?} is not supported")))
+            }
+            Some(other) => Err(self.err(
+                key,
+                format!("{other:?} is not supported; use {}", allowed.join(" or ")),
+            )),
+        }
+    }
+
+    fn jwt(&self, key: &str, r: RawJwt) -> Result<JwtTargetConfig, ConfigError> {
+        let audience = match r.audience {
+            Some(a) if !a.trim().is_empty() => a,
+            _ => return Err(self.err(format!("{key}.audience"), "required for kind \"jwt\"")),
+        };
+        let algorithm = self.alg(
+            &format!("{key}.algorithm"),
+            r.algorithm.as_deref(),
+            Some(Alg::ES256),
+            &["ES256", "EdDSA", "RS256"],
+            "",
+        )?;
+        let subject = self.template(&format!("{key}.subject"), r.subject)?;
+        let mut claims = Vec::new();
+        for (name, tpl) in r.claims {
+            if RESERVED_CLAIMS.contains(&name.as_str()) {
+                return Err(self.err(
+                    format!("{key}.claims.{name}"),
+                    "is set by the broker and cannot be overridden",
+                ));
+            }
+            let t =
+                Template::parse(&tpl).map_err(|e| self.err(format!("{key}.claims.{name}"), e))?;
+            claims.push((name, t));
+        }
+        Ok(JwtTargetConfig {
+            audience,
+            algorithm,
+            subject,
+            claims,
+        })
+    }
+
+    fn pulsar(&self, key: &str, r: RawPulsar) -> Result<PulsarConfig, ConfigError> {
+        let shared = self.secret_ref_opt(key, "secret_key", r.secret_key_file, r.secret_key_env)?;
+        let key_cfg = match (r.algorithm.as_deref(), shared) {
+            (Some("HS256"), Some(s)) => PulsarKey::Shared(s),
+            (Some("HS256"), None) => {
+                return Err(self.err(
+                    format!("{key}.secret_key_file"),
+                    "HS256 needs the secret Pulsar has as tokenSecretKey: set secret_key_file or secret_key_env",
+                ))
+            }
+            (a, None) => PulsarKey::Broker(self.alg(
+                &format!("{key}.algorithm"),
+                a,
+                Some(Alg::RS256),
+                &["RS256", "ES256", "HS256"],
+                "",
+            )?),
+            (_, Some(_)) => {
+                return Err(self.err(
+                    format!("{key}.secret_key_file"),
+                    "a shared secret is used only with algorithm = \"HS256\"",
+                ))
+            }
+        };
+        let claim_name = |k: &str, v: Option<String>, default: Option<&str>| match v
+            .or(default.map(str::to_string))
+        {
+            Some(c) if RESERVED_CLAIMS.contains(&c.as_str()) && c != "sub" && c != "aud" => {
+                Err(self.err(format!("{key}.{k}"), format!("{c:?} is set by the broker")))
+            }
+            Some(c) if c.trim().is_empty() => {
+                Err(self.err(format!("{key}.{k}"), "must not be empty"))
+            }
+            other => Ok(other),
+        };
+        let role_claim = claim_name("role_claim", r.role_claim, Some("sub"))?.unwrap_or_default();
+        let audience_claim = claim_name("audience_claim", r.audience_claim, None)?;
+        if audience_claim.is_some() != r.audience.is_some() {
+            return Err(self.err(
+                format!("{key}.audience"),
+                "audience_claim and audience go together (Pulsar's tokenAudienceClaim and tokenAudience)",
+            ));
+        }
+        if audience_claim.as_deref() == Some(role_claim.as_str()) {
+            return Err(self.err(
+                format!("{key}.audience_claim"),
+                "must differ from role_claim",
+            ));
+        }
+        for (scope, role) in &r.roles {
+            if role.trim().is_empty() {
+                return Err(self.err(format!("{key}.roles.{scope}"), "must not be empty"));
+            }
+        }
+        let admin_token =
+            self.secret_ref_opt(key, "admin_token", r.admin_token_file, r.admin_token_env)?;
+        let admin = match (r.admin_url, admin_token) {
+            (None, None) if r.permissions.is_empty() => None,
+            (Some(url), Some(token)) => {
+                if r.permissions.is_empty() {
+                    return Err(self.err(
+                        format!("{key}.permissions"),
+                        "admin_url is for per-lease permissions: map at least one scope to a resource and actions",
+                    ));
+                }
+                if !r.roles.is_empty() || r.role.is_some() {
+                    return Err(self.err(
+                        format!("{key}.roles"),
+                        "with per-lease permissions each lease gets its own role; roles and role do not apply",
+                    ));
+                }
+                let mut permissions = BTreeMap::new();
+                for (scope, p) in r.permissions {
+                    let pk = format!("{key}.permissions.{scope}");
+                    let resource = self.pulsar_resource(&format!("{pk}.resource"), &p.resource)?;
+                    if p.actions.is_empty() {
+                        return Err(self.err(format!("{pk}.actions"), "must list at least one action"));
+                    }
+                    for a in &p.actions {
+                        if !PULSAR_ACTIONS.contains(&a.as_str()) {
+                            return Err(self.err(
+                                format!("{pk}.actions"),
+                                format!("unknown action {a:?}; Pulsar knows {}", PULSAR_ACTIONS.join(", ")),
+                            ));
+                        }
+                    }
+                    permissions.insert(
+                        scope,
+                        PulsarPermission {
+                            resource,
+                            actions: p.actions,
+                        },
+                    );
+                }
+                Some(PulsarAdmin {
+                    url: self.url(&format!("{key}.admin_url"), &url, true)?,
+                    token,
+                    permissions,
+                    timeout: self.timeout(key, r.timeout)?,
+                })
+            }
+            _ => {
+                return Err(self.err(
+                    format!("{key}.admin_url"),
+                    "per-lease permissions need admin_url, admin_token_file or admin_token_env, and permissions",
+                ))
+            }
+        };
+        Ok(PulsarConfig {
+            key: key_cfg,
+            role_claim,
+            audience_claim,
+            audience: r.audience,
+            role: self.template(&format!("{key}.role"), r.role)?,
+            roles: r.roles,
+            admin,
+        })
+    }
+
+    fn pulsar_resource(&self, key: &str, s: &str) -> Result<PulsarResource, ConfigError> {
+        let ok = |p: &str| {
+            !p.is_empty()
+                && p.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '='))
+        };
+        let bad = || {
+            self.err(
+                key,
+                format!("{s:?} must be tenant/namespace or persistent://tenant/namespace/topic"),
+            )
+        };
+        if let Some(t) = s.strip_prefix("persistent://") {
+            let parts: Vec<&str> = t.split('/').collect();
+            match parts.as_slice() {
+                [tenant, ns, topic] if ok(tenant) && ok(ns) && ok(topic) => {
+                    Ok(PulsarResource::Topic {
+                        tenant: tenant.to_string(),
+                        namespace: ns.to_string(),
+                        topic: topic.to_string(),
+                    })
+                }
+                _ => Err(bad()),
+            }
+        } else {
+            match s.split('/').collect::<Vec<_>>().as_slice() {
+                [tenant, ns] if ok(tenant) && ok(ns) => Ok(PulsarResource::Namespace {
+                    tenant: tenant.to_string(),
+                    namespace: ns.to_string(),
+                }),
+                _ => Err(bad()),
+            }
+        }
+    }
+
+    fn airflow(&self, key: &str, r: RawAirflow) -> Result<AirflowConfig, ConfigError> {
+        let algorithm = self.alg(
+            &format!("{key}.algorithm"),
+            r.algorithm.as_deref(),
+            None,
+            &["RS256", "ES256"],
+            "Airflow's jwt_algorithm must name it explicitly (left to guess, Airflow picks RS512 for RSA keys); use RS256 or ES256",
+        )?;
+        let auth_manager = match r.auth_manager.as_deref() {
+            None | Some("simple") => AirflowAuthManager::Simple,
+            Some("fab") => AirflowAuthManager::Fab,
+            Some(other) => {
+                return Err(self.err(
+                    format!("{key}.auth_manager"),
+                    format!("{other:?} is not an auth manager; use simple or fab"),
+                ))
+            }
+        };
+        let role_ok = |k: String, v: &str| -> Result<String, ConfigError> {
+            let up = v.to_ascii_uppercase();
+            if AIRFLOW_ROLES.contains(&up.as_str()) {
+                Ok(up)
+            } else {
+                Err(self.err(
+                    k,
+                    format!(
+                        "{v:?} is not an Airflow role (Airflow answers 500 for unknown roles); use one of {}",
+                        AIRFLOW_ROLES.join(", ")
+                    ),
+                ))
+            }
+        };
+        let role = r
+            .role
+            .as_deref()
+            .map(|v| role_ok(format!("{key}.role"), v))
+            .transpose()?;
+        let mut roles = BTreeMap::new();
+        for (scope, v) in &r.roles {
+            roles.insert(scope.clone(), role_ok(format!("{key}.roles.{scope}"), v)?);
+        }
+        match auth_manager {
+            AirflowAuthManager::Simple if role.is_none() && roles.is_empty() => {
+                return Err(self.err(
+                    format!("{key}.role"),
+                    "the simple auth manager needs a role: set role or map scopes in roles",
+                ))
+            }
+            AirflowAuthManager::Fab if role.is_some() || !roles.is_empty() => {
+                return Err(self.err(
+                    format!("{key}.role"),
+                    "the FAB auth manager takes roles from its own user database; role and roles do not apply",
+                ))
+            }
+            AirflowAuthManager::Fab if r.subject.is_none() => {
+                return Err(self.err(
+                    format!("{key}.subject"),
+                    "the FAB auth manager needs sub to be the numeric user id: set a subject template",
+                ))
+            }
+            _ => {}
+        }
+        let audience = match r.audience {
+            Some(a) if a.trim().is_empty() => {
+                return Err(self.err(format!("{key}.audience"), "must not be empty"))
+            }
+            Some(a) => a,
+            None => "apache-airflow".into(),
+        };
+        Ok(AirflowConfig {
+            algorithm,
+            audience,
+            subject: self.template(&format!("{key}.subject"), r.subject)?,
+            auth_manager,
+            role,
+            roles,
+        })
+    }
+
+    fn databricks(&self, key: &str, r: RawDatabricks) -> Result<DatabricksConfig, ConfigError> {
+        let workspace_url = self.url(&format!("{key}.workspace_url"), &r.workspace_url, false)?;
+        let only = |mode: &str, fields: &[(&str, bool)]| -> Result<(), ConfigError> {
+            for (name, set) in fields {
+                if *set {
+                    return Err(self.err(
+                        format!("{key}.{name}"),
+                        format!("does not apply to mode {mode:?}"),
+                    ));
+                }
+            }
+            Ok(())
+        };
+        let mode = match r.mode.as_str() {
+            "federation" => {
+                only(
+                    "federation",
+                    &[
+                        ("client_secret_file", r.client_secret_file.is_some()),
+                        ("client_secret_env", r.client_secret_env.is_some()),
+                        ("token_file", r.token_file.is_some()),
+                        ("token_env", r.token_env.is_some()),
+                        ("application_id", r.application_id.is_some()),
+                    ],
+                )?;
+                DatabricksMode::Federation(Federation {
+                    client_id: Some(self.nonempty(key, "client_id", r.client_id)?),
+                    audience: r
+                        .audience
+                        .unwrap_or_else(|| format!("{workspace_url}/oidc/v1/token")),
+                    subject: self.template(&format!("{key}.subject"), r.subject)?,
+                    algorithm: self.alg(
+                        &format!("{key}.algorithm"),
+                        r.algorithm.as_deref(),
+                        Some(Alg::RS256),
+                        &["RS256", "ES256"],
+                        "",
+                    )?,
+                })
+            }
+            "m2m" => {
+                only(
+                    "m2m",
+                    &[
+                        ("token_file", r.token_file.is_some()),
+                        ("token_env", r.token_env.is_some()),
+                        ("application_id", r.application_id.is_some()),
+                        ("audience", r.audience.is_some()),
+                        ("subject", r.subject.is_some()),
+                        ("algorithm", r.algorithm.is_some()),
+                    ],
+                )?;
+                DatabricksMode::M2m {
+                    client_id: self.nonempty(key, "client_id", r.client_id)?,
+                    client_secret: self.secret_ref(
+                        key,
+                        "client_secret",
+                        r.client_secret_file,
+                        r.client_secret_env,
+                    )?,
+                }
+            }
+            "pat" => {
+                only(
+                    "pat",
+                    &[
+                        ("client_id", r.client_id.is_some()),
+                        ("client_secret_file", r.client_secret_file.is_some()),
+                        ("client_secret_env", r.client_secret_env.is_some()),
+                        ("audience", r.audience.is_some()),
+                        ("subject", r.subject.is_some()),
+                        ("algorithm", r.algorithm.is_some()),
+                    ],
+                )?;
+                DatabricksMode::Pat {
+                    token: self.secret_ref(key, "token", r.token_file, r.token_env)?,
+                    application_id: r.application_id,
+                }
+            }
+            other => {
+                return Err(self.err(
+                    format!("{key}.mode"),
+                    format!("{other:?} is not a mode; use federation, m2m or pat"),
+                ))
+            }
+        };
+        Ok(DatabricksConfig {
+            workspace_url,
+            mode,
+            timeout: self.timeout(key, r.timeout)?,
+        })
+    }
+
+    fn prefect(&self, key: &str, r: RawPrefect) -> Result<PrefectConfig, ConfigError> {
+        let self_hosted = "a self-hosted Prefect server has one shared basic-auth credential \
+            (PREFECT_SERVER_API_AUTH_STRING) and cannot mint scoped, expiring keys; point this \
+            target at Prefect Cloud, or do not broker that server";
+        if r.auth_string_file.is_some() || r.auth_string_env.is_some() {
+            return Err(self.err(format!("{key}.auth_string_file"), self_hosted));
+        }
+        let api = r
+            .api_url
+            .as_deref()
+            .unwrap_or("https://api.prefect.cloud/api");
+        let api_url = self.url(&format!("{key}.api_url"), api, true)?;
+        let host = reqwest::Url::parse(&api_url)
+            .ok()
+            .and_then(|u| u.host_str().map(str::to_string))
+            .unwrap_or_default();
+        let loopback = host == "localhost" || host.starts_with("127.") || host == "[::1]";
+        if host != "api.prefect.cloud" && !loopback {
+            return Err(self.err(format!("{key}.api_url"), self_hosted));
+        }
+        Ok(PrefectConfig {
+            api_url,
+            account_id: self.nonempty(key, "account_id", r.account_id)?,
+            account_role_id: self.nonempty(key, "account_role_id", r.account_role_id)?,
+            roles: r.roles,
+            token: self.secret_ref(key, "token", r.token_file, r.token_env)?,
+            timeout: self.timeout(key, r.timeout)?,
+        })
+    }
+
+    fn postgres(&self, key: &str, r: RawPostgres) -> Result<PostgresConfig, ConfigError> {
+        let u = reqwest::Url::parse(&r.url)
+            .map_err(|e| self.err(format!("{key}.url"), format!("not a URL ({e})")))?;
+        if !matches!(u.scheme(), "postgres" | "postgresql") {
+            return Err(self.err(format!("{key}.url"), "must be a postgres:// URL"));
+        }
+        if u.password().is_some() || r.url.contains("password=") {
+            return Err(self.err(
+                format!("{key}.url"),
+                "must not carry the password: set password_file or password_env",
+            ));
+        }
+        if u.username().is_empty() {
+            return Err(self.err(format!("{key}.url"), "must name the admin user"));
+        }
+        let role_prefix = r.role_prefix.unwrap_or_else(|| "lk_".into());
+        if role_prefix.len() < 2
+            || role_prefix.len() > 20
+            || !role_prefix
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+            || role_prefix.starts_with("pg_")
+        {
+            return Err(self.err(
+                format!("{key}.role_prefix"),
+                "must be 2-20 characters of a-z, 0-9 and '_', not starting with pg_",
+            ));
+        }
+        if r.roles.is_empty() {
+            return Err(self.err(
+                format!("{key}.roles"),
+                "map at least one scope to the group roles it grants",
+            ));
+        }
+        for (scope, groups) in &r.roles {
+            for g in groups {
+                if g.is_empty()
+                    || g.len() > 63
+                    || g.starts_with("pg_")
+                    || g.starts_with(&role_prefix)
+                {
+                    return Err(self.err(
+                        format!("{key}.roles.{scope}"),
+                        format!("{g:?} must be an existing group role (1-63 bytes, not pg_*, not under role_prefix)"),
+                    ));
+                }
+            }
+        }
+        for d in &r.databases {
+            if d.is_empty() || d.len() > 63 {
+                return Err(self.err(format!("{key}.databases"), "names must be 1-63 bytes"));
+            }
+        }
+        Ok(PostgresConfig {
+            url: r.url,
+            password: self.secret_ref_opt(key, "password", r.password_file, r.password_env)?,
+            role_prefix,
+            roles: r.roles,
+            databases: r.databases,
+            timeout: self.timeout(key, r.timeout)?,
+        })
+    }
+
+    fn oauth2(&self, key: &str, r: RawOAuth2) -> Result<OAuth2Config, ConfigError> {
+        let client_secret = self.secret_ref_opt(
+            key,
+            "client_secret",
+            r.client_secret_file,
+            r.client_secret_env,
+        )?;
+        let grant = match r.grant.as_str() {
+            "client_credentials" => {
+                for (name, set) in [
+                    ("subject_audience", r.subject_audience.is_some()),
+                    ("subject", r.subject.is_some()),
+                    ("algorithm", r.algorithm.is_some()),
+                ] {
+                    if set {
+                        return Err(self.err(
+                            format!("{key}.{name}"),
+                            "applies to grant = \"token_exchange\" only",
+                        ));
+                    }
+                }
+                if r.client_id.is_none() || client_secret.is_none() {
+                    return Err(self.err(
+                        format!("{key}.client_id"),
+                        "client_credentials needs client_id and client_secret_file or client_secret_env",
+                    ));
+                }
+                OAuth2Grant::ClientCredentials
+            }
+            "token_exchange" => OAuth2Grant::TokenExchange(Federation {
+                client_id: r.client_id.clone(),
+                audience: self.nonempty(key, "subject_audience", r.subject_audience)?,
+                subject: self.template(&format!("{key}.subject"), r.subject)?,
+                algorithm: self.alg(
+                    &format!("{key}.algorithm"),
+                    r.algorithm.as_deref(),
+                    Some(Alg::RS256),
+                    &["RS256", "ES256"],
+                    "",
+                )?,
+            }),
+            other => {
+                return Err(self.err(
+                    format!("{key}.grant"),
+                    format!("{other:?} is not supported; use client_credentials or token_exchange"),
+                ))
+            }
+        };
+        let client_auth = match r.client_auth.as_deref() {
+            None | Some("basic") => ClientAuth::Basic,
+            Some("post") => ClientAuth::Post,
+            Some(other) => {
+                return Err(self.err(
+                    format!("{key}.client_auth"),
+                    format!("{other:?} is not supported; use basic or post"),
+                ))
+            }
+        };
+        if client_secret.is_some() && r.client_id.is_none() {
+            return Err(self.err(
+                format!("{key}.client_id"),
+                "a client secret needs a client_id",
+            ));
+        }
+        Ok(OAuth2Config {
+            token_url: self.url(&format!("{key}.token_url"), &r.token_url, true)?,
+            grant,
+            client_id: r.client_id,
+            client_secret,
+            client_auth,
+            audience: r.audience,
+            resource: r.resource,
+            scopes: r.scopes,
+            timeout: self.timeout(key, r.timeout)?,
+        })
+    }
+}

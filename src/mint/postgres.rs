@@ -1,0 +1,441 @@
+//! The `postgres` kind: one login role per lease.
+//!
+//! - Mint: `CREATE ROLE … LOGIN PASSWORD … VALID UNTIL …` and `GRANT <group> TO …` for
+//!   the scopes' group roles, in one transaction. The password is random and sent only
+//!   as a SCRAM-SHA-256 verifier, so it never appears in the server's statement log.
+//! - Renew: `ALTER ROLE … VALID UNTIL`.
+//! - Revoke: refuse new logins, terminate the role's sessions (`VALID UNTIL` never ends
+//!   an open one), reassign and drop what it owns in every configured database, drop the
+//!   role. Idempotent, and keeps going past a failed step.
+//! - Reconcile: roles under the prefix that no lease owns are revoked the same way.
+//! - Root rotation: the admin's password, two-phase (staged sealed in the store, set at
+//!   the server, verified by logging in with it, then switched to).
+//!
+//! Identifiers are always quoted; nothing from a caller's claims reaches SQL text (role
+//! names are made of the prefix, a timestamp and the lease id).
+
+use super::root::RootCredential;
+use super::{random_secret, rfc3339, Credential, Deps, MintContext, MintError, Minter, RootStep};
+use crate::config::PostgresConfig;
+use crate::secret::{Secret, SecretString};
+use async_trait::async_trait;
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use tokio_postgres::NoTls;
+
+/// Roles younger than this are left alone by the reconciler: their lease may not be
+/// committed yet.
+const RECONCILE_GRACE_SECS: i64 = 600;
+
+/// Mints PostgreSQL roles for one target.
+#[derive(Debug)]
+pub struct PostgresMinter {
+    target: String,
+    cfg: PostgresConfig,
+    base: tokio_postgres::Config,
+    password: Option<RootCredential>,
+}
+
+/// A quoted identifier.
+fn ident(s: &str) -> String {
+    format!("\"{}\"", s.replace('"', "\"\""))
+}
+
+/// A quoted literal (standard_conforming_strings is on by default since 9.1; the
+/// values quoted here are generated, never taken from callers).
+fn literal(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "''"))
+}
+
+impl PostgresMinter {
+    /// Parses the admin URL and loads the admin password (the rotated one from the store
+    /// when there is one, finishing an interrupted rotation). Fails when the URL does not
+    /// parse or the password cannot be read.
+    pub(crate) async fn new(
+        target: &str,
+        cfg: PostgresConfig,
+        deps: &Deps,
+    ) -> Result<PostgresMinter, String> {
+        let mut base: tokio_postgres::Config = cfg
+            .url
+            .parse()
+            .map_err(|e| format!("url does not parse: {e}"))?;
+        base.connect_timeout(cfg.timeout);
+        base.options(format!("-c statement_timeout={}", cfg.timeout.as_millis()));
+        base.application_name("latchkey");
+        let mut m = PostgresMinter {
+            target: target.to_string(),
+            base,
+            password: None,
+            cfg,
+        };
+        if let Some(source) = m.cfg.password.clone() {
+            let (root, pending) = RootCredential::load(target, &source, deps).await?;
+            if let Some(p) = pending {
+                // An interrupted rotation: the staged password is the server's if it logs in.
+                if m.connect_with(Some(&p), None).await.is_ok() {
+                    root.commit(p).await.map_err(|e| e.to_string())?;
+                    tracing::warn!(target = %target, "finished an interrupted admin password rotation");
+                } else {
+                    root.discard().await.map_err(|e| e.to_string())?;
+                }
+            }
+            m.password = Some(root);
+        }
+        Ok(m)
+    }
+
+    fn fail(&self, what: &str, e: &tokio_postgres::Error) -> MintError {
+        let code = e.code().map(|c| c.code().to_string());
+        match code.as_deref() {
+            Some("28P01") | Some("28000") => MintError::Refused {
+                target: self.target.clone(),
+                reason: format!("{what}: the server refused the admin login"),
+            },
+            Some("42501") => MintError::Refused {
+                target: self.target.clone(),
+                reason: format!("{what}: the admin lacks the privilege (SQLSTATE 42501)"),
+            },
+            Some(c) => MintError::Upstream {
+                target: self.target.clone(),
+                reason: format!("{what} failed (SQLSTATE {c})"),
+            },
+            None => MintError::Upstream {
+                target: self.target.clone(),
+                reason: format!("{what}: cannot reach the server"),
+            },
+        }
+    }
+
+    async fn connect_with(
+        &self,
+        password: Option<&SecretString>,
+        dbname: Option<&str>,
+    ) -> Result<tokio_postgres::Client, MintError> {
+        let mut c = self.base.clone();
+        if let Some(p) = password {
+            c.password(p.expose().as_bytes());
+        }
+        if let Some(db) = dbname {
+            c.dbname(db);
+        }
+        let (client, conn) = c
+            .connect(NoTls)
+            .await
+            .map_err(|e| self.fail("connect", &e))?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "postgres connection ended");
+            }
+        });
+        Ok(client)
+    }
+
+    async fn connect(&self, dbname: Option<&str>) -> Result<tokio_postgres::Client, MintError> {
+        let pw = self.password.as_ref().map(|r| r.get());
+        self.connect_with(pw.as_deref(), dbname).await
+    }
+
+    fn role_name(&self, now: i64, lease_id: &str) -> String {
+        let short: String = lease_id
+            .chars()
+            .filter(|c| c.is_ascii_alphanumeric())
+            .take(12)
+            .collect::<String>()
+            .to_ascii_lowercase();
+        format!("{}{}_{}", self.cfg.role_prefix, now.max(0), short)
+    }
+
+    /// When a role of ours was created, from its name.
+    fn created_at(&self, role: &str) -> Option<i64> {
+        role.strip_prefix(&self.cfg.role_prefix)?
+            .split('_')
+            .next()?
+            .parse()
+            .ok()
+    }
+
+    /// Revokes `role` everywhere; answers the failed steps.
+    async fn drop_role(&self, role: &str) -> Result<(), MintError> {
+        let client = self.connect(None).await?;
+        let exists = client
+            .query_opt("SELECT 1 FROM pg_roles WHERE rolname = $1", &[&role])
+            .await
+            .map_err(|e| self.fail("look up role", &e))?;
+        if exists.is_none() {
+            return Ok(());
+        }
+        let mut failed: Vec<String> = Vec::new();
+        let q = ident(role);
+        if let Err(e) = client
+            .batch_execute(&format!("ALTER ROLE {q} NOLOGIN"))
+            .await
+        {
+            failed.push(self.fail("refuse logins", &e).to_string());
+        }
+        if let Err(e) = client
+            .execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = $1 AND pid <> pg_backend_pid()",
+                &[&role],
+            )
+            .await
+        {
+            failed.push(self.fail("terminate sessions", &e).to_string());
+        }
+        let owned = format!("REASSIGN OWNED BY {q} TO CURRENT_USER; DROP OWNED BY {q}");
+        if let Err(e) = client.batch_execute(&owned).await {
+            failed.push(self.fail("drop owned objects", &e).to_string());
+        }
+        for db in &self.cfg.databases {
+            match self.connect(Some(db)).await {
+                Ok(c) => {
+                    if let Err(e) = c.batch_execute(&owned).await {
+                        failed.push(
+                            self.fail(&format!("drop owned objects in {db}"), &e)
+                                .to_string(),
+                        );
+                    }
+                }
+                Err(e) => failed.push(format!("database {db}: {e}")),
+            }
+        }
+        if let Err(e) = client
+            .batch_execute(&format!("DROP ROLE IF EXISTS {q}"))
+            .await
+        {
+            failed.push(self.fail("drop role", &e).to_string());
+        }
+        if failed.is_empty() {
+            Ok(())
+        } else {
+            Err(MintError::Upstream {
+                target: self.target.clone(),
+                reason: failed.join("; "),
+            })
+        }
+    }
+}
+
+/// A SCRAM-SHA-256 verifier of `password`, what the server stores.
+fn verifier(password: &SecretString) -> String {
+    postgres_protocol::password::scram_sha_256(password.expose().as_bytes())
+}
+
+#[async_trait]
+impl Minter for PostgresMinter {
+    fn kind(&self) -> &'static str {
+        "postgres"
+    }
+
+    fn renewable(&self) -> bool {
+        true
+    }
+
+    async fn mint(&self, ctx: &MintContext<'_>) -> Result<Credential, MintError> {
+        let role = self.role_name(ctx.now, ctx.lease_id);
+        let expires_at = ctx.now + ctx.ttl.as_secs() as i64;
+        let password = random_secret(24)?;
+        let groups: BTreeSet<&String> = ctx
+            .scopes
+            .iter()
+            .filter_map(|s| self.cfg.roles.get(s))
+            .flatten()
+            .collect();
+        let sql = Secret::new(format!(
+            "CREATE ROLE {} LOGIN INHERIT PASSWORD {} VALID UNTIL {}",
+            ident(&role),
+            literal(&verifier(&password)),
+            literal(&rfc3339(expires_at))
+        ));
+        let mut client = self.connect(None).await?;
+        let tx = client
+            .transaction()
+            .await
+            .map_err(|e| self.fail("begin", &e))?;
+        tx.batch_execute(sql.expose())
+            .await
+            .map_err(|e| self.fail("create role", &e))?;
+        for g in &groups {
+            tx.batch_execute(&format!("GRANT {} TO {}", ident(g), ident(&role)))
+                .await
+                .map_err(|e| self.fail(&format!("grant {g}"), &e))?;
+        }
+        tx.commit().await.map_err(|e| self.fail("commit", &e))?;
+        let mut fields = BTreeMap::new();
+        if let Some(tokio_postgres::config::Host::Tcp(h)) = self.base.get_hosts().first() {
+            fields.insert("host".to_string(), h.clone());
+        }
+        if let Some(p) = self.base.get_ports().first() {
+            fields.insert("port".to_string(), p.to_string());
+        }
+        if let Some(db) = self.base.get_dbname() {
+            fields.insert("database".to_string(), db.to_string());
+        }
+        fields.insert(
+            "roles".to_string(),
+            groups
+                .iter()
+                .map(|g| g.as_str())
+                .collect::<Vec<_>>()
+                .join(","),
+        );
+        Ok(Credential {
+            kind: "postgres",
+            token: None,
+            username: Some(role.clone()),
+            password: Some(password),
+            fields,
+            expires_at,
+            id: role.clone(),
+            upstream: Some(Secret::new(role)),
+        })
+    }
+
+    async fn renew(
+        &self,
+        ctx: &MintContext<'_>,
+        upstream: Option<&SecretString>,
+    ) -> Result<Option<Credential>, MintError> {
+        let Some(role) = upstream else {
+            return Err(MintError::Invalid("lease has no role".into()));
+        };
+        let client = self.connect(None).await?;
+        let n = client
+            .execute(
+                "SELECT 1 FROM pg_roles WHERE rolname = $1",
+                &[role.expose()],
+            )
+            .await
+            .map_err(|e| self.fail("look up role", &e))?;
+        if n == 0 {
+            return Err(MintError::Upstream {
+                target: self.target.clone(),
+                reason: "the lease's role no longer exists".into(),
+            });
+        }
+        client
+            .batch_execute(&format!(
+                "ALTER ROLE {} VALID UNTIL {}",
+                ident(role.expose()),
+                literal(&rfc3339(ctx.now + ctx.ttl.as_secs() as i64))
+            ))
+            .await
+            .map_err(|e| self.fail("extend role", &e))?;
+        Ok(None)
+    }
+
+    async fn revoke(
+        &self,
+        _lease_id: &str,
+        upstream: Option<&SecretString>,
+    ) -> Result<(), MintError> {
+        match upstream {
+            Some(role) => self.drop_role(role.expose()).await,
+            None => Ok(()),
+        }
+    }
+
+    fn reconciles(&self) -> bool {
+        true
+    }
+
+    async fn reconcile(&self, live: &HashSet<String>, now: i64) -> Result<Vec<String>, MintError> {
+        let client = self.connect(None).await?;
+        let rows = client
+            .query(
+                "SELECT rolname::text FROM pg_roles WHERE left(rolname, length($1)) = $1",
+                &[&self.cfg.role_prefix],
+            )
+            .await
+            .map_err(|e| self.fail("list roles", &e))?;
+        let mut removed = Vec::new();
+        let mut failed = None;
+        for r in rows {
+            let name: String = r.get(0);
+            if live.contains(&name) {
+                continue;
+            }
+            // Only names we make; a role created by hand under the prefix is left alone.
+            let Some(created) = self.created_at(&name) else {
+                continue;
+            };
+            if now - created < RECONCILE_GRACE_SECS {
+                continue;
+            }
+            match self.drop_role(&name).await {
+                Ok(()) => removed.push(name),
+                Err(e) => failed = Some(e),
+            }
+        }
+        match (failed, removed.is_empty()) {
+            (Some(e), true) => Err(e),
+            _ => Ok(removed),
+        }
+    }
+
+    fn rotates_root(&self) -> bool {
+        self.password.is_some()
+    }
+
+    async fn rotate_root(&self, journal: &mut Vec<RootStep>) -> Result<String, MintError> {
+        let Some(root) = &self.password else {
+            return Err(MintError::Unsupported {
+                kind: "postgres",
+                action: "rotate an admin that logs in without a password",
+            });
+        };
+        let old = root.get();
+        let client = self.connect(None).await?;
+        let next = random_secret(24)?;
+        root.stage(&next).await?;
+        let set = |pw: &SecretString| {
+            format!(
+                "ALTER ROLE CURRENT_USER PASSWORD {}",
+                literal(&verifier(pw))
+            )
+        };
+        if let Err(e) = client.batch_execute(&set(&next)).await {
+            let _ = root.discard().await;
+            return Err(self.fail("set admin password", &e));
+        }
+        journal.push(RootStep {
+            phase: "create",
+            detail: "new admin password staged (sealed) and set at the server".into(),
+        });
+        if let Err(e) = self.connect_with(Some(&next), None).await {
+            let back = client.batch_execute(&set(&old)).await;
+            let _ = root.discard().await;
+            journal.push(RootStep {
+                phase: "cleanup",
+                detail: match back {
+                    Ok(()) => "new password did not log in; old password restored".into(),
+                    Err(_) => "new password did not log in and restoring the old one failed".into(),
+                },
+            });
+            return Err(e);
+        }
+        journal.push(RootStep {
+            phase: "verify",
+            detail: "logged in with the new admin password".into(),
+        });
+        root.commit(next).await?;
+        journal.push(RootStep {
+            phase: "switch",
+            detail: "new admin password in service; the old one no longer exists at the server"
+                .into(),
+        });
+        let user = self.base.get_user().unwrap_or("admin").to_string();
+        Ok(format!("password of {user} rotated"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quoting_doubles_the_quote_character() {
+        assert_eq!(ident(r#"a"b"#), r#""a""b""#);
+        assert_eq!(literal("it's"), "'it''s'");
+        assert_eq!(ident("lk_1_abc"), "\"lk_1_abc\"");
+    }
+}
