@@ -2,6 +2,8 @@
 //! test owning its own of both, plus its own SQLite file and keys.
 #![allow(dead_code)]
 
+pub mod fakes;
+
 use latchkey::clock::SystemClock;
 use latchkey::config::Config;
 use latchkey::devissuer::{DevIssuer, DEV_REPOSITORY};
@@ -25,6 +27,10 @@ pub struct Env {
     pub config: Config,
     /// The broker's store (tests make it read-only to simulate a full disk).
     pub store: Arc<latchkey::store::sqlite::SqliteStore>,
+    /// The master key, base64 (for the CLI's tools that open the store).
+    pub master_b64: String,
+    /// The configuration text.
+    pub text: String,
 }
 
 pub fn config_text(
@@ -165,15 +171,12 @@ impl Env {
             })
             .unwrap(),
         );
-        let running = latchkey::server::start_with_minters(
-            &config,
-            store.clone(),
-            &MasterKey::generate(),
-            clock,
-            minters,
-        )
-        .await
-        .unwrap();
+        let master = MasterKey::generate();
+        let master_b64 = master.to_base64().expose().clone();
+        let running =
+            latchkey::server::start_with_minters(&config, store.clone(), &master, clock, minters)
+                .await
+                .unwrap();
         let channel = Channel::from_shared(format!("http://{}", running.grpc_addr))
             .unwrap()
             .connect()
@@ -190,6 +193,8 @@ impl Env {
             db,
             config,
             store,
+            master_b64,
+            text,
         }
     }
 
