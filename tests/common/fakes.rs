@@ -3,6 +3,7 @@
 //! exactly the documented fields. Anything else is a contract violation: answered 400
 //! and recorded, and every test asserts there were none. Faults (401, 429 with
 //! Retry-After, 500, a hang, a garbled success) are switched on per test.
+#![allow(clippy::result_large_err)]
 
 use axum::body::Bytes;
 use axum::extract::State;
@@ -655,7 +656,7 @@ fn vercel(
                     .duration_since(std::time::UNIX_EPOCH)
                     .unwrap()
                     .as_millis() as i64;
-                if !e.as_i64().is_some_and(|e| e > now_ms) {
+                if e.as_i64().is_none_or(|e| e <= now_ms) {
                     return violation(
                         app,
                         "expiresAt is not epoch milliseconds in the future".into(),
