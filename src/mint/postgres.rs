@@ -254,6 +254,11 @@ impl Minter for PostgresMinter {
         tx.batch_execute(sql.expose())
             .await
             .map_err(|e| self.fail("create role", &e))?;
+        // The admin becomes a member of the role it made, so revocation may reassign
+        // and drop what the role owns (PostgreSQL requires that of non-superusers).
+        tx.batch_execute(&format!("GRANT {} TO CURRENT_USER", ident(&role)))
+            .await
+            .map_err(|e| self.fail("grant role to admin", &e))?;
         for g in &groups {
             tx.batch_execute(&format!("GRANT {} TO {}", ident(g), ident(&role)))
                 .await
@@ -363,7 +368,19 @@ impl Minter for PostgresMinter {
             }
             match self.drop_role(&name).await {
                 Ok(()) => removed.push(name),
-                Err(e) => failed = Some(e),
+                Err(e) => {
+                    // The role may be gone though a step failed (another database).
+                    let gone = client
+                        .query_opt("SELECT 1 FROM pg_roles WHERE rolname = $1", &[&name])
+                        .await
+                        .map(|r| r.is_none())
+                        .unwrap_or(false);
+                    tracing::warn!(target = %self.target, role = %name, error = %e, "orphan role removal incomplete");
+                    if gone {
+                        removed.push(name);
+                    }
+                    failed = Some(e);
+                }
             }
         }
         match (failed, removed.is_empty()) {
