@@ -467,3 +467,99 @@ fn role_targets_must_name_targets_and_need_roles() {
         "grants none",
     );
 }
+
+fn target(body: &str) -> String {
+    format!("{GOOD}\n[[targets]]\nname = \"t\"\n{body}\n")
+}
+
+#[test]
+fn every_target_kind_parses_with_secrets_by_reference() {
+    for body in [
+        "kind = \"pulsar\"\nroles = { p = \"producer\" }",
+        "kind = \"pulsar\"\nalgorithm = \"HS256\"\nsecret_key_file = \"/run/pulsar.key\"\nrole_claim = \"role\"",
+        "kind = \"pulsar\"\nadmin_url = \"https://pulsar:8443\"\nadmin_token_env = \"PULSAR_ADMIN\"\npermissions = { w = { resource = \"persistent://t/ns/topic\", actions = [\"produce\"] } }",
+        "kind = \"airflow\"\nalgorithm = \"RS256\"\nrole = \"viewer\"",
+        "kind = \"airflow\"\nalgorithm = \"ES256\"\nauth_manager = \"fab\"\nsubject = \"{user_id}\"",
+        "kind = \"databricks\"\nmode = \"federation\"\nworkspace_url = \"https://dbc-1.cloud.databricks.com\"\nclient_id = \"sp\"",
+        "kind = \"databricks\"\nmode = \"m2m\"\nworkspace_url = \"https://dbc-1.cloud.databricks.com\"\nclient_id = \"sp\"\nclient_secret_env = \"DBX\"",
+        "kind = \"databricks\"\nmode = \"pat\"\nworkspace_url = \"https://dbc-1.cloud.databricks.com\"\ntoken_file = \"/run/dbx\"",
+        "kind = \"vercel\"\ntoken_env = \"VERCEL_ROOT\"\nroot_rotation = \"720h\"",
+        "kind = \"prefect\"\naccount_id = \"a\"\naccount_role_id = \"r\"\ntoken_env = \"PREFECT\"",
+        "kind = \"bitbucket\"\nclient_id = \"key\"\nclient_secret_env = \"BB\"",
+        "kind = \"postgres\"\nurl = \"postgres://latchkey@db:5432/app\"\npassword_env = \"PG\"\nroles = { read = [\"app_read\"] }\nroot_rotation = \"720h\"",
+        "kind = \"oauth2\"\ngrant = \"client_credentials\"\ntoken_url = \"https://idp/token\"\nclient_id = \"c\"\nclient_secret_env = \"S\"",
+        "kind = \"oauth2\"\ngrant = \"token_exchange\"\ntoken_url = \"https://idp/token\"\nsubject_audience = \"idp\"",
+    ] {
+        let text = target(body);
+        if let Err(e) = Config::parse(&text, "t.toml") {
+            panic!("{body}: {e}");
+        }
+    }
+}
+
+#[test]
+fn target_kinds_refuse_what_their_systems_cannot_take() {
+    let cases: &[(&str, &str, &str)] = &[
+        ("kind = \"pulsar\"\nalgorithm = \"HS256\"", "secret_key_file", "tokenSecretKey"),
+        ("kind = \"pulsar\"\nrotation = \"720h\"", "rotation", "exactly one public key"),
+        ("kind = \"pulsar\"\naudience = \"x\"", "audience", "go together"),
+        ("kind = \"pulsar\"\npermissions = { w = { resource = \"bad\", actions = [\"produce\"] } }\nadmin_url = \"https://p\"\nadmin_token_env = \"A\"", "resource", "tenant/namespace"),
+        ("kind = \"pulsar\"\npermissions = { w = { resource = \"t/ns\", actions = [\"write\"] } }\nadmin_url = \"https://p\"\nadmin_token_env = \"A\"", "actions", "unknown action"),
+        ("kind = \"airflow\"\nrole = \"viewer\"", "algorithm", "RS512"),
+        ("kind = \"airflow\"\nalgorithm = \"RS256\"\nrole = \"superuser\"", "role", "answers 500"),
+        ("kind = \"airflow\"\nalgorithm = \"RS256\"", "role", "needs a role"),
+        ("kind = \"airflow\"\nalgorithm = \"RS256\"\nrole = \"op\"\nrotation = \"720h\"", "rotation", "at most hourly"),
+        ("kind = \"databricks\"\nmode = \"pat\"\nworkspace_url = \"https://w\"", "token_file", "never written in the config"),
+        ("kind = \"databricks\"\nmode = \"pat\"\nworkspace_url = \"http://w.example.com\"\ntoken_env = \"T\"", "workspace_url", "https"),
+        ("kind = \"databricks\"\nmode = \"m2m\"\nworkspace_url = \"https://w\"\nclient_id = \"c\"\nclient_secret_env = \"S\"\ntoken_env = \"T\"", "token_env", "does not apply"),
+        ("kind = \"vercel\"\ntoken_file = \"/a\"\ntoken_env = \"B\"", "token_env", "only one"),
+        ("kind = \"vercel\"\ntoken = \"literal-secret\"", "targets[1]", "unknown field"),
+        ("kind = \"prefect\"\napi_url = \"https://prefect.internal/api\"\naccount_id = \"a\"\naccount_role_id = \"r\"\ntoken_env = \"P\"", "api_url", "one shared basic-auth credential"),
+        ("kind = \"prefect\"\nauth_string_env = \"P\"", "auth_string_file", "self-hosted"),
+        ("kind = \"bitbucket\"\nclient_id = \"k\"\nclient_secret_env = \"S\"\nroot_rotation = \"720h\"", "root_rotation", "cannot rotate"),
+        ("kind = \"postgres\"\nurl = \"postgres://admin:pw@db/app\"\nroles = { r = [\"g\"] }", "url", "must not carry the password"),
+        ("kind = \"postgres\"\nurl = \"postgres://admin@db/app\"\nroles = { r = [\"g\"] }\nroot_rotation = \"720h\"", "root_rotation", "without a password"),
+        ("kind = \"postgres\"\nurl = \"postgres://admin@db/app\"\nroles = { r = [\"pg_read_all_data\"] }", "roles.r", "not pg_"),
+        ("kind = \"postgres\"\nurl = \"postgres://admin@db/app\"\nroles = { r = [\"g\"] }\nrole_prefix = \"Bad-\"", "role_prefix", "a-z"),
+        ("kind = \"oauth2\"\ngrant = \"client_credentials\"\ntoken_url = \"https://idp/token\"", "client_id", "client_credentials needs"),
+        ("kind = \"oauth2\"\ngrant = \"password\"\ntoken_url = \"https://idp/token\"", "grant", "not supported"),
+        ("kind = \"smtp\"", "kind", "supported: jwt, pulsar"),
+    ];
+    for (body, key, reason) in cases {
+        let e = Config::parse(&target(body), "bad.toml").unwrap_err();
+        assert!(e.key.contains(key), "{body}: expected key {key:?}, got {e}");
+        assert!(e.reason.contains(reason), "{body}: expected {reason:?}, got {e}");
+    }
+    // A secret given literally never appears in the error.
+    let e = Config::parse(&target("kind = \"vercel\"\ntoken = \"literal-secret\""), "b").unwrap_err();
+    assert!(!e.to_string().contains("literal-secret"), "{e}");
+}
+
+#[test]
+fn grants_on_targets_that_map_scopes_must_name_known_scopes() {
+    let text = format!(
+        "{}\n[[rules]]\nname = \"pg\"\nissuer = \"bitbucket\"\ngrants = [{{ target = \"t\", scopes = [\"write\"] }}]\n",
+        target("kind = \"postgres\"\nurl = \"postgres://a@db/app\"\nroles = { read = [\"g\"] }")
+    );
+    let e = Config::parse(&text, "b").unwrap_err();
+    assert!(e.reason.contains("knows no scope \"write\""), "{e}");
+    assert!(e.key.contains("rules[2].grants[0].scopes[0]"), "{e}");
+}
+
+#[test]
+fn secret_refs_read_files_and_variables_and_never_show_values() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("s");
+    std::fs::write(&p, "file-secret-value\n").unwrap();
+    let r = SecretRef::File(p.clone());
+    assert_eq!(r.load().unwrap().expose(), "file-secret-value");
+    std::fs::write(&p, "\n").unwrap();
+    assert!(r.load().unwrap_err().contains("is empty"));
+    let missing = SecretRef::File(dir.path().join("nope"));
+    assert!(missing.load().unwrap_err().contains("cannot read file"));
+    let var = SecretRef::Env("LATCHKEY_TEST_SURELY_UNSET_VAR".into());
+    assert_eq!(
+        var.load().unwrap_err(),
+        "environment variable LATCHKEY_TEST_SURELY_UNSET_VAR is not set"
+    );
+}
