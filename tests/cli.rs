@@ -3,6 +3,8 @@
 
 mod common;
 
+use common::{free_port, wait_for_port};
+
 use latchkey::devissuer::{DevIssuer, DEV_REPOSITORY};
 use latchkey::jose::Alg;
 use std::io::{BufRead, BufReader};
@@ -12,14 +14,6 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 const BIN: &str = env!("CARGO_BIN_EXE_latchkey");
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 fn run(args: &[&str], envs: &[(&str, &str)]) -> Output {
     let mut c = Command::new(BIN);
@@ -35,17 +29,6 @@ fn run(args: &[&str], envs: &[(&str, &str)]) -> Output {
 
 fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
-}
-
-fn wait_for_port(port: u16) {
-    let start = Instant::now();
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(
-            start.elapsed() < Duration::from_secs(20),
-            "server did not start on {port}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 struct Killed(Child);

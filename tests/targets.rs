@@ -814,3 +814,133 @@ timeout = "300ms"
     }
     env.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_binary_keeps_upstream_secrets_and_minted_credentials_out_of_its_debug_logs() {
+    use latchkey::devissuer::DevIssuer;
+    let vercel = Fake::spawn(Service::Vercel {
+        root_token: "vercel-root-in-a-file-5f3a".into(),
+    })
+    .await;
+    let dbx = Fake::spawn(databricks_fake()).await;
+    let issuer = DevIssuer::spawn("127.0.0.1:0".parse().unwrap(), latchkey::jose::Alg::RS256)
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (grpc, http) = (common::free_port(), common::free_port());
+    let db = dir.path().join("latchkey.db").display().to_string();
+    let root = secret_file(dir.path(), "vercel-root", b"vercel-root-in-a-file-5f3a\n");
+    let mut text = common::config_text(issuer.issuer_url(), &issuer.audience(), &db, "", "")
+        .replace(
+            "grpc_addr = \"127.0.0.1:0\"",
+            &format!("grpc_addr = \"127.0.0.1:{grpc}\""),
+        )
+        .replace(
+            "http_addr = \"127.0.0.1:0\"",
+            &format!("http_addr = \"127.0.0.1:{http}\""),
+        );
+    text += &format!(
+        r#"
+[[targets]]
+name = "vercel"
+kind = "vercel"
+api_url = "{v}"
+token_file = "{root}"
+
+[[targets]]
+name = "dbx"
+kind = "databricks"
+mode = "pat"
+workspace_url = "{d}"
+token_env = "LATCHKEY_TEST_DBX_ADMIN"
+"#,
+        v = vercel.url,
+        d = dbx.url
+    );
+    text += &allow("vercel", "vercel", &["s"]);
+    text += &allow("dbx", "dbx", &["s"]);
+    let cfg = dir.path().join("latchkey.toml");
+    std::fs::write(&cfg, text).unwrap();
+    let master = latchkey::keys::MasterKey::generate().to_base64();
+    let log = std::fs::File::create(dir.path().join("serve.log")).unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_latchkey"))
+        .args(["--log-format", "json", "serve", "--config"])
+        .arg(&cfg)
+        .env("LATCHKEY_MASTER_KEY", master.expose())
+        .env("LATCHKEY_TEST_DBX_ADMIN", "dapi-admin-very-secret")
+        .env("RUST_LOG", "debug")
+        .stdout(std::process::Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    tokio::task::block_in_place(|| common::wait_for_port(grpc));
+    let channel = tonic::transport::Channel::from_shared(format!("http://127.0.0.1:{grpc}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut client =
+        latchkey::transport::pb::credential_broker_client::CredentialBrokerClient::new(channel);
+    let caller = issuer.sign(&issuer.bitbucket_claims("main"));
+    let mut minted = Vec::new();
+    for target in ["vercel", "dbx", "vercel"] {
+        let r = client
+            .mint(authed(
+                latchkey::transport::pb::MintRequest {
+                    target: target.into(),
+                    scopes: vec!["s".into()],
+                    ttl: None,
+                    context: Default::default(),
+                },
+                &caller,
+            ))
+            .await
+            .unwrap()
+            .into_inner();
+        minted.push(r.credential.unwrap().token);
+    }
+    // Failures log too: they must not carry upstream bodies.
+    vercel.set_fault(Some(Fault::Status(401)));
+    let e = client
+        .mint(authed(
+            latchkey::transport::pb::MintRequest {
+                target: "vercel".into(),
+                scopes: vec!["s".into()],
+                ttl: None,
+                context: Default::default(),
+            },
+            &caller,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied);
+    let _ = std::process::Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status();
+    let _ = tokio::task::block_in_place(|| child.wait());
+    let logs = std::fs::read_to_string(dir.path().join("serve.log")).unwrap();
+    assert!(logs.contains("\"level\":\"DEBUG\""), "debug logging was on");
+    assert!(logs.contains("vercel"), "the logs talk about the target");
+    let mut secrets = vec![
+        "vercel-root-in-a-file-5f3a".to_string(),
+        "dapi-admin-very-secret".to_string(),
+        "secret-looking".to_string(),
+        caller.clone(),
+    ];
+    secrets.extend(minted);
+    for s in &secrets {
+        assert!(!logs.contains(s.as_str()), "{s} in the logs");
+    }
+    // The root token's own file is in this directory: look at the store's files only.
+    for f in ["latchkey.db", "latchkey.db-wal"] {
+        let p = dir.path().join(f);
+        if let Ok(b) = std::fs::read(&p) {
+            for s in &secrets {
+                assert!(!contains(&b, s), "{s} in {f}");
+            }
+        }
+    }
+    vercel.assert_no_violations();
+    dbx.assert_no_violations();
+}

@@ -528,10 +528,17 @@ fn target_kinds_refuse_what_their_systems_cannot_take() {
     for (body, key, reason) in cases {
         let e = Config::parse(&target(body), "bad.toml").unwrap_err();
         assert!(e.key.contains(key), "{body}: expected key {key:?}, got {e}");
-        assert!(e.reason.contains(reason), "{body}: expected {reason:?}, got {e}");
+        assert!(
+            e.reason.contains(reason),
+            "{body}: expected {reason:?}, got {e}"
+        );
     }
     // A secret given literally never appears in the error.
-    let e = Config::parse(&target("kind = \"vercel\"\ntoken = \"literal-secret\""), "b").unwrap_err();
+    let e = Config::parse(
+        &target("kind = \"vercel\"\ntoken = \"literal-secret\""),
+        "b",
+    )
+    .unwrap_err();
     assert!(!e.to_string().contains("literal-secret"), "{e}");
 }
 
