@@ -8,7 +8,6 @@ use common::{free_port, wait_for_port};
 use latchkey::devissuer::{DevIssuer, DEV_REPOSITORY};
 use latchkey::jose::Alg;
 use std::io::{BufRead, BufReader};
-use std::net::TcpListener;
 use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};

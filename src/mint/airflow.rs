@@ -91,15 +91,6 @@ impl Minter for AirflowMinter {
         if let Some(r) = role {
             fields.insert("role".into(), r);
         }
-        Ok(Credential {
-            kind: "airflow",
-            token: Some(token),
-            username: None,
-            password: None,
-            fields,
-            expires_at: ctx.now + ctx.ttl.as_secs() as i64,
-            id: ctx.lease_id.to_string(),
-            upstream: None,
-        })
+        Ok(super::bearer_credential("airflow", token, fields, ctx))
     }
 }

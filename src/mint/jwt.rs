@@ -4,7 +4,7 @@
 use super::{Credential, MintContext, MintError, Minter};
 use crate::config::JwtTargetConfig;
 use crate::keys::KeyRing;
-use crate::secret::{Secret, SecretString};
+use crate::secret::SecretString;
 use async_trait::async_trait;
 use serde_json::{json, Map, Value};
 use std::collections::BTreeMap;
@@ -89,22 +89,12 @@ impl Minter for JwtMinter {
 
     async fn mint(&self, ctx: &MintContext<'_>) -> Result<Credential, MintError> {
         let claims = self.claims(ctx)?;
-        let signer = self
-            .keys
-            .signer(&self.target)
-            .map_err(|_| MintError::Signing(self.target.clone()))?;
-        let token = signer
-            .sign_jwt(&claims, None)
-            .map_err(|_| MintError::Signing(self.target.clone()))?;
-        Ok(Credential {
-            kind: "jwt",
-            token: Some(Secret::new(token)),
-            username: None,
-            password: None,
-            fields: BTreeMap::from([("kid".to_string(), signer.kid().to_string())]),
-            expires_at: ctx.now + ctx.ttl.as_secs() as i64,
-            id: ctx.lease_id.to_string(),
-            upstream: None,
-        })
+        let (token, kid) = super::sign_with_ring(&self.keys, &self.target, &claims)?;
+        Ok(super::bearer_credential(
+            "jwt",
+            token,
+            BTreeMap::from([("kid".to_string(), kid)]),
+            ctx,
+        ))
     }
 }

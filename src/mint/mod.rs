@@ -315,6 +315,26 @@ fn sign_with_ring(
     Ok((crate::secret::Secret::new(token), signer.kid().to_string()))
 }
 
+/// A self-contained bearer token of `kind` for this request: it expires with the lease
+/// and its id is the lease id (`jti`).
+fn bearer_credential(
+    kind: &'static str,
+    token: SecretString,
+    fields: BTreeMap<String, String>,
+    ctx: &MintContext<'_>,
+) -> Credential {
+    Credential {
+        kind,
+        token: Some(token),
+        username: None,
+        password: None,
+        fields,
+        expires_at: ctx.now + ctx.ttl.as_secs() as i64,
+        id: ctx.lease_id.to_string(),
+        upstream: None,
+    }
+}
+
 /// `sub` from an optional template, else the caller's identity key.
 fn subject(t: &Option<Template>, id: &WorkloadIdentity) -> Result<String, MintError> {
     match t {

@@ -118,16 +118,9 @@ impl PulsarMinter {
         if let Some(kid) = kid {
             fields.insert("kid".into(), kid);
         }
-        Ok(Credential {
-            kind: "pulsar",
-            token: Some(token),
-            username: None,
-            password: None,
-            fields,
-            expires_at: ctx.now + ctx.ttl.as_secs() as i64,
-            id: ctx.lease_id.to_string(),
-            upstream,
-        })
+        let mut c = super::bearer_credential("pulsar", token, fields, ctx);
+        c.upstream = upstream;
+        Ok(c)
     }
 
     async fn remove(
