@@ -438,6 +438,25 @@ async fn dev_runs_the_whole_flow_in_one_command() {
     });
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert_eq!(text(&out.stdout).trim().split('.').count(), 3);
+    // The dev config also has a Pulsar and an Airflow target, granted to main.
+    for (target, scope, field) in [
+        ("pulsar", "orders-produce", "orders-writer"),
+        ("airflow", "dags-run", "OP"),
+    ] {
+        let out = tokio::task::block_in_place(|| {
+            Command::new(BIN)
+                .args(["mint", "--server", &format!("http://127.0.0.1:{grpc}")])
+                .args(["--target", target, "--scope", scope, "--format", "json"])
+                .env("LATCHKEY_TOKEN", &token)
+                .env_remove("BITBUCKET_STEP_OIDC_TOKEN")
+                .output()
+                .unwrap()
+        });
+        assert!(out.status.success(), "{target}: {}", text(&out.stderr));
+        let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(j["kind"], target);
+        assert_eq!(j["fields"]["role"], field, "{j}");
+    }
     // Fresh tokens from the dev issuer, with claim overrides.
     let t = reqwest::Client::new()
         .post(format!("http://127.0.0.1:{iss}/token"))

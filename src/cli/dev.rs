@@ -64,6 +64,28 @@ subject = "bb:{{repositoryUuid}}"
 claims = {{ branch = "{{branchName}}" }}
 rotation = "24h"
 
+[[targets]]
+name = "pulsar"
+kind = "pulsar"
+roles = {{ "orders-produce" = "orders-writer", "orders-consume" = "orders-reader" }}
+max_ttl = "1h"
+
+[[targets]]
+name = "airflow"
+kind = "airflow"
+algorithm = "ES256"
+subject = "ci-{{repositoryUuid}}"
+roles = {{ "dags-read" = "viewer", "dags-run" = "op" }}
+
+[[rules]]
+name = "data-pipelines-on-main"
+issuer = "dev"
+claims = {{ repositoryUuid = "{repo}", branchName = "main" }}
+grants = [
+  {{ target = "pulsar", scopes = ["orders-produce", "orders-consume"] }},
+  {{ target = "airflow", scopes = ["dags-read", "dags-run"] }},
+]
+
 [[rules]]
 name = "orders-main-and-release"
 issuer = "dev"
@@ -144,6 +166,8 @@ export LATCHKEY_TOKEN={token}
 Try:
   {exe} mint --server http://{grpc} --target orders-api
   {exe} explain --server http://{grpc} --target orders-api
+  {exe} mint --server http://{grpc} --target pulsar --scope orders-produce --format json
+  {exe} mint --server http://{grpc} --target airflow --scope dags-run --format json
 Fresh tokens (JSON body overrides claims, e.g. a branch):
   curl -s -X POST {iss}/token -H 'content-type: application/json' -d '{{"branchName":"release/1.0"}}'
 Minted tokens verify against http://{http}/.well-known/jwks.json
@@ -183,8 +207,8 @@ mod tests {
             Path::new("/tmp/x"),
         );
         let cfg = Config::parse(&text, "dev.toml").unwrap();
-        assert_eq!(cfg.targets.len(), 1);
-        assert_eq!(cfg.policy.rules().len(), 4);
+        assert_eq!(cfg.targets.len(), 3);
+        assert_eq!(cfg.policy.rules().len(), 5);
         assert!(
             cfg.targets[0].rotation.is_some(),
             "dev rotates its key daily"
