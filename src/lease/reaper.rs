@@ -253,7 +253,7 @@ impl Reaper {
             .filter(|(_, m)| m.reconciles())
             .collect();
         targets.sort_by_key(|(t, _)| *t);
-        for (target, minter) in targets {
+        'targets: for (target, minter) in targets {
             let filter = LeaseFilter {
                 target: Some(target.clone()),
                 include_inactive: true,
@@ -275,9 +275,9 @@ impl Reaper {
                                 }
                             }
                             Err(_) => {
-                                // Cannot tell what this lease owns: touch nothing here.
+                                // Cannot tell what this lease owns: touch nothing there.
                                 tracing::warn!(lease_id = %l.id, target = %target, "upstream handle cannot be opened; skipping reconciliation");
-                                return Ok(removed);
+                                continue 'targets;
                             }
                         }
                     }
