@@ -993,28 +993,32 @@ impl Checker<'_> {
 
     fn databricks(&self, key: &str, r: RawDatabricks) -> Result<DatabricksConfig, ConfigError> {
         let workspace_url = self.url(&format!("{key}.workspace_url"), &r.workspace_url, false)?;
-        let only = |mode: &str, fields: &[(&str, bool)]| -> Result<(), ConfigError> {
-            for (name, set) in fields {
-                if *set {
-                    return Err(self.err(
-                        format!("{key}.{name}"),
-                        format!("does not apply to mode {mode:?}"),
-                    ));
-                }
+        // Keys that belong to one mode or another; each mode names those it takes.
+        let set = [
+            ("client_id", r.client_id.is_some()),
+            ("client_secret_file", r.client_secret_file.is_some()),
+            ("client_secret_env", r.client_secret_env.is_some()),
+            ("audience", r.audience.is_some()),
+            ("subject", r.subject.is_some()),
+            ("algorithm", r.algorithm.is_some()),
+            ("token_file", r.token_file.is_some()),
+            ("token_env", r.token_env.is_some()),
+            ("application_id", r.application_id.is_some()),
+        ];
+        let only = |mode: &str, takes: &[&str]| -> Result<(), ConfigError> {
+            match set.iter().find(|(name, on)| *on && !takes.contains(name)) {
+                Some((name, _)) => Err(self.err(
+                    format!("{key}.{name}"),
+                    format!("does not apply to mode {mode:?}"),
+                )),
+                None => Ok(()),
             }
-            Ok(())
         };
         let mode = match r.mode.as_str() {
             "federation" => {
                 only(
                     "federation",
-                    &[
-                        ("client_secret_file", r.client_secret_file.is_some()),
-                        ("client_secret_env", r.client_secret_env.is_some()),
-                        ("token_file", r.token_file.is_some()),
-                        ("token_env", r.token_env.is_some()),
-                        ("application_id", r.application_id.is_some()),
-                    ],
+                    &["client_id", "audience", "subject", "algorithm"],
                 )?;
                 DatabricksMode::Federation(Federation {
                     client_id: Some(self.nonempty(key, "client_id", r.client_id)?),
@@ -1034,14 +1038,7 @@ impl Checker<'_> {
             "m2m" => {
                 only(
                     "m2m",
-                    &[
-                        ("token_file", r.token_file.is_some()),
-                        ("token_env", r.token_env.is_some()),
-                        ("application_id", r.application_id.is_some()),
-                        ("audience", r.audience.is_some()),
-                        ("subject", r.subject.is_some()),
-                        ("algorithm", r.algorithm.is_some()),
-                    ],
+                    &["client_id", "client_secret_file", "client_secret_env"],
                 )?;
                 DatabricksMode::M2m {
                     client_id: self.nonempty(key, "client_id", r.client_id)?,
@@ -1054,17 +1051,7 @@ impl Checker<'_> {
                 }
             }
             "pat" => {
-                only(
-                    "pat",
-                    &[
-                        ("client_id", r.client_id.is_some()),
-                        ("client_secret_file", r.client_secret_file.is_some()),
-                        ("client_secret_env", r.client_secret_env.is_some()),
-                        ("audience", r.audience.is_some()),
-                        ("subject", r.subject.is_some()),
-                        ("algorithm", r.algorithm.is_some()),
-                    ],
-                )?;
+                only("pat", &["token_file", "token_env", "application_id"])?;
                 DatabricksMode::Pat {
                     token: self.secret_ref(key, "token", r.token_file, r.token_env)?,
                     application_id: r.application_id,

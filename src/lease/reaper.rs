@@ -254,9 +254,11 @@ impl Reaper {
             .collect();
         targets.sort_by_key(|(t, _)| *t);
         'targets: for (target, minter) in targets {
+            // Live leases only: a lease being revoked (or past its expiry, which this
+            // pass has just queued for revocation) loses its credential either way, and
+            // dropping it here is the same idempotent revocation.
             let filter = LeaseFilter {
                 target: Some(target.clone()),
-                include_inactive: true,
                 ..LeaseFilter::default()
             };
             let mut live = std::collections::HashSet::new();
@@ -264,9 +266,6 @@ impl Reaper {
             loop {
                 let page = self.0.store.leases(&filter, now, after, PAGE).await?;
                 for l in &page {
-                    if !matches!(l.state, LeaseState::Live | LeaseState::Revoking) {
-                        continue;
-                    }
                     if let Some(sealed) = &l.upstream {
                         match self.0.master.open(sealed, &upstream_aad(&l.id)) {
                             Ok(b) => {
@@ -299,7 +298,7 @@ impl Reaper {
                             outcome: "allowed".into(),
                             target: Some(target.clone()),
                             reason: Some(format!(
-                                "upstream credential {handle} was owned by no lease; removed"
+                                "upstream credential {handle} was owned by no live lease; removed"
                             )),
                             context: [("actor".to_string(), "reaper".to_string())].into(),
                             claims: serde_json::Value::Null,

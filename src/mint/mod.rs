@@ -199,9 +199,10 @@ pub trait Minter: Send + Sync + fmt::Debug {
     }
 
     /// Removes credentials this broker created upstream that no lease owns any more
-    /// (`live` holds the upstream handles of every lease not yet finished), leaving
-    /// alone anything created too recently to have its lease committed yet. Answers
-    /// the handles removed.
+    /// (`live` holds the upstream handles of every live lease), leaving alone anything
+    /// created too recently to have its lease committed yet. Answers the handles
+    /// removed; they are logged and audited, so only kinds whose handles are names, not
+    /// secrets, may reconcile.
     async fn reconcile(&self, live: &HashSet<String>, now: i64) -> Result<Vec<String>, MintError> {
         let _ = (live, now);
         Ok(Vec::new())
@@ -343,14 +344,15 @@ fn subject(t: &Option<Template>, id: &WorkloadIdentity) -> Result<String, MintEr
     }
 }
 
-/// A random secret of `bytes` bytes, base64url without padding.
-fn random_secret(bytes: usize) -> Result<SecretString, MintError> {
+/// A random secret of `bytes` bytes, base64url without padding. Fails only when the
+/// system RNG does.
+fn random_secret(target: &str, bytes: usize) -> Result<SecretString, MintError> {
     use ring::rand::SecureRandom;
     use zeroize::Zeroize;
     let mut raw = vec![0u8; bytes];
     ring::rand::SystemRandom::new()
         .fill(&mut raw)
-        .map_err(|_| MintError::Signing("random".into()))?;
+        .map_err(|_| MintError::Signing(target.to_string()))?;
     let out = crate::secret::Secret::new(crate::jose::b64(&raw));
     raw.zeroize();
     Ok(out)

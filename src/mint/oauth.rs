@@ -67,14 +67,13 @@ pub(crate) async fn token_request(
     let body = form_urlencoded::Serializer::new(String::new())
         .extend_pairs(form.iter().map(|(k, v)| (*k, v.as_str())))
         .finish();
-    let body = Secret::new(body);
     let req = req
         .header(
             reqwest::header::CONTENT_TYPE,
             "application/x-www-form-urlencoded",
         )
         .header(reqwest::header::ACCEPT, "application/json")
-        .body(body.expose().clone());
+        .body(body);
     let a: TokenAnswer = http.json("token request", req).await?;
     if a.access_token.is_empty() {
         return Err(http.fail("token request: answer has no access_token"));

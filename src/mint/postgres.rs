@@ -165,45 +165,56 @@ impl PostgresMinter {
             return Ok(());
         }
         let mut failed: Vec<String> = Vec::new();
+        let mut note = |what: &str, r: Result<(), MintError>| {
+            if let Err(e) = r {
+                failed.push(match e {
+                    MintError::Upstream { reason, .. } | MintError::Refused { reason, .. } => {
+                        reason
+                    }
+                    other => format!("{what}: {other}"),
+                });
+            }
+        };
         let q = ident(role);
-        if let Err(e) = client
+        let r = client
             .batch_execute(&format!("ALTER ROLE {q} NOLOGIN"))
-            .await
-        {
-            failed.push(self.fail("refuse logins", &e).to_string());
-        }
-        if let Err(e) = client
+            .await;
+        note(
+            "refuse logins",
+            r.map_err(|e| self.fail("refuse logins", &e)),
+        );
+        let r = client
             .execute(
                 "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = $1 AND pid <> pg_backend_pid()",
                 &[&role],
             )
             .await
-        {
-            failed.push(self.fail("terminate sessions", &e).to_string());
-        }
+            .map(|_| ());
+        note(
+            "terminate sessions",
+            r.map_err(|e| self.fail("terminate sessions", &e)),
+        );
         let owned = format!("REASSIGN OWNED BY {q} TO CURRENT_USER; DROP OWNED BY {q}");
-        if let Err(e) = client.batch_execute(&owned).await {
-            failed.push(self.fail("drop owned objects", &e).to_string());
-        }
+        let r = client.batch_execute(&owned).await;
+        note(
+            "drop owned objects",
+            r.map_err(|e| self.fail("drop owned objects", &e)),
+        );
         for db in &self.cfg.databases {
-            match self.connect(Some(db)).await {
-                Ok(c) => {
-                    if let Err(e) = c.batch_execute(&owned).await {
-                        failed.push(
-                            self.fail(&format!("drop owned objects in {db}"), &e)
-                                .to_string(),
-                        );
-                    }
-                }
-                Err(e) => failed.push(format!("database {db}: {e}")),
-            }
+            let what = format!("drop owned objects in {db}");
+            let r = match self.connect(Some(db)).await {
+                Ok(c) => c
+                    .batch_execute(&owned)
+                    .await
+                    .map_err(|e| self.fail(&what, &e)),
+                Err(e) => Err(e),
+            };
+            note(&what, r);
         }
-        if let Err(e) = client
+        let r = client
             .batch_execute(&format!("DROP ROLE IF EXISTS {q}"))
-            .await
-        {
-            failed.push(self.fail("drop role", &e).to_string());
-        }
+            .await;
+        note("drop role", r.map_err(|e| self.fail("drop role", &e)));
         if failed.is_empty() {
             Ok(())
         } else {
@@ -233,7 +244,7 @@ impl Minter for PostgresMinter {
     async fn mint(&self, ctx: &MintContext<'_>) -> Result<Credential, MintError> {
         let role = self.role_name(ctx.now, ctx.lease_id);
         let expires_at = ctx.now + ctx.ttl.as_secs() as i64;
-        let password = random_secret(24)?;
+        let password = random_secret(&self.target, 24)?;
         let groups: BTreeSet<&String> = ctx
             .scopes
             .iter()
@@ -402,7 +413,7 @@ impl Minter for PostgresMinter {
         };
         let old = root.get();
         let client = self.connect(None).await?;
-        let next = random_secret(24)?;
+        let next = random_secret(&self.target, 24)?;
         root.stage(&next).await?;
         let set = |pw: &SecretString| {
             format!(

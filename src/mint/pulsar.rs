@@ -125,16 +125,11 @@ impl PulsarMinter {
 
     async fn remove(
         &self,
+        base: &str,
         http: &Http,
         admin: &SecretString,
         paths: &[String],
     ) -> Result<(), MintError> {
-        let base = &self
-            .cfg
-            .admin
-            .as_ref()
-            .map(|a| a.url.clone())
-            .unwrap_or_default();
         let mut failed = None;
         for p in paths {
             let req = http
@@ -195,7 +190,7 @@ impl Minter for PulsarMinter {
                 .json(&p.actions);
             if let Err(e) = http.send("grant permission", req, &[]).await {
                 // Leave nothing half-made behind.
-                if let Err(undo) = self.remove(http, admin, &done).await {
+                if let Err(undo) = self.remove(&cfg.url, http, admin, &done).await {
                     tracing::warn!(target = %self.target, error = %undo, "could not undo a partial Pulsar grant; the reaper will not see it");
                 }
                 return Err(e);
@@ -215,12 +210,13 @@ impl Minter for PulsarMinter {
         _lease_id: &str,
         upstream: Option<&SecretString>,
     ) -> Result<(), MintError> {
-        let (Some(h), Some((http, admin))) = (upstream, &self.admin) else {
+        let (Some(h), Some(cfg), Some((http, admin))) = (upstream, &self.cfg.admin, &self.admin)
+        else {
             return Ok(());
         };
         let g: Grants = serde_json::from_str(h.expose())
             .map_err(|_| MintError::Invalid("lease's Pulsar grants are unreadable".into()))?;
-        self.remove(http, admin, &g.paths).await
+        self.remove(&cfg.url, http, admin, &g.paths).await
     }
 }
 

@@ -178,7 +178,7 @@ impl Minter for VercelMinter {
                 phase: "verify",
                 detail: format!("root token {new_id} authenticates"),
             }),
-            Ok(_) | Err(_) => {
+            _ => {
                 undo(journal, "it did not authenticate as itself".into());
                 let _ = self.delete(&old, &new_id).await;
                 return Err(self
