@@ -771,18 +771,22 @@ async fn upstream_revocations_are_retried_until_the_target_answers() {
     use std::sync::atomic::Ordering::SeqCst;
     let t0 = SystemClock.now();
     let clock = ManualClock::new(t0);
-    let env = start(Arc::new(clock.clone()), "").await;
     let fake = Arc::new(FakeUpstream::default());
-    let mut broker = latchkey::broker::Broker::build(
-        &env.config,
-        env.broker().store().clone(),
-        env.broker().keys().clone(),
-        Arc::new(latchkey::keys::MasterKey::generate()),
+    // The fake serves the running broker itself, so its background reaper (whose first
+    // pass may come late on a loaded machine) revokes through the same fake and opens
+    // handles with the same master key as the calls below.
+    let env = Env::start_with_minters(
+        "",
+        "busy_timeout = \"2s\"",
+        &extra(),
         Arc::new(clock.clone()),
+        vec![(
+            "reports".to_string(),
+            fake.clone() as Arc<dyn latchkey::mint::Minter>,
+        )],
     )
-    .await
-    .expect("broker");
-    broker.set_minter("reports", fake.clone());
+    .await;
+    let broker = env.broker().clone();
     let token = token_at(&env, "main", DEV_REPOSITORY, t0);
     let admin = token_at(&env, "ops/admin", DEV_REPOSITORY, t0);
     let req = || latchkey::broker::MintRequest {
@@ -852,8 +856,8 @@ async fn upstream_revocations_are_retried_until_the_target_answers() {
 
     // Upstream handles and tokens are sealed or fingerprinted, never stored in the clear.
     let mut env = env;
-    env.stop_checkpointless().await;
     drop(broker);
+    env.stop_checkpointless().await;
     let bytes = common::all_bytes_under(env.dir.path());
     assert!(!common::contains(&bytes, "handle-"));
     assert!(!common::contains(&bytes, "upstream-token-"));
