@@ -2,8 +2,14 @@
 //!
 //! `latchkey dev` runs one so the whole flow works on a laptop without Bitbucket; the
 //! test suite runs one per test (keys generated at test time) and uses its controls to
-//! rotate keys, publish keys late, and simulate an outage. Tokens it issues have the
-//! shape of Bitbucket Pipelines OIDC tokens.
+//! rotate keys, publish keys late, and simulate an outage.
+//!
+//! It imitates four platforms, each as its own issuer URL beneath the listener (one key
+//! signs for all): Bitbucket Pipelines at the root, GitHub Actions at `/github`, GitLab CI at
+//! `/gitlab` and Kubernetes projected service-account tokens at `/kubernetes`. Each has
+//! discovery, `keys.json` and `POST token` (a fresh token of that platform's shape, claims
+//! overridable by a JSON body); `GET /github/token?audience=…` answers like GitHub's
+//! `ACTIONS_ID_TOKEN_REQUEST_URL`, so a workflow's own request commands run unchanged.
 
 use crate::jose::{Alg, SigningKey};
 use axum::extract::State;
@@ -22,6 +28,51 @@ use tokio::sync::oneshot;
 pub const DEV_WORKSPACE: &str = "{00000000-0000-4000-8000-00000000c0de}";
 /// Development repository UUID used in issued tokens.
 pub const DEV_REPOSITORY: &str = "{11111111-1111-4111-8111-111111111111}";
+/// The GitHub repository (`owner/name`) of the dev issuer's GitHub Actions tokens.
+pub const DEV_GITHUB_REPOSITORY: &str = "latchkey-dev/orders";
+/// Its `repository_id` (policy should match ids, not names).
+pub const DEV_GITHUB_REPOSITORY_ID: &str = "700000001";
+/// The GitLab project path of the dev issuer's GitLab CI tokens.
+pub const DEV_GITLAB_PROJECT: &str = "latchkey-dev/orders";
+/// Its `project_id`.
+pub const DEV_GITLAB_PROJECT_ID: &str = "4242";
+/// Namespace and service account of the dev issuer's Kubernetes tokens.
+pub const DEV_K8S_NAMESPACE: &str = "orders";
+/// See [`DEV_K8S_NAMESPACE`].
+pub const DEV_K8S_SERVICE_ACCOUNT: &str = "orders-etl";
+
+/// A platform whose tokens the development issuer imitates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Platform {
+    /// Bitbucket Pipelines (issuer at the root).
+    Bitbucket,
+    /// GitHub Actions (`/github`).
+    Github,
+    /// GitLab CI (`/gitlab`).
+    Gitlab,
+    /// Kubernetes projected service-account tokens (`/kubernetes`).
+    Kubernetes,
+}
+
+impl Platform {
+    /// Every platform.
+    pub const ALL: [Platform; 4] = [
+        Platform::Bitbucket,
+        Platform::Github,
+        Platform::Gitlab,
+        Platform::Kubernetes,
+    ];
+
+    /// The path of this platform's issuer beneath the listener ("" for Bitbucket).
+    pub fn path(self) -> &'static str {
+        match self {
+            Platform::Bitbucket => "",
+            Platform::Github => "/github",
+            Platform::Gitlab => "/gitlab",
+            Platform::Kubernetes => "/kubernetes",
+        }
+    }
+}
 
 struct DevState {
     issuer: String,
@@ -70,11 +121,23 @@ impl DevIssuer {
             down: AtomicBool::new(false),
             jwks_fetches: AtomicU64::new(0),
         });
-        let app = Router::new()
-            .route("/.well-known/openid-configuration", get(discovery))
-            .route("/keys.json", get(jwks))
-            .route("/token", post(token))
-            .with_state(state.clone());
+        let mut app = Router::new().route("/github/token", get(github_request));
+        for p in Platform::ALL {
+            let base = p.path();
+            app = app
+                .route(
+                    &format!("{base}/.well-known/openid-configuration"),
+                    get(move |s: State<Arc<DevState>>| discovery(s, p)),
+                )
+                .route(&format!("{base}/keys.json"), get(jwks))
+                .route(
+                    &format!("{base}/token"),
+                    post(move |s: State<Arc<DevState>>, body: Option<Json<Value>>| {
+                        token(s, p, body)
+                    }),
+                );
+        }
+        let app = app.with_state(state.clone());
         let (stop, stopped) = oneshot::channel::<()>();
         tokio::spawn(async move {
             let _ = axum::serve(listener, app)
@@ -93,6 +156,16 @@ impl DevIssuer {
     /// The issuer URL (`iss` of its tokens).
     pub fn issuer_url(&self) -> &str {
         &self.state.issuer
+    }
+
+    /// The issuer URL of one platform's tokens.
+    pub fn platform_issuer(&self, p: Platform) -> String {
+        format!("{}{}", self.state.issuer, p.path())
+    }
+
+    /// Claims of a token of platform `p` (valid from now), with `aud` as given.
+    pub fn platform_claims(&self, p: Platform, aud: &str) -> Value {
+        platform_claims(&self.state.issuer, p, aud)
     }
 
     /// The bound address.
@@ -218,17 +291,96 @@ pub fn bitbucket_claims(issuer: &str, audience: &str, branch: &str) -> Value {
     })
 }
 
+/// Claims shaped as platform `p` issues them (TARGETS.md), for the dev repository,
+/// project or service account on its main branch. `base` is the listener's URL.
+pub fn platform_claims(base: &str, p: Platform, aud: &str) -> Value {
+    let t = now();
+    let iss = format!("{base}{}", p.path());
+    let id = || uuid::Uuid::new_v4().to_string();
+    let sha = "0123456789abcdef0123456789abcdef01234567";
+    match p {
+        Platform::Bitbucket => bitbucket_claims(&iss, aud, "main"),
+        Platform::Github => json!({
+            "iss": iss,
+            "aud": aud,
+            "sub": format!("repo:{DEV_GITHUB_REPOSITORY}:ref:refs/heads/main"),
+            "iat": t,
+            "nbf": t,
+            "exp": t + 300,
+            "jti": id(),
+            "repository": DEV_GITHUB_REPOSITORY,
+            "repository_id": DEV_GITHUB_REPOSITORY_ID,
+            "repository_owner": "latchkey-dev",
+            "repository_owner_id": "700000000",
+            "ref": "refs/heads/main",
+            "ref_type": "branch",
+            "sha": sha,
+            "event_name": "push",
+            "workflow_ref": format!("{DEV_GITHUB_REPOSITORY}/.github/workflows/orders.yml@refs/heads/main"),
+            "job_workflow_ref": format!("{DEV_GITHUB_REPOSITORY}/.github/workflows/orders.yml@refs/heads/main"),
+            "run_id": "9000000001",
+            "run_attempt": "1",
+            "actor": "dev",
+            "runner_environment": "github-hosted",
+        }),
+        Platform::Gitlab => json!({
+            "iss": iss,
+            "aud": aud,
+            "sub": format!("project_path:{DEV_GITLAB_PROJECT}:ref_type:branch:ref:main"),
+            "iat": t,
+            "nbf": t,
+            "exp": t + 3600,
+            "jti": id(),
+            "project_id": DEV_GITLAB_PROJECT_ID,
+            "project_path": DEV_GITLAB_PROJECT,
+            "namespace_id": "4200",
+            "namespace_path": "latchkey-dev",
+            "ref": "main",
+            "ref_type": "branch",
+            "ref_protected": "true",
+            "sha": sha,
+            "pipeline_id": "880001",
+            "job_id": "990001",
+            "user_login": "dev",
+        }),
+        Platform::Kubernetes => json!({
+            "iss": iss,
+            "aud": [aud],
+            "sub": format!("system:serviceaccount:{DEV_K8S_NAMESPACE}:{DEV_K8S_SERVICE_ACCOUNT}"),
+            "iat": t,
+            "nbf": t,
+            "exp": t + 600,
+            "jti": id(),
+            "kubernetes.io": {
+                "namespace": DEV_K8S_NAMESPACE,
+                "serviceaccount": { "name": DEV_K8S_SERVICE_ACCOUNT, "uid": id() },
+                "pod": { "name": "orders-etl-0", "uid": id() },
+            },
+        }),
+    }
+}
+
+/// The audience a platform's tokens carry unless the request names one.
+fn default_audience(p: Platform) -> String {
+    match p {
+        Platform::Bitbucket => dev_audience(),
+        Platform::Github => "https://github.com/latchkey-dev".into(),
+        Platform::Gitlab | Platform::Kubernetes => "latchkey".into(),
+    }
+}
+
 fn unavailable() -> Response {
     (StatusCode::SERVICE_UNAVAILABLE, "issuer down").into_response()
 }
 
-async fn discovery(State(s): State<Arc<DevState>>) -> Response {
+async fn discovery(State(s): State<Arc<DevState>>, p: Platform) -> Response {
     if s.down.load(Ordering::SeqCst) {
         return unavailable();
     }
+    let issuer = format!("{}{}", s.issuer, p.path());
     Json(json!({
-        "issuer": s.issuer,
-        "jwks_uri": format!("{}/keys.json", s.issuer),
+        "jwks_uri": format!("{issuer}/keys.json"),
+        "issuer": issuer,
         "response_types_supported": ["id_token"],
         "subject_types_supported": ["public"],
         "id_token_signing_alg_values_supported": ["RS256", "ES256", "EdDSA"],
@@ -252,13 +404,13 @@ async fn jwks(State(s): State<Arc<DevState>>) -> Response {
     Json(json!({ "keys": keys })).into_response()
 }
 
-/// `POST /token` with an optional JSON object of claim overrides (e.g.
-/// `{"branchName": "release/1.0"}`): a fresh dev token.
-async fn token(State(s): State<Arc<DevState>>, body: Option<Json<Value>>) -> Response {
+/// `POST {platform}/token` with an optional JSON object of claim overrides (e.g.
+/// `{"branchName": "release/1.0"}`, `{"aud": "latchkey"}`): a fresh dev token.
+async fn token(State(s): State<Arc<DevState>>, p: Platform, body: Option<Json<Value>>) -> Response {
     if s.down.load(Ordering::SeqCst) {
         return unavailable();
     }
-    let mut claims = bitbucket_claims(&s.issuer, &dev_audience(), "main");
+    let mut claims = platform_claims(&s.issuer, p, &default_audience(p));
     if let (Some(Json(Value::Object(over))), Value::Object(c)) = (body, &mut claims) {
         for (k, v) in over {
             if k != "iss" {
@@ -268,4 +420,36 @@ async fn token(State(s): State<Arc<DevState>>, body: Option<Json<Value>>) -> Res
     }
     let key = s.signing.read().unwrap_or_else(|e| e.into_inner()).clone();
     (StatusCode::OK, sign_with(&key, &claims)).into_response()
+}
+
+/// `GET /github/token?audience=…` with `Authorization: bearer …`: what a GitHub Actions job
+/// gets from `$ACTIONS_ID_TOKEN_REQUEST_URL&audience=…` (a JSON object with `value`). The
+/// request token is required, as on GitHub, but any value is accepted: this is a dev issuer.
+async fn github_request(
+    State(s): State<Arc<DevState>>,
+    headers: axum::http::HeaderMap,
+    axum::extract::Query(q): axum::extract::Query<std::collections::HashMap<String, String>>,
+) -> Response {
+    if s.down.load(Ordering::SeqCst) {
+        return unavailable();
+    }
+    let bearer = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            v.get(..7)
+                .filter(|p| p.eq_ignore_ascii_case("bearer "))
+                .map(|_| &v[7..])
+        })
+        .filter(|t| !t.trim().is_empty());
+    if bearer.is_none() {
+        return (StatusCode::UNAUTHORIZED, "bearer request token required").into_response();
+    }
+    let aud = q
+        .get("audience")
+        .cloned()
+        .unwrap_or_else(|| default_audience(Platform::Github));
+    let claims = platform_claims(&s.issuer, Platform::Github, &aud);
+    let key = s.signing.read().unwrap_or_else(|e| e.into_inner()).clone();
+    Json(json!({ "count": 1, "value": sign_with(&key, &claims) })).into_response()
 }

@@ -50,6 +50,14 @@ pub enum StartError {
     /// TLS files could not be loaded.
     #[error("tls: {0}")]
     Tls(String),
+    /// An issuer's `ca_file` cannot be used.
+    #[error("issuer {issuer}: {reason}")]
+    Issuer {
+        /// The issuer's name.
+        issuer: String,
+        /// Why (names the file).
+        reason: String,
+    },
     /// A target's minter could not be built (an upstream secret cannot be read).
     #[error("target {target}: {reason}")]
     Target {
@@ -328,6 +336,12 @@ pub async fn start_with_minters(
         master: master.clone(),
         clock: clock.clone(),
     };
+    for i in &cfg.issuers {
+        crate::identity::issuer_http_client(i).map_err(|reason| StartError::Issuer {
+            issuer: i.name.clone(),
+            reason,
+        })?;
+    }
     let mut built = HashMap::new();
     for t in &cfg.targets {
         if let Some((_, m)) = minters.iter().find(|(n, _)| *n == t.name) {

@@ -3,7 +3,10 @@
 //! under a state directory, and prints a ready token and the exact `mint` command.
 
 use crate::config::Config;
-use crate::devissuer::{DevIssuer, DEV_REPOSITORY};
+use crate::devissuer::{
+    DevIssuer, DEV_GITHUB_REPOSITORY_ID, DEV_GITLAB_PROJECT_ID, DEV_K8S_NAMESPACE,
+    DEV_K8S_SERVICE_ACCOUNT, DEV_REPOSITORY,
+};
 use crate::jose::Alg;
 use crate::keys::MasterKey;
 use std::net::SocketAddr;
@@ -53,6 +56,26 @@ issuer = "{issuer_url}"
 audiences = ["{audience}"]
 jwks_refresh = "1m"
 
+# The same dev issuer also speaks GitHub Actions, GitLab CI and Kubernetes, each under
+# its own issuer URL, so every example in deploy/examples/ runs against this broker.
+[[issuers]]
+name = "dev-github"
+preset = "github"
+issuer = "{issuer_url}/github"
+audiences = ["latchkey"]
+
+[[issuers]]
+name = "dev-gitlab"
+preset = "gitlab"
+issuer = "{issuer_url}/gitlab"
+audiences = ["latchkey"]
+
+[[issuers]]
+name = "dev-kubernetes"
+preset = "kubernetes"
+issuer = "{issuer_url}/kubernetes"
+audiences = ["latchkey"]
+
 [[targets]]
 name = "orders-api"
 kind = "jwt"
@@ -74,13 +97,39 @@ max_ttl = "1h"
 name = "airflow"
 kind = "airflow"
 algorithm = "ES256"
-subject = "ci-{{repositoryUuid}}"
 roles = {{ "dags-read" = "viewer", "dags-run" = "op" }}
 
 [[rules]]
 name = "data-pipelines-on-main"
 issuer = "dev"
 claims = {{ repositoryUuid = "{repo}", branchName = "main" }}
+grants = [
+  {{ target = "pulsar", scopes = ["orders-produce", "orders-consume"] }},
+  {{ target = "airflow", scopes = ["dags-read", "dags-run"] }},
+]
+
+[[rules]]
+name = "data-pipelines-github"
+issuer = "dev-github"
+claims = {{ repository_id = "{gh_repo}", ref = "refs/heads/main" }}
+grants = [
+  {{ target = "pulsar", scopes = ["orders-produce", "orders-consume"] }},
+  {{ target = "airflow", scopes = ["dags-read", "dags-run"] }},
+]
+
+[[rules]]
+name = "data-pipelines-gitlab"
+issuer = "dev-gitlab"
+claims = {{ project_id = "{gl_project}", ref = "main", ref_protected = "true" }}
+grants = [
+  {{ target = "pulsar", scopes = ["orders-produce", "orders-consume"] }},
+  {{ target = "airflow", scopes = ["dags-read", "dags-run"] }},
+]
+
+[[rules]]
+name = "data-pipelines-kubernetes"
+issuer = "dev-kubernetes"
+claims = {{ "/kubernetes.io/namespace" = "{k8s_ns}", "/kubernetes.io/serviceaccount/name" = "{k8s_sa}" }}
 grants = [
   {{ target = "pulsar", scopes = ["orders-produce", "orders-consume"] }},
   {{ target = "airflow", scopes = ["dags-read", "dags-run"] }},
@@ -119,6 +168,10 @@ witness_file = "{witness}"
         db = state_dir.join("latchkey.db").display(),
         key = state_dir.join("master.key").display(),
         repo = DEV_REPOSITORY,
+        gh_repo = DEV_GITHUB_REPOSITORY_ID,
+        gl_project = DEV_GITLAB_PROJECT_ID,
+        k8s_ns = DEV_K8S_NAMESPACE,
+        k8s_sa = DEV_K8S_SERVICE_ACCOUNT,
     )
 }
 
@@ -170,6 +223,10 @@ Try:
   {exe} mint --server http://{grpc} --target airflow --scope dags-run --format json
 Fresh tokens (JSON body overrides claims, e.g. a branch):
   curl -s -X POST {iss}/token -H 'content-type: application/json' -d '{{"branchName":"release/1.0"}}'
+GitHub Actions, GitLab CI and Kubernetes tokens (the examples in deploy/examples/ run against this):
+  curl -s -H 'Authorization: bearer dev' '{iss}/github/token?api-version=2.0&audience=latchkey'
+  curl -s -X POST {iss}/gitlab/token
+  curl -s -X POST {iss}/kubernetes/token
 Minted tokens verify against http://{http}/.well-known/jwks.json
 "#,
         grpc = args.grpc_addr,
@@ -208,7 +265,8 @@ mod tests {
         );
         let cfg = Config::parse(&text, "dev.toml").unwrap();
         assert_eq!(cfg.targets.len(), 3);
-        assert_eq!(cfg.policy.rules().len(), 5);
+        assert_eq!(cfg.policy.rules().len(), 8);
+        assert_eq!(cfg.issuers.len(), 4);
         assert!(
             cfg.targets[0].rotation.is_some(),
             "dev rotates its key daily"

@@ -49,8 +49,12 @@ pub struct Args {
     #[arg(long, value_enum, default_value_t = Format::Json)]
     pub format: Format,
     /// Extra CA certificate (PEM) to trust for https.
-    #[arg(long)]
+    #[arg(long, env = "LATCHKEY_CA_FILE")]
     pub ca_file: Option<PathBuf>,
+    /// Write the output to this file (created or truncated, mode 0600) instead of stdout:
+    /// for an init container handing a credential to the workload through a shared volume.
+    #[arg(long, short)]
+    pub output: Option<PathBuf>,
     /// Identity token source.
     #[command(flatten)]
     pub token: TokenArgs,
@@ -65,10 +69,19 @@ fn parse_kv(s: &str) -> Result<(String, String), String> {
 /// Mints and prints; exit 1 with the status on failure.
 pub async fn run(args: Args) -> i32 {
     match mint(&args).await {
-        Ok(out) => {
-            print!("{out}");
-            0
-        }
+        Ok(out) => match &args.output {
+            None => {
+                print!("{out}");
+                0
+            }
+            Some(path) => match write_private(path, &out) {
+                Ok(()) => 0,
+                Err(e) => {
+                    eprintln!("error: cannot write {}: {}", path.display(), e.kind());
+                    1
+                }
+            },
+        },
         Err(e) => {
             eprintln!("error: {e}");
             1
@@ -188,6 +201,22 @@ pub fn render(c: &pb::Credential, lease: &pb::Lease, lease_secret: &str, format:
             )
         }
     }
+}
+
+/// Writes `contents` to `path` readable by its owner only (the mode is set before the
+/// credential is written, also when the file already existed).
+fn write_private(path: &std::path::Path, contents: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
+    let mut f = opts.open(path)?;
+    #[cfg(unix)]
+    f.set_permissions(
+        <std::fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(0o600),
+    )?;
+    f.write_all(contents.as_bytes())
 }
 
 fn shell_quote(s: &str) -> String {

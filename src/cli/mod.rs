@@ -1,6 +1,7 @@
 //! The `latchkey` command line: one file per subcommand.
 
 pub mod audit;
+pub mod bench;
 pub mod check_config;
 pub mod client;
 pub mod dev;
@@ -78,6 +79,9 @@ pub enum Command {
     },
     /// Print a new random master key (base64) for LATCHKEY_MASTER_KEY or a key file.
     Keygen,
+    /// Load generator: starts a broker and drives Mint, reporting throughput, latency,
+    /// CPU per mint against the cryptography alone, and memory.
+    Bench(bench::Args),
     /// Signing key tools: export a target's public key (Pulsar's tokenPublicKey, PEM, JWK).
     Keys {
         /// What to do.

@@ -209,6 +209,9 @@ pub struct IssuerConfig {
     /// Replay guard: how many credentials one identity token (by `jti`, else by its
     /// fingerprint) may mint; `None` means unlimited.
     pub max_mints_per_token: Option<u32>,
+    /// Extra CA certificates (PEM) trusted for this issuer's discovery and JWKS, besides
+    /// the public roots: a Kubernetes API server's own CA, an internal GitLab's.
+    pub ca_file: Option<PathBuf>,
 }
 
 /// One target.
@@ -721,6 +724,13 @@ impl Checker<'_> {
             Some(u) => Some(self.url(&format!("{key}.jwks_url"), &u, true)?),
             None => None,
         };
+        let ca_file = match r.ca_file {
+            Some(f) if f.trim().is_empty() => {
+                return Err(self.err(format!("{key}.ca_file"), "must not be empty"))
+            }
+            Some(f) => Some(PathBuf::from(f)),
+            None => None,
+        };
         let leeway = r.leeway.map(|d| d.0).unwrap_or(Duration::from_secs(30));
         if leeway > Duration::from_secs(300) {
             return Err(self.err(format!("{key}.leeway"), "must be at most 5m"));
@@ -781,6 +791,7 @@ impl Checker<'_> {
             jwks_refresh,
             jwks_cooldown,
             jwks_max_staleness,
+            ca_file,
             max_mints_per_token: match r.max_mints_per_token {
                 Some(0) => {
                     return Err(self.err(

@@ -134,6 +134,7 @@ pub struct RawIssuer {
     pub jwks_cooldown: Option<Dur>,
     pub jwks_max_staleness: Option<Dur>,
     pub max_mints_per_token: Option<u32>,
+    pub ca_file: Option<String>,
 }
 
 /// The keys every target has; the kind's own keys stay in `settings` and are checked

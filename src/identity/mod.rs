@@ -12,7 +12,7 @@ mod presets;
 mod verifier;
 
 pub use presets::Preset;
-pub use verifier::Verifier;
+pub use verifier::{issuer_http_client, Verifier};
 
 use serde_json::{Map, Value};
 use std::sync::Arc;

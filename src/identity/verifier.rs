@@ -33,13 +33,36 @@ impl std::fmt::Debug for Verifier {
 /// The HTTP client used for discovery and JWKS: bounded timeouts, no redirects (a
 /// redirect could send the broker to an address the issuer does not own).
 pub fn http_client() -> reqwest::Client {
+    client_builder().build().unwrap_or_default()
+}
+
+fn client_builder() -> reqwest::ClientBuilder {
     reqwest::Client::builder()
         .connect_timeout(Duration::from_secs(5))
         .timeout(Duration::from_secs(10))
         .redirect(reqwest::redirect::Policy::none())
         .user_agent(concat!("latchkey/", env!("CARGO_PKG_VERSION")))
+}
+
+/// The client for one issuer: [`http_client`], also trusting the issuer's `ca_file`.
+/// Fails (naming the file, never its bytes) when the file cannot be read or holds no
+/// certificate; the server checks this before it starts.
+pub fn issuer_http_client(cfg: &IssuerConfig) -> Result<reqwest::Client, String> {
+    let Some(path) = &cfg.ca_file else {
+        return Ok(http_client());
+    };
+    let pem = std::fs::read(path)
+        .map_err(|e| format!("ca_file {}: cannot read: {}", path.display(), e.kind()))?;
+    let certs = reqwest::Certificate::from_pem_bundle(&pem)
+        .map_err(|_| format!("ca_file {}: not PEM certificates", path.display()))?;
+    if certs.is_empty() {
+        return Err(format!("ca_file {}: no certificate in it", path.display()));
+    }
+    certs
+        .into_iter()
+        .fold(client_builder(), |b, c| b.add_root_certificate(c))
         .build()
-        .unwrap_or_default()
+        .map_err(|e| format!("ca_file {}: {e}", path.display()))
 }
 
 impl Verifier {
@@ -51,7 +74,16 @@ impl Verifier {
             .iter()
             .map(|c| {
                 let cfg = Arc::new(c.clone());
-                let keys = Arc::new(IssuerKeys::new(cfg.clone(), http.clone(), clock.clone()));
+                // A ca_file that went bad after the start check: the issuer's fetches fail
+                // (it reports unready) rather than trusting less than configured silently.
+                let client = match &c.ca_file {
+                    None => http.clone(),
+                    Some(_) => issuer_http_client(c).unwrap_or_else(|e| {
+                        tracing::error!(issuer = %c.name, error = %e, "issuer CA file unusable");
+                        http.clone()
+                    }),
+                };
+                let keys = Arc::new(IssuerKeys::new(cfg.clone(), client, clock.clone()));
                 (c.issuer.clone(), Issuer { cfg, keys })
             })
             .collect();
@@ -199,6 +231,29 @@ mod tests {
     use crate::identity::Preset;
     use serde_json::json;
 
+    #[test]
+    fn issuer_ca_file_is_read_and_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = cfg();
+        assert!(issuer_http_client(&c).is_ok(), "no ca_file: public roots");
+        c.ca_file = Some(dir.path().join("missing.pem"));
+        let e = issuer_http_client(&c).unwrap_err();
+        assert!(
+            e.contains("missing.pem") && e.contains("cannot read"),
+            "{e}"
+        );
+        let junk = dir.path().join("junk.pem");
+        std::fs::write(&junk, "not a certificate").unwrap();
+        c.ca_file = Some(junk);
+        let e = issuer_http_client(&c).unwrap_err();
+        assert!(e.contains("junk.pem"), "{e}");
+        let good = dir.path().join("ca.pem");
+        let ca = rcgen::generate_simple_self_signed(vec!["kubernetes.default.svc".into()]).unwrap();
+        std::fs::write(&good, ca.cert.pem()).unwrap();
+        c.ca_file = Some(good);
+        assert!(issuer_http_client(&c).is_ok());
+    }
+
     fn cfg() -> IssuerConfig {
         IssuerConfig {
             name: "i".into(),
@@ -213,6 +268,7 @@ mod tests {
             jwks_cooldown: Duration::from_secs(30),
             jwks_max_staleness: Duration::from_secs(3600),
             max_mints_per_token: None,
+            ca_file: None,
         }
     }
 
