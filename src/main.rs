@@ -5,7 +5,18 @@ use latchkey::cli::{self, Cli, Command, LogFormat, PolicyCommand};
 
 fn main() {
     let args = Cli::parse();
-    latchkey::telemetry::init(args.log_format == LogFormat::Json, None);
+    // `serve` logs as its config's [log] says (`--log-format json` also turns JSON on); a
+    // config that does not load is reported by `serve` itself, with default logging.
+    let log = match &args.command {
+        Command::Serve(a) => latchkey::config::Config::load(&a.config)
+            .ok()
+            .map(|c| c.log),
+        _ => None,
+    };
+    latchkey::telemetry::init(
+        args.log_format == LogFormat::Json || log.as_ref().is_some_and(|l| l.json),
+        log.as_ref().and_then(|l| l.level.as_deref()),
+    );
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

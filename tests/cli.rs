@@ -631,3 +631,46 @@ async fn sighup_reloads_rules_and_refuses_a_bad_config() {
     tokio::task::block_in_place(|| sigterm(&mut server.0));
     assert_eq!(server.0.wait().unwrap().code(), Some(0));
 }
+
+/// The load generator runs (a second, against a broker it starts) and reports sane fields.
+/// Only that it works: its numbers are benchmarks, read from the README, never asserted.
+#[test]
+fn bench_runs_for_a_second_and_reports_sane_fields() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(BIN)
+        .args(["bench", "--duration", "1s", "--warmup", "200ms"])
+        .args([
+            "--concurrency",
+            "4",
+            "--connections",
+            "1",
+            "--format",
+            "json",
+        ])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(r["mints"].as_u64().unwrap() > 0, "{r}");
+    assert_eq!(r["errors_total"], 0, "{r}");
+    let l = &r["latency_ms"];
+    let p = |k: &str| l[k].as_f64().unwrap();
+    assert!(
+        0.0 < p("p50") && p("p50") <= p("p99") && p("p99") <= p("p99_9") && p("p99_9") <= p("max")
+    );
+    assert!(r["server"]["cpu_us_per_mint"].as_f64().unwrap() > 0.0);
+    assert!(r["server"]["rss_kib_peak"].as_u64().unwrap() > 1024);
+    assert!(r["crypto"]["verify_us"].as_f64().unwrap() > 0.0);
+    assert_eq!(
+        (r["caller_alg"].as_str(), r["minted_alg"].as_str()),
+        (Some("RS256"), Some("ES256"))
+    );
+    // The store is in the working directory, and the broker stopped with the run.
+    assert!(dir.path().join("latchkey-bench/latchkey.db").exists());
+    let pid = r["server"]["pid"].as_u64().unwrap();
+    assert!(
+        !Path::new(&format!("/proc/{pid}")).exists(),
+        "broker still running"
+    );
+}
