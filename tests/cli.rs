@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{free_port, wait_for_port};
+use common::{free_port, wait_for_port, Killed};
 
 use latchkey::devissuer::{DevIssuer, DEV_REPOSITORY};
 use latchkey::jose::Alg;
@@ -28,14 +28,6 @@ fn run(args: &[&str], envs: &[(&str, &str)]) -> Output {
 
 fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
-}
-
-struct Killed(Child);
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 fn sigterm(child: &mut Child) {

@@ -10,12 +10,13 @@ use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use common::{free_port, wait_for_port};
+use common::fakes::bearer;
+use common::{free_port, wait_for_port, Killed};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::sync::{Arc, Mutex};
 use yaml_rust2::{Yaml, YamlLoader};
 
@@ -468,14 +469,6 @@ struct Targets {
     issuer: String,
 }
 
-fn bearer(h: &HeaderMap) -> Option<String> {
-    h.get("authorization")?
-        .to_str()
-        .ok()?
-        .strip_prefix("Bearer ")
-        .map(str::to_string)
-}
-
 /// Pulsar with `tokenPublicKey` = the exported key, RS256, and the default `sub` role claim:
 /// a token is accepted when it verifies and has not expired (Pulsar requires nothing else).
 async fn pulsar_stats(State(t): State<Targets>, h: HeaderMap) -> (StatusCode, Json<Value>) {
@@ -540,14 +533,6 @@ async fn airflow_dag_run(
                 Json(json!({"detail": "unauthorized"})),
             )
         }
-    }
-}
-
-struct Killed(Child);
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
     }
 }
 

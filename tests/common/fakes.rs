@@ -151,7 +151,8 @@ fn violation(app: &App, msg: String) -> Response {
         .into_response()
 }
 
-fn bearer(h: &HeaderMap) -> Option<String> {
+/// The token of an `Authorization: Bearer …` header.
+pub fn bearer(h: &HeaderMap) -> Option<String> {
     h.get("authorization")?
         .to_str()
         .ok()?
