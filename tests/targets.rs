@@ -468,6 +468,9 @@ root_rotation = "720h"
         url = fake.url
     );
     extra += &allow("vercel", "vercel", &["deploy"]);
+    // This test drives the root rotation itself: the broker's own scheduler would rotate a
+    // never-rotated root at its first pass, racing the mint below on a loaded machine.
+    extra += "\n[rotation]\nscheduler = false\n";
     let env = start(&extra).await;
     let caller = env.token("main");
     let now = SystemClock.now();
