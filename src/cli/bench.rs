@@ -311,32 +311,52 @@ struct Tally {
     errors: BTreeMap<String, u64>,
 }
 
-/// One request of the chosen protocol with token `i`: Ok, or the error code.
+/// Drives one protocol; the callers' tokens are prepared once, not per request.
 enum Driver {
-    Grpc(Vec<pb::credential_broker_client::CredentialBrokerClient<tonic::transport::Channel>>),
-    Http(reqwest::Client, String),
+    Grpc {
+        clients:
+            Vec<pb::credential_broker_client::CredentialBrokerClient<tonic::transport::Channel>>,
+        /// `Bearer <token>` per token, ready as metadata.
+        auth: Vec<tonic::metadata::AsciiMetadataValue>,
+    },
+    Http {
+        client: reqwest::Client,
+        url: String,
+        tokens: Vec<String>,
+    },
 }
 
 impl Driver {
-    async fn once(&self, worker: usize, token: &str) -> Result<(), String> {
+    fn tokens(&self) -> usize {
         match self {
-            Driver::Grpc(clients) => {
+            Driver::Grpc { auth, .. } => auth.len(),
+            Driver::Http { tokens, .. } => tokens.len(),
+        }
+    }
+
+    /// One request from `worker` with token `i`: Ok, or the error code.
+    async fn once(&self, worker: usize, i: usize) -> Result<(), String> {
+        match self {
+            Driver::Grpc { clients, auth } => {
                 let mut c = clients[worker % clients.len()].clone();
                 let mut req = tonic::Request::new(pb::MintRequest {
                     target: "bench".into(),
                     ..Default::default()
                 });
-                let v = format!("Bearer {token}")
-                    .parse()
-                    .map_err(|_| "bad token".to_string())?;
-                req.metadata_mut().insert("authorization", v);
+                req.metadata_mut()
+                    .insert("authorization", auth[i % auth.len()].clone());
                 match c.mint(req).await {
                     Ok(r) if r.get_ref().credential.is_some() => Ok(()),
                     Ok(_) => Err("no credential".into()),
                     Err(s) => Err(format!("{:?}", s.code())),
                 }
             }
-            Driver::Http(client, url) => {
+            Driver::Http {
+                client,
+                url,
+                tokens,
+            } => {
+                let token = tokens[i % tokens.len()].as_str();
                 let r = client
                     .post(url)
                     .form(&[
@@ -374,15 +394,13 @@ async fn bench(args: &Args) -> anyhow::Result<Value> {
     let issuer = DevIssuer::spawn("127.0.0.1:0".parse()?, args.caller_alg.alg()).await?;
     // Tokens valid for the whole run, one per in-flight request slot (so the replay guard,
     // were it on, and per-token caches see many tokens).
-    let tokens: Arc<Vec<String>> = Arc::new(
-        (0..args.concurrency.max(64))
-            .map(|_| {
-                let mut c = issuer.bitbucket_claims("main");
-                c["exp"] = json!(c["iat"].as_i64().unwrap_or(0) + 3 * 3600);
-                issuer.sign(&c)
-            })
-            .collect(),
-    );
+    let tokens: Vec<String> = (0..args.concurrency.max(64))
+        .map(|_| {
+            let mut c = issuer.bitbucket_claims("main");
+            c["exp"] = json!(c["iat"].as_i64().unwrap_or(0) + 3 * 3600);
+            issuer.sign(&c)
+        })
+        .collect();
     let (broker, grpc, http) = start_broker(args, &issuer).await?;
     let pid = broker.pid();
     let driver = Arc::new(match args.protocol {
@@ -398,16 +416,21 @@ async fn bench(args: &Args) -> anyhow::Result<Value> {
                     ch,
                 ));
             }
-            Driver::Grpc(clients)
+            let auth = tokens
+                .iter()
+                .map(|t| format!("Bearer {t}").parse())
+                .collect::<Result<_, _>>()?;
+            Driver::Grpc { clients, auth }
         }
-        Protocol::Http => Driver::Http(
-            reqwest::Client::builder()
+        Protocol::Http => Driver::Http {
+            client: reqwest::Client::builder()
                 .pool_max_idle_per_host(args.concurrency)
                 .tcp_nodelay(true)
                 .timeout(Duration::from_secs(30))
                 .build()?,
-            format!("http://127.0.0.1:{http}/v1/token"),
-        ),
+            url: format!("http://127.0.0.1:{http}/v1/token"),
+            tokens,
+        },
     });
 
     let start = Instant::now();
@@ -418,7 +441,7 @@ async fn bench(args: &Args) -> anyhow::Result<Value> {
         .collect();
     let mut workers = Vec::new();
     for (w, tally) in tallies.iter().enumerate() {
-        let (driver, tokens, tally) = (driver.clone(), tokens.clone(), tally.clone());
+        let (driver, tally) = (driver.clone(), tally.clone());
         workers.push(tokio::spawn(async move {
             let mut local = Tally::default();
             let mut i = w;
@@ -427,8 +450,8 @@ async fn bench(args: &Args) -> anyhow::Result<Value> {
                 if t0 >= end {
                     break;
                 }
-                let r = driver.once(w, &tokens[i % tokens.len()]).await;
-                i += tokens.len() / 7 + 1;
+                let r = driver.once(w, i).await;
+                i += driver.tokens() / 7 + 1;
                 if t0 < measure_from {
                     continue;
                 }

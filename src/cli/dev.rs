@@ -180,7 +180,7 @@ pub async fn run(args: Args) -> anyhow::Result<i32> {
     std::fs::create_dir_all(&args.state_dir)?;
     let key_file = args.state_dir.join("master.key");
     if !key_file.exists() {
-        write_private(&key_file, MasterKey::generate().to_base64().expose())?;
+        super::write_private(&key_file, MasterKey::generate().to_base64().expose(), true)?;
     }
     let issuer = DevIssuer::spawn(args.issuer_addr, Alg::RS256).await?;
     let cfg_path = args.state_dir.join("latchkey.toml");
@@ -235,19 +235,6 @@ Minted tokens verify against http://{http}/.well-known/jwks.json
         cfg = cfg_path.display(),
     );
     super::serve::serve_until_signal(&cfg, &master, None).await
-}
-
-fn write_private(path: &Path, contents: &str) -> std::io::Result<()> {
-    use std::io::Write;
-    let mut opts = std::fs::OpenOptions::new();
-    opts.write(true).create_new(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        opts.mode(0o600);
-    }
-    let mut f = opts.open(path)?;
-    f.write_all(contents.as_bytes())
 }
 
 #[cfg(test)]

@@ -74,7 +74,7 @@ pub async fn run(args: Args) -> i32 {
                 print!("{out}");
                 0
             }
-            Some(path) => match write_private(path, &out) {
+            Some(path) => match super::write_private(path, &out, false) {
                 Ok(()) => 0,
                 Err(e) => {
                     eprintln!("error: cannot write {}: {}", path.display(), e.kind());
@@ -201,22 +201,6 @@ pub fn render(c: &pb::Credential, lease: &pb::Lease, lease_secret: &str, format:
             )
         }
     }
-}
-
-/// Writes `contents` to `path` readable by its owner only (the mode is set before the
-/// credential is written, also when the file already existed).
-fn write_private(path: &std::path::Path, contents: &str) -> std::io::Result<()> {
-    use std::io::Write;
-    let mut opts = std::fs::OpenOptions::new();
-    opts.write(true).create(true).truncate(true);
-    #[cfg(unix)]
-    std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
-    let mut f = opts.open(path)?;
-    #[cfg(unix)]
-    f.set_permissions(
-        <std::fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(0o600),
-    )?;
-    f.write_all(contents.as_bytes())
 }
 
 fn shell_quote(s: &str) -> String {

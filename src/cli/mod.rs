@@ -140,3 +140,29 @@ fn non_empty(t: String, origin: &str) -> Result<crate::secret::SecretString, Str
     }
     Ok(t)
 }
+
+/// Writes `contents` to `path` readable by its owner only: the mode is set before anything
+/// is written, also when the file already existed. With `create_new`, an existing file is
+/// an error instead of being replaced (a master key is never overwritten).
+pub(crate) fn write_private(
+    path: &std::path::Path,
+    contents: &str,
+    create_new: bool,
+) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true);
+    if create_new {
+        opts.create_new(true);
+    } else {
+        opts.create(true).truncate(true);
+    }
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
+    let mut f = opts.open(path)?;
+    #[cfg(unix)]
+    f.set_permissions(
+        <std::fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(0o600),
+    )?;
+    f.write_all(contents.as_bytes())
+}
