@@ -569,7 +569,7 @@ async fn report_health(
 /// makes, under the same lock.
 async fn run_scheduler(broker: Arc<Broker>, interval: Duration, mut stop: watch::Receiver<bool>) {
     loop {
-        let id = uuid::Uuid::new_v4().to_string();
+        let id = crate::clock::new_id();
         if let Err(e) = broker
             .run_due(crate::broker::RotationCaller::Scheduler, &id)
             .await

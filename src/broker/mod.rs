@@ -465,7 +465,7 @@ impl Broker {
         reason: &str,
         context: BTreeMap<String, String>,
     ) -> Result<(), BrokerError> {
-        let id = uuid::Uuid::new_v4().to_string();
+        let id = crate::clock::new_id();
         let mut entry = self.entry("config_reload", &id, None, "", &[]);
         entry.outcome = if applied { "allowed" } else { "denied" }.into();
         entry.reason = Some(truncate(reason, 1024));
@@ -811,7 +811,7 @@ impl Broker {
                 return self.fail(entry, e.into(), started).await;
             }
         }
-        let lease_id = uuid::Uuid::new_v4().to_string();
+        let lease_id = crate::clock::new_id();
         let ctx = MintContext {
             identity: &identity,
             scopes: &allowed.scopes,

@@ -373,6 +373,7 @@ mod tests {
     #[test]
     fn ids_must_be_uuids() {
         assert!(valid_id(&uuid::Uuid::new_v4().to_string()));
+        assert!(valid_id(&crate::clock::new_id()));
         assert!(!valid_id("x"));
         assert!(!valid_id("'; DROP TABLE leases; --xxxxxxxxxxxxxxxxx"));
     }

@@ -173,7 +173,7 @@ impl Reaper {
     fn expiry_entry(&self, l: &LeaseRecord) -> AuditEntry {
         AuditEntry {
             time_ms: self.0.clock.now_ms(),
-            request_id: format!("reaper-{}", uuid::Uuid::new_v4()),
+            request_id: format!("reaper-{}", crate::clock::new_id()),
             action: "expire".into(),
             outcome: "allowed".into(),
             issuer: Some(l.issuer.clone()),
@@ -293,7 +293,7 @@ impl Reaper {
                         tracing::warn!(target = %target, credential = %handle, "removed an upstream credential no lease owned");
                         let entry = AuditEntry {
                             time_ms: self.0.clock.now_ms(),
-                            request_id: format!("reaper-{}", uuid::Uuid::new_v4()),
+                            request_id: format!("reaper-{}", crate::clock::new_id()),
                             action: "reconcile".into(),
                             outcome: "allowed".into(),
                             target: Some(target.clone()),

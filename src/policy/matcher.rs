@@ -64,11 +64,11 @@ impl ClaimPath {
             ClaimPath::Pointer(p) => {
                 let mut parts = p[1..].split('/');
                 let first = unescape(parts.next()?);
-                let mut v = claims.get(first.as_str())?;
+                let mut v = claims.get(first.as_ref())?;
                 for part in parts {
                     let part = unescape(part);
                     v = match v {
-                        Value::Object(m) => m.get(part.as_str())?,
+                        Value::Object(m) => m.get(part.as_ref())?,
                         Value::Array(a) => a.get(part.parse::<usize>().ok()?)?,
                         _ => return None,
                     };
@@ -79,8 +79,12 @@ impl ClaimPath {
     }
 }
 
-fn unescape(s: &str) -> String {
-    s.replace("~1", "/").replace("~0", "~")
+fn unescape(s: &str) -> std::borrow::Cow<'_, str> {
+    if s.contains('~') {
+        s.replace("~1", "/").replace("~0", "~").into()
+    } else {
+        s.into()
+    }
 }
 
 impl fmt::Display for ClaimPath {

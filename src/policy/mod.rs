@@ -12,6 +12,7 @@ mod matcher;
 pub use matcher::{ClaimPath, Matcher, MatcherError};
 
 use serde_json::{Map, Value};
+use std::borrow::Cow;
 use std::collections::{BTreeSet, HashMap};
 use std::time::Duration;
 
@@ -170,13 +171,82 @@ pub type Decision = Result<Allowed, Denied>;
 #[derive(Debug, Clone, Default)]
 pub struct Policy {
     rules: Vec<Rule>,
-    /// issuer -> target -> indexes of rules that mention that target (allow grants or
-    /// targeted denies), in configuration order.
-    by_target: HashMap<String, HashMap<String, Vec<usize>>>,
+    /// issuer -> target -> the rules that mention that target (allow grants or targeted
+    /// denies).
+    by_target: HashMap<String, HashMap<String, Bucket>>,
     /// issuer -> deny rules with no target list (they refuse everything).
     deny_all: HashMap<String, Vec<usize>>,
     /// issuer -> allow rules granting any role.
     with_roles: HashMap<String, Vec<usize>>,
+}
+
+/// The rules of one issuer that mention one target, indexed on their exact-valued claims:
+/// a rule whose conditions include `claim = "value"` (or an any-of exact values) can only
+/// match a caller carrying that value, so a decision looks it up instead of trying the
+/// rule. Many rules per target (one per repository, say) then cost one hash lookup.
+#[derive(Debug, Clone, Default)]
+struct Bucket {
+    /// Every rule, in configuration order (what `explain` walks).
+    all: Vec<usize>,
+    /// Rules without an exact-valued condition: always candidates.
+    unkeyed: Vec<usize>,
+    /// Claim path -> value -> rules whose first exact-valued condition is on that path
+    /// and accepts that value.
+    keyed: Vec<(ClaimPath, HashMap<String, Vec<usize>>)>,
+}
+
+impl Bucket {
+    fn push(&mut self, i: usize, rule: &Rule) {
+        self.all.push(i);
+        let key = rule.claims.iter().find_map(|(path, m)| {
+            let values: Option<Vec<&str>> = match m {
+                Matcher::Exact(v) => Some(vec![v.as_str()]),
+                Matcher::AnyOf(items) => items
+                    .iter()
+                    .map(|m| match m {
+                        Matcher::Exact(v) => Some(v.as_str()),
+                        _ => None,
+                    })
+                    .collect(),
+                _ => None,
+            };
+            values.map(|v| (path, v))
+        });
+        let Some((path, values)) = key else {
+            self.unkeyed.push(i);
+            return;
+        };
+        let slot = match self.keyed.iter().position(|(p, _)| p == path) {
+            Some(at) => at,
+            None => {
+                self.keyed.push((path.clone(), HashMap::new()));
+                self.keyed.len() - 1
+            }
+        };
+        let by_value = &mut self.keyed[slot].1;
+        for v in values {
+            let rules = by_value.entry(v.to_string()).or_default();
+            if rules.last() != Some(&i) {
+                rules.push(i);
+            }
+        }
+    }
+
+    /// The rules that can match `claims`, in configuration order.
+    fn candidates(&self, claims: &Map<String, Value>) -> Vec<usize> {
+        let mut out = self.unkeyed.clone();
+        for (path, by_value) in &self.keyed {
+            if let Some(Value::String(v)) = path.lookup(claims) {
+                if let Some(rules) = by_value.get(v.as_str()) {
+                    out.extend_from_slice(rules);
+                }
+            }
+        }
+        if out.len() > self.unkeyed.len() {
+            out.sort_unstable();
+        }
+        out
+    }
 }
 
 /// A decision with the reasoning behind it, for `Explain` and `policy test`.
@@ -207,7 +277,7 @@ impl Policy {
             let mut seen = BTreeSet::new();
             for t in targets {
                 if seen.insert(t) {
-                    per_issuer.entry(t.to_string()).or_default().push(i);
+                    per_issuer.entry(t.to_string()).or_default().push(i, r);
                 }
             }
             if r.effect == Effect::Allow && !r.roles.is_empty() {
@@ -280,14 +350,15 @@ impl Policy {
         let none = Vec::new();
         let targeted = target
             .and_then(|t| self.by_target.get(issuer).and_then(|m| m.get(t)))
-            .unwrap_or(&none);
+            .map(|b| b.candidates(claims))
+            .unwrap_or_default();
         let denies = self.deny_all.get(issuer).unwrap_or(&none).iter().chain(
             targeted
                 .iter()
                 .filter(|&&i| self.rules[i].effect == Effect::Deny),
         );
         for &i in denies {
-            if self.rules[i].matches(claims).is_ok() {
+            if self.rules[i].holds(claims) {
                 return Err(Denied::DenyRule {
                     rule: self.rules[i].name.clone(),
                 });
@@ -301,7 +372,7 @@ impl Policy {
             };
             if covers
                 && (r.roles.contains(&role) || r.roles.contains(&Role::Admin))
-                && r.matches(claims).is_ok()
+                && r.holds(claims)
             {
                 return Ok(());
             }
@@ -319,11 +390,17 @@ impl Policy {
     ) -> Decision {
         let none = Vec::new();
         let deny_all = self.deny_all.get(issuer).unwrap_or(&none);
-        let targeted = self
+        let empty = Bucket::default();
+        let bucket = self
             .by_target
             .get(issuer)
             .and_then(|m| m.get(req.target))
-            .unwrap_or(&none);
+            .unwrap_or(&empty);
+        // A trace shows every rule; a decision tries only those the index leaves.
+        let targeted: Cow<'_, [usize]> = match trace {
+            Some(_) => Cow::Borrowed(&bucket.all),
+            None => Cow::Owned(bucket.candidates(claims)),
+        };
         if let Some(t) = trace.as_deref_mut() {
             if deny_all.is_empty() && targeted.is_empty() {
                 t.push(format!(
@@ -335,35 +412,35 @@ impl Policy {
 
         let mut denied_by: Option<&str> = None;
         let mut matched: Vec<&Rule> = Vec::new();
-        let mut first_failure: Option<String> = None;
         for &i in deny_all.iter().chain(targeted.iter()) {
             let rule = &self.rules[i];
-            let outcome = rule.matches(claims);
-            if let Some(t) = trace.as_deref_mut() {
-                let effect = match rule.effect {
-                    Effect::Allow => "allow",
-                    Effect::Deny => "deny",
-                };
-                t.push(match &outcome {
-                    Ok(held) => format!(
-                        "rule {} ({effect}): matched: {}",
-                        rule.name,
-                        held.join("; ")
-                    ),
-                    Err(failed) => format!("rule {} ({effect}): not matched: {failed}", rule.name),
-                });
-            }
-            match outcome {
-                Ok(_) => match rule.effect {
+            let held = match trace.as_deref_mut() {
+                None => rule.holds(claims),
+                Some(t) => {
+                    let outcome = rule.matches(claims);
+                    let effect = match rule.effect {
+                        Effect::Allow => "allow",
+                        Effect::Deny => "deny",
+                    };
+                    t.push(match &outcome {
+                        Ok(held) => format!(
+                            "rule {} ({effect}): matched: {}",
+                            rule.name,
+                            held.join("; ")
+                        ),
+                        Err(failed) => {
+                            format!("rule {} ({effect}): not matched: {failed}", rule.name)
+                        }
+                    });
+                    outcome.is_ok()
+                }
+            };
+            if held {
+                match rule.effect {
                     Effect::Deny => {
                         denied_by.get_or_insert(&rule.name);
                     }
                     Effect::Allow => matched.push(rule),
-                },
-                Err(failed) => {
-                    if rule.effect == Effect::Allow && first_failure.is_none() {
-                        first_failure = Some(format!("rule {}: {failed}", rule.name));
-                    }
                 }
             }
         }
@@ -382,9 +459,21 @@ impl Policy {
             })
             .collect();
         if grants.is_empty() {
+            // Every allow rule for this target failed: the hint is the first one's first
+            // failing clause, in configuration order (found only now, on the denial path).
+            let hint = bucket
+                .all
+                .iter()
+                .map(|&i| &self.rules[i])
+                .find(|r| r.effect == Effect::Allow)
+                .and_then(|r| {
+                    r.matches(claims)
+                        .err()
+                        .map(|f| format!("rule {}: {f}", r.name))
+                });
             return Err(Denied::NoRuleMatched {
                 target: req.target.to_string(),
-                hint: first_failure,
+                hint,
             });
         }
 
@@ -451,6 +540,17 @@ impl Policy {
 }
 
 impl Rule {
+    /// Whether every claim matcher holds (what [`Rule::matches`] decides, without the
+    /// descriptions).
+    pub fn holds(&self, claims: &Map<String, Value>) -> bool {
+        self.claims
+            .iter()
+            .all(|(path, m)| match path.lookup(claims) {
+                Some(Value::String(v)) => m.matches(v),
+                _ => false,
+            })
+    }
+
     /// Checks every claim matcher. `Ok` lists what held; `Err` names the first clause that
     /// failed and why.
     pub fn matches(&self, claims: &Map<String, Value>) -> Result<Vec<String>, String> {

@@ -459,6 +459,19 @@ proptest! {
     }
 
     #[test]
+    fn prop_the_index_decides_as_a_full_scan(rules in arb_rules(), c in arb_claims(), pick in proptest::collection::vec("[rwx]", 0..3)) {
+        // `explain` tries every rule in order; `decide` only those its exact-value index
+        // leaves. Same decision, same hint, always.
+        let p = Policy::new(rules);
+        let pick: Vec<String> = pick;
+        for scopes in [&[][..], &pick[..]] {
+            let d = p.decide("bb", &c, LIMITS, req("t", scopes, None));
+            let e = p.explain("bb", &c, LIMITS, req("t", scopes, None));
+            prop_assert_eq!(d, e.decision);
+        }
+    }
+
+    #[test]
     fn prop_no_matching_allow_means_deny(rules in arb_rules(), c in arb_claims()) {
         let p = Policy::new(rules.clone());
         let any_allow = rules.iter().any(|r| r.effect == Effect::Allow && r.matches(&c).is_ok());
@@ -513,4 +526,82 @@ fn lifetime_cap_is_the_smallest_contributing_and_bounds_the_ttl() {
         "ttl never exceeds the lifetime"
     );
     assert_eq!(a.max_ttl, Duration::from_secs(60));
+}
+
+#[test]
+fn exact_valued_rules_are_indexed_without_changing_decisions() {
+    let mut rules: Vec<Rule> = (0..1000)
+        .map(|i| {
+            allow(
+                &format!("repo{i}"),
+                vec![
+                    ("branch", Matcher::glob("*").unwrap()),
+                    ("repo", exact(&format!("{{r{i}}}"))),
+                ],
+                "t",
+                &["read"],
+                None,
+            )
+        })
+        .collect();
+    rules.push(allow(
+        "release",
+        vec![("branch", Matcher::glob("release/*").unwrap())],
+        "t",
+        &["write"],
+        None,
+    ));
+    rules.push(allow(
+        "pair",
+        vec![(
+            "/ctx/repo",
+            Matcher::any_of(vec![exact("{r7}"), exact("{r8}"), exact("{r7}")]).unwrap(),
+        )],
+        "t",
+        &["admin"],
+        Some(60),
+    ));
+    rules.push(deny("frozen", vec![("repo", exact("{r9}"))], &["t"]));
+    let p = Policy::new(rules);
+
+    let c = claims(json!({"repo": "{r7}", "branch": "release/2", "ctx": {"repo": "{r7}"}}));
+    let a = p.decide("bb", &c, LIMITS, req("t", &[], None)).unwrap();
+    assert_eq!(a.rule, "repo7,release,pair", "configuration order");
+    assert_eq!(a.scopes, ["admin", "read", "write"]);
+    assert_eq!(a.max_ttl, Duration::from_secs(60));
+
+    let c = claims(json!({"repo": "{r999}", "branch": "main"}));
+    assert_eq!(
+        p.decide("bb", &c, LIMITS, req("t", &[], None))
+            .unwrap()
+            .rule,
+        "repo999"
+    );
+
+    let c = claims(json!({"repo": "{r9}", "branch": "main"}));
+    assert_eq!(
+        p.decide("bb", &c, LIMITS, req("t", &[], None)),
+        Err(Denied::DenyRule {
+            rule: "frozen".into()
+        })
+    );
+
+    // No rule holds: the hint is still the first rule's first failing clause.
+    let c = claims(json!({"repo": "{nope}", "branch": "main"}));
+    let d = p.decide("bb", &c, LIMITS, req("t", &[], None));
+    assert_eq!(d, p.explain("bb", &c, LIMITS, req("t", &[], None)).decision);
+    match d {
+        Err(Denied::NoRuleMatched { hint: Some(h), .. }) => {
+            assert!(h.starts_with("rule repo0: claim repo"), "{h}")
+        }
+        other => panic!("{other:?}"),
+    }
+    // A non-string value under an indexed claim matches nothing.
+    let c = claims(json!({"repo": 7, "branch": "release/1"}));
+    assert_eq!(
+        p.decide("bb", &c, LIMITS, req("t", &[], None))
+            .unwrap()
+            .rule,
+        "release"
+    );
 }

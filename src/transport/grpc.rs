@@ -121,7 +121,7 @@ pub(crate) fn ttl_from_pb(d: Option<prost_types::Duration>) -> Result<Option<Dur
 }
 
 pub(crate) fn request_id() -> String {
-    uuid::Uuid::new_v4().to_string()
+    crate::clock::new_id()
 }
 
 pub(crate) fn with_id<T>(mut resp: Response<T>, id: &str) -> Response<T> {
