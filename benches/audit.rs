@@ -33,7 +33,7 @@ fn entry(i: u64, total: u64) -> AuditEntry {
     let time_ms = T0 + (i as i64) * (DAYS * DAY_MS / total.max(1) as i64).max(1);
     AuditEntry {
         time_ms,
-        request_id: format!("req-{i}"),
+        request_id: latchkey::clock::new_id(),
         action: "mint".into(),
         outcome: if i % 10 == 0 { "denied" } else { "allowed" }.into(),
         issuer: Some("bb".into()),
@@ -48,7 +48,7 @@ fn entry(i: u64, total: u64) -> AuditEntry {
         granted_scopes: vec!["orders:read".into()],
         ttl_secs: Some(300),
         rule: Some("orders-main".into()),
-        lease_id: Some(format!("lease-{i}")),
+        lease_id: Some(latchkey::clock::new_id()),
         credential_fingerprint: Some(latchkey::jose::sha256_hex(i.to_be_bytes())),
         claims: serde_json::json!({
             "repositoryUuid": format!("{{repo-{repo}}}"),

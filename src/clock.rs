@@ -72,6 +72,14 @@ pub fn rfc3339(secs: i64) -> String {
     humantime::format_rfc3339_seconds(t).to_string()
 }
 
+/// A new identifier for a lease or a request: a UUIDv7 (48 bits of milliseconds, then 74
+/// random bits). Time-ordered, so the store's indexes on these ids grow at their end
+/// instead of dirtying a random page per insert (which made every group commit write a
+/// WAL frame per record per index); still unguessable.
+pub fn new_id() -> String {
+    uuid::Uuid::now_v7().to_string()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -96,12 +104,4 @@ mod tests {
         assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
         assert_eq!(rfc3339(-5), "1970-01-01T00:00:00Z");
     }
-}
-
-/// A new identifier for a lease or a request: a UUIDv7 (48 bits of milliseconds, then 74
-/// random bits). Time-ordered, so the store's indexes on these ids grow at their end
-/// instead of dirtying a random page per insert (which made every group commit write a
-/// WAL frame per record per index); still unguessable.
-pub fn new_id() -> String {
-    uuid::Uuid::now_v7().to_string()
 }

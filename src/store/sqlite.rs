@@ -51,7 +51,6 @@ CREATE TABLE IF NOT EXISTS audit (
     hash TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS audit_time ON audit(time_ms);
-CREATE INDEX IF NOT EXISTS audit_identity ON audit(identity_key, time_ms);
 CREATE INDEX IF NOT EXISTS audit_target ON audit(target, time_ms);
 CREATE TRIGGER IF NOT EXISTS audit_no_update BEFORE UPDATE ON audit
     BEGIN SELECT RAISE(ABORT, 'audit records are append-only'); END;
@@ -162,9 +161,11 @@ struct MintWrite {
 
 /// Writes that share one transaction (group commit).
 enum Write {
-    Append(Box<Prepared>, Reply<Appended>),
+    // Shared with the caller, who drops the last reference once answered: freeing a
+    // record's strings and claims is the caller's work, not the one writer thread's.
+    Append(Arc<Prepared>, Reply<Appended>),
     Mint(
-        Box<MintWrite>,
+        Arc<MintWrite>,
         oneshot::Sender<Result<Appended, CommitError>>,
     ),
     Changes(Vec<(LeaseChange, Option<Prepared>)>, Reply<Vec<bool>>),
@@ -233,6 +234,7 @@ impl SqliteStore {
     pub fn open(cfg: &Config) -> Result<SqliteStore, StoreError> {
         let conn = open_conn(&cfg.path, cfg.busy_timeout)?;
         let head = load_head(&conn)?;
+        let terms_through = audit::meta_int(&conn, audit::TERMS_THROUGH)?.min(head.0);
         let (tx, rx) = mpsc::channel();
         let head_tx = Arc::new(watch::channel(head.0).0);
         let notify = head_tx.clone();
@@ -244,6 +246,8 @@ impl SqliteStore {
                 Writer {
                     conn,
                     head,
+                    terms_through,
+                    terms_at: std::time::Instant::now(),
                     notify,
                     metrics: writer_metrics,
                 }
@@ -378,6 +382,10 @@ fn migrate_signing_keys(conn: &Connection) -> Result<(), StoreError> {
 struct Writer {
     conn: Connection,
     head: (i64, String),
+    /// Records up to this sequence number have their search terms indexed.
+    terms_through: i64,
+    /// When terms were last indexed.
+    terms_at: std::time::Instant,
     /// Tells followers (tail, checkpointer) the committed head moved.
     notify: Arc<watch::Sender<i64>>,
     metrics: Arc<std::sync::OnceLock<crate::metrics::StoreMetrics>>,
@@ -386,7 +394,28 @@ struct Writer {
 impl Writer {
     fn run(mut self, rx: mpsc::Receiver<Cmd>) {
         let mut deferred: Vec<Cmd> = Vec::new();
-        while let Ok(first) = rx.recv() {
+        // Records written before a restart (or by an older version) get their terms first.
+        while self.terms_through < self.head.0 {
+            if !self.index_terms() {
+                break;
+            }
+        }
+        loop {
+            let first = if self.terms_through < self.head.0 {
+                match rx.recv_timeout(audit::TERMS_EVERY) {
+                    Ok(cmd) => cmd,
+                    Err(mpsc::RecvTimeoutError::Timeout) => {
+                        self.index_terms();
+                        continue;
+                    }
+                    Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                }
+            } else {
+                match rx.recv() {
+                    Ok(cmd) => cmd,
+                    Err(_) => break,
+                }
+            };
             let mut batch = Vec::new();
             match first {
                 // A rotation step may fail on its own (conflict): it gets its own
@@ -409,6 +438,31 @@ impl Writer {
             }
             for cmd in deferred.drain(..) {
                 self.handle(cmd);
+            }
+            let behind = self.head.0 - self.terms_through;
+            if behind >= audit::TERMS_BATCH
+                || (behind > 0 && self.terms_at.elapsed() >= audit::TERMS_EVERY)
+            {
+                self.index_terms();
+            }
+        }
+    }
+
+    /// Indexes the search terms of the next records after `terms_through` (at most
+    /// [`audit::TERMS_BATCH`] of them) in one transaction. Answers whether it did; a
+    /// failure (the store is read-only, the disk is full) is logged and retried later,
+    /// and queries meanwhile scan the records not yet indexed.
+    fn index_terms(&mut self) -> bool {
+        self.terms_at = std::time::Instant::now();
+        let to = self.head.0.min(self.terms_through + audit::TERMS_BATCH);
+        match audit::index_terms(&mut self.conn, self.terms_through, to) {
+            Ok(()) => {
+                self.terms_through = to;
+                true
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, through = self.terms_through, "audit search terms not indexed yet; queries scan the newest records");
+                false
             }
         }
     }
@@ -451,10 +505,12 @@ impl Writer {
                 self.head = head;
                 for (w, d) in batch.into_iter().zip(done) {
                     match (w, d) {
-                        (Write::Append(_, r), Done::Append(a)) => {
+                        (Write::Append(p, r), Done::Append(a)) => {
+                            drop(p);
                             let _ = r.send(Ok(a));
                         }
-                        (Write::Mint(_, r), Done::Mint(a)) => {
+                        (Write::Mint(m, r), Done::Mint(a)) => {
+                            drop(m);
                             let _ = r.send(a);
                         }
                         (Write::Changes(_, r), Done::Changes(a)) => {
@@ -476,10 +532,12 @@ impl Writer {
                 }
                 for w in batch {
                     match w {
-                        Write::Append(_, r) => {
+                        Write::Append(p, r) => {
+                            drop(p);
                             let _ = r.send(Err(e.clone()));
                         }
-                        Write::Mint(_, r) => {
+                        Write::Mint(m, r) => {
+                            drop(m);
                             let _ = r.send(Err(CommitError::Store(e.clone())));
                         }
                         Write::Changes(_, r) => {
@@ -532,40 +590,41 @@ fn append_row(
     let seq = head.0 + 1;
     let hash = crate::audit::record_hash_from_json(seq, &head.1, &p.entry_json);
     let e = &p.entry;
-    conn.prepare_cached(&format!(
-        "INSERT INTO audit ({AUDIT_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22, ?23, ?24, ?25, ?26)"
-    ))
-    .and_then(|mut stmt| {
-        stmt.execute(params![
-            seq,
-            e.time_ms,
-            e.request_id,
-            e.action,
-            e.outcome,
-            e.issuer,
-            e.identity_key,
-            e.subject,
-            e.repository,
-            e.git_ref,
-            e.environment,
-            e.pipeline,
-            e.token_fingerprint,
-            e.target,
-            p.requested_scopes,
-            p.granted_scopes,
-            e.ttl_secs,
-            e.rule,
-            e.reason,
-            e.lease_id,
-            e.credential_jti,
-            e.credential_fingerprint,
-            p.context,
-            p.claims,
-            head.1,
-            hash,
-        ])
-    })
-    .map_err(unavailable)?;
+    static INSERT: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+        format!("INSERT INTO audit ({AUDIT_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22, ?23, ?24, ?25, ?26)")
+    });
+    conn.prepare_cached(&INSERT)
+        .and_then(|mut stmt| {
+            stmt.execute(params![
+                seq,
+                e.time_ms,
+                e.request_id,
+                e.action,
+                e.outcome,
+                e.issuer,
+                e.identity_key,
+                e.subject,
+                e.repository,
+                e.git_ref,
+                e.environment,
+                e.pipeline,
+                e.token_fingerprint,
+                e.target,
+                p.requested_scopes,
+                p.granted_scopes,
+                e.ttl_secs,
+                e.rule,
+                e.reason,
+                e.lease_id,
+                e.credential_jti,
+                e.credential_fingerprint,
+                p.context,
+                p.claims,
+                head.1,
+                hash,
+            ])
+        })
+        .map_err(unavailable)?;
     *head = (seq, hash.clone());
     Ok(Appended { seq, hash })
 }
@@ -625,36 +684,37 @@ fn apply_mint(
 }
 
 fn insert_lease(conn: &Connection, l: &LeaseRecord) -> Result<(), StoreError> {
-    conn.prepare_cached(&format!(
-        "INSERT INTO leases ({LEASE_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21)"
-    ))
-    .and_then(|mut s| {
-        s.execute(params![
-            l.id,
-            l.issuer,
-            l.identity_key,
-            l.subject,
-            l.repository,
-            l.target,
-            l.kind,
-            l.rule,
-            json(&l.scopes),
-            l.issued_at,
-            l.expires_at,
-            l.max_expires_at,
-            l.renew_count,
-            l.state.as_str(),
-            l.revoked_at,
-            l.secret_hash,
-            l.claims_json,
-            l.upstream,
-            l.attempts,
-            l.next_attempt_at,
-            l.last_error,
-        ])
-    })
-    .map(|_| ())
-    .map_err(unavailable)
+    static INSERT: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+        format!("INSERT INTO leases ({LEASE_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21)")
+    });
+    conn.prepare_cached(&INSERT)
+        .and_then(|mut s| {
+            s.execute(params![
+                l.id,
+                l.issuer,
+                l.identity_key,
+                l.subject,
+                l.repository,
+                l.target,
+                l.kind,
+                l.rule,
+                json(&l.scopes),
+                l.issued_at,
+                l.expires_at,
+                l.max_expires_at,
+                l.renew_count,
+                l.state.as_str(),
+                l.revoked_at,
+                l.secret_hash,
+                l.claims_json,
+                l.upstream,
+                l.attempts,
+                l.next_attempt_at,
+                l.last_error,
+            ])
+        })
+        .map(|_| ())
+        .map_err(unavailable)
 }
 
 /// One rotation step, in a transaction of its own (see `Writer::run`). A key not in the
@@ -968,9 +1028,10 @@ fn read_keys(conn: &Connection) -> Result<Vec<StoredKey>, StoreError> {
 #[async_trait]
 impl Store for SqliteStore {
     async fn append(&self, entry: AuditEntry) -> Result<Appended, StoreError> {
-        let p = Prepared::new(entry);
-        self.call(|r| Cmd::Write(Write::Append(Box::new(p), r)))
-            .await
+        let p = Arc::new(Prepared::new(entry));
+        let answer = self.call(|r| Cmd::Write(Write::Append(p.clone(), r))).await;
+        drop(p);
+        answer
     }
 
     async fn records(&self, after: i64, limit: usize) -> Result<Vec<AuditRecord>, StoreError> {
@@ -997,16 +1058,18 @@ impl Store for SqliteStore {
         now: i64,
     ) -> Result<Appended, CommitError> {
         let (reply, rx) = oneshot::channel();
-        let w = MintWrite {
+        let w = Arc::new(MintWrite {
             lease,
             guard,
             entry: Prepared::new(entry),
             now,
-        };
+        });
         self.tx
-            .send(Cmd::Write(Write::Mint(Box::new(w), reply)))
+            .send(Cmd::Write(Write::Mint(w.clone(), reply)))
             .map_err(|_| stopped())?;
-        rx.await.map_err(|_| stopped())?
+        let answer = rx.await.map_err(|_| stopped())?;
+        drop(w);
+        answer
     }
 
     async fn check_mint_guard(
@@ -1355,6 +1418,93 @@ mod tests {
         assert_eq!(a.seq, 201, "head reloaded on reopen");
         let recs = s.records(0, 1000).await.unwrap();
         assert!(verify_chain(&recs, (0, GENESIS_HASH)).is_ok());
+    }
+
+    fn terms_through(dir: &tempfile::TempDir) -> i64 {
+        let c = audit::open_read_only(&dir.path().join("t.db")).unwrap();
+        audit::meta_int(&c, audit::TERMS_THROUGH).unwrap()
+    }
+
+    #[tokio::test]
+    async fn search_terms_are_indexed_in_batches_and_queries_never_miss_a_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = store(&dir);
+        let with = |i: usize, repo: &str, subject: &str| AuditEntry {
+            identity_key: Some(format!("id-{repo}")),
+            repository: Some(repo.into()),
+            subject: Some(subject.into()),
+            ..entry(i)
+        };
+        let q = |repo: Option<&str>, subject: Option<&str>| AuditQuery {
+            repository: repo.map(str::to_string),
+            subject: subject.map(str::to_string),
+            since_ms: Some(2),
+            ..Default::default()
+        };
+        let seqs = |r: Vec<AuditRecord>| r.iter().map(|r| r.seq).collect::<Vec<_>>();
+        for i in 0..6 {
+            let repo = if i % 2 == 0 { "even" } else { "odd" };
+            s.append(with(i, repo, &format!("{repo}:{i}")))
+                .await
+                .unwrap();
+        }
+        // Not indexed yet: the records come from the scan of the newest ones.
+        assert_eq!(terms_through(&dir), 0);
+        assert_eq!(
+            seqs(s.query_audit(&q(Some("even"), None), 10).await.unwrap()),
+            [3, 5]
+        );
+        // Once the writer has been idle a moment, the same answers come from the terms.
+        let waited = std::time::Instant::now();
+        while terms_through(&dir) < 6 {
+            assert!(waited.elapsed() < Duration::from_secs(5), "terms indexed");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        s.append(with(6, "even", "even:6")).await.unwrap();
+        assert_eq!(
+            seqs(s.query_audit(&q(Some("even"), None), 10).await.unwrap()),
+            [3, 5, 7],
+            "indexed records and the one after them"
+        );
+        assert_eq!(
+            seqs(s.query_audit(&q(None, Some("odd:3")), 10).await.unwrap()),
+            [4]
+        );
+        let by_identity = AuditQuery {
+            identity_key: Some("id-odd".into()),
+            repository: Some("odd".into()),
+            after_seq: Some(2),
+            ..Default::default()
+        };
+        assert_eq!(
+            seqs(s.query_audit(&by_identity, 1).await.unwrap()),
+            [4],
+            "paged"
+        );
+        // Another filter never drives a term query (the plan reads the terms, not a scan).
+        let c = audit::open_read_only(&dir.path().join("t.db")).unwrap();
+        let plan = audit::plan(&c, &q(Some("even"), None));
+        assert!(plan.contains("audit_terms"), "{plan}");
+        assert!(!plan.contains("SCAN audit "), "{plan}");
+        drop(s);
+
+        // A store whose terms are missing (or an older store) indexes them on opening.
+        let conn = Connection::open(dir.path().join("t.db")).unwrap();
+        conn.execute_batch(
+            "DELETE FROM audit_terms; DELETE FROM meta WHERE key = 'audit_terms_through';",
+        )
+        .unwrap();
+        drop(conn);
+        let s = store(&dir);
+        let waited = std::time::Instant::now();
+        while terms_through(&dir) < 7 {
+            assert!(waited.elapsed() < Duration::from_secs(5), "terms rebuilt");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(
+            seqs(s.query_audit(&q(Some("odd"), None), 10).await.unwrap()),
+            [4, 6]
+        );
     }
 
     #[tokio::test]
