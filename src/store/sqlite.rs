@@ -248,6 +248,7 @@ impl SqliteStore {
                     head,
                     terms_through,
                     terms_at: std::time::Instant::now(),
+                    terms_failing: false,
                     notify,
                     metrics: writer_metrics,
                 }
@@ -386,6 +387,8 @@ struct Writer {
     terms_through: i64,
     /// When terms were last indexed.
     terms_at: std::time::Instant,
+    /// Whether the last attempt to index terms failed (logged once, not per retry).
+    terms_failing: bool,
     /// Tells followers (tail, checkpointer) the committed head moved.
     notify: Arc<watch::Sender<i64>>,
     metrics: Arc<std::sync::OnceLock<crate::metrics::StoreMetrics>>,
@@ -457,11 +460,17 @@ impl Writer {
         let to = self.head.0.min(self.terms_through + audit::TERMS_BATCH);
         match audit::index_terms(&mut self.conn, self.terms_through, to) {
             Ok(()) => {
+                if std::mem::take(&mut self.terms_failing) {
+                    tracing::info!(through = to, "audit search terms indexed again");
+                }
                 self.terms_through = to;
                 true
             }
             Err(e) => {
-                tracing::warn!(error = %e, through = self.terms_through, "audit search terms not indexed yet; queries scan the newest records");
+                // Retried every TERMS_EVERY while the store refuses writes: say it once.
+                if !std::mem::replace(&mut self.terms_failing, true) {
+                    tracing::warn!(error = %e, through = self.terms_through, "audit search terms not indexed yet; queries scan the newest records");
+                }
                 false
             }
         }
