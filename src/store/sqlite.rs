@@ -6,6 +6,7 @@
 //! UPDATE and DELETE on the audit table.
 
 pub mod audit;
+mod wal;
 
 use super::{Appended, Store, StoreError, StoredAuditKey, StoredKey, StoredRootSecret};
 use crate::audit::checkpoint::Checkpoint;
@@ -234,20 +235,21 @@ impl SqliteStore {
     pub fn open(cfg: &Config) -> Result<SqliteStore, StoreError> {
         let conn = open_conn(&cfg.path, cfg.busy_timeout)?;
         let head = load_head(&conn)?;
-        let terms_through = audit::meta_int(&conn, audit::TERMS_THROUGH)?.min(head.0);
+        let terms_through = audit::terms_through(&conn)?.min(head.0);
         let (tx, rx) = mpsc::channel();
         let head_tx = Arc::new(watch::channel(head.0).0);
         let notify = head_tx.clone();
         let metrics: Arc<std::sync::OnceLock<crate::metrics::StoreMetrics>> = Arc::default();
         let writer_metrics = metrics.clone();
+        let path = cfg.path.clone();
         std::thread::Builder::new()
             .name("latchkey-store".into())
             .spawn(move || {
                 Writer {
+                    wal: wal::WalWatch::start(&conn, &path),
                     conn,
                     head,
                     terms_through,
-                    terms_at: std::time::Instant::now(),
                     terms_failing: false,
                     notify,
                     metrics: writer_metrics,
@@ -328,12 +330,9 @@ fn open_conn(path: &Path, busy: Duration) -> Result<Connection, StoreError> {
         .map_err(unavailable)?;
     conn.pragma_update(None, "foreign_keys", "ON")
         .map_err(unavailable)?;
-    // Index pages of a busy log stay in memory between commits (16 MiB), and the WAL is
-    // folded back into the database every 10,000 pages instead of 1,000: a page touched
-    // by many commits is written back once per fold, not once per commit.
+    // Index pages of a busy log stay in memory between commits (16 MiB). The WAL is
+    // folded back into the database beside the writer, not in its commits (`wal`).
     conn.pragma_update(None, "cache_size", -16384)
-        .map_err(unavailable)?;
-    conn.pragma_update(None, "wal_autocheckpoint", 10000)
         .map_err(unavailable)?;
     conn.execute_batch(SCHEMA).map_err(unavailable)?;
     migrate_signing_keys(&conn)?;
@@ -385,8 +384,8 @@ struct Writer {
     head: (i64, String),
     /// Records up to this sequence number have their search terms indexed.
     terms_through: i64,
-    /// When terms were last indexed.
-    terms_at: std::time::Instant,
+    /// The log's size, and the folding of it back into the database.
+    wal: wal::WalWatch,
     /// Whether the last attempt to index terms failed (logged once, not per retry).
     terms_failing: bool,
     /// Tells followers (tail, checkpointer) the committed head moved.
@@ -397,18 +396,24 @@ struct Writer {
 impl Writer {
     fn run(mut self, rx: mpsc::Receiver<Cmd>) {
         let mut deferred: Vec<Cmd> = Vec::new();
-        // Records written before a restart (or by an older version) get their terms first.
-        while self.terms_through < self.head.0 {
-            if !self.index_terms() {
-                break;
-            }
-        }
         loop {
-            let first = if self.terms_through < self.head.0 {
-                match rx.recv_timeout(audit::TERMS_EVERY) {
+            // A complete run waiting for its terms (after a burst, or records written
+            // by an older version) is indexed whenever no write is waiting, one run per
+            // turn, so neither a backlog nor its rebuild ever holds writes up for long.
+            let first = if self.run_pending() {
+                let waited = if self.terms_failing {
+                    rx.recv_timeout(audit::TERMS_RETRY)
+                } else {
+                    rx.try_recv().map_err(|e| match e {
+                        mpsc::TryRecvError::Empty => mpsc::RecvTimeoutError::Timeout,
+                        mpsc::TryRecvError::Disconnected => mpsc::RecvTimeoutError::Disconnected,
+                    })
+                };
+                match waited {
                     Ok(cmd) => cmd,
                     Err(mpsc::RecvTimeoutError::Timeout) => {
-                        self.index_terms();
+                        self.index_run();
+                        self.wal.committed(&self.conn);
                         continue;
                     }
                     Err(mpsc::RecvTimeoutError::Disconnected) => break,
@@ -442,36 +447,38 @@ impl Writer {
             for cmd in deferred.drain(..) {
                 self.handle(cmd);
             }
-            let behind = self.head.0 - self.terms_through;
-            if behind >= audit::TERMS_BATCH
-                || (behind > 0 && self.terms_at.elapsed() >= audit::TERMS_EVERY)
-            {
-                self.index_terms();
+            if self.run_pending() && !self.terms_failing {
+                self.index_run();
             }
+            self.wal.committed(&self.conn);
         }
     }
 
-    /// Indexes the search terms of the next records after `terms_through` (at most
-    /// [`audit::TERMS_BATCH`] of them) in one transaction. Answers whether it did; a
-    /// failure (the store is read-only, the disk is full) is logged and retried later,
-    /// and queries meanwhile scan the records not yet indexed.
-    fn index_terms(&mut self) -> bool {
-        self.terms_at = std::time::Instant::now();
-        let to = self.head.0.min(self.terms_through + audit::TERMS_BATCH);
-        match audit::index_terms(&mut self.conn, self.terms_through, to) {
+    /// Whether a complete run of records waits for its search terms.
+    fn run_pending(&self) -> bool {
+        self.head.0 - self.terms_through >= audit::TERMS_RUN
+    }
+
+    /// Indexes the search terms of the next complete run after `terms_through`, in one
+    /// transaction. A failure (the store is read-only, the disk is full) is logged once
+    /// and retried every [`audit::TERMS_RETRY`]; queries meanwhile scan the records not
+    /// indexed yet.
+    fn index_run(&mut self) {
+        let (first, last) = (
+            self.terms_through + 1,
+            self.terms_through + audit::TERMS_RUN,
+        );
+        match audit::index_run(&mut self.conn, first, last) {
             Ok(()) => {
                 if std::mem::take(&mut self.terms_failing) {
-                    tracing::info!(through = to, "audit search terms indexed again");
+                    tracing::info!(through = last, "audit search terms indexed again");
                 }
-                self.terms_through = to;
-                true
+                self.terms_through = last;
             }
             Err(e) => {
-                // Retried every TERMS_EVERY while the store refuses writes: say it once.
                 if !std::mem::replace(&mut self.terms_failing, true) {
                     tracing::warn!(error = %e, through = self.terms_through, "audit search terms not indexed yet; queries scan the newest records");
                 }
-                false
             }
         }
     }
@@ -1431,18 +1438,30 @@ mod tests {
 
     fn terms_through(dir: &tempfile::TempDir) -> i64 {
         let c = audit::open_read_only(&dir.path().join("t.db")).unwrap();
-        audit::meta_int(&c, audit::TERMS_THROUGH).unwrap()
+        audit::terms_through(&c).unwrap()
+    }
+
+    async fn wait_terms(dir: &tempfile::TempDir, through: i64) {
+        let waited = std::time::Instant::now();
+        while terms_through(dir) < through {
+            assert!(waited.elapsed() < Duration::from_secs(5), "terms indexed");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 
     #[tokio::test]
-    async fn search_terms_are_indexed_in_batches_and_queries_never_miss_a_record() {
+    async fn search_terms_are_indexed_in_runs_and_queries_never_miss_a_record() {
+        assert_eq!(audit::TERMS_RUN, 4, "the test's arithmetic");
         let dir = tempfile::tempdir().unwrap();
         let s = store(&dir);
-        let with = |i: usize, repo: &str, subject: &str| AuditEntry {
-            identity_key: Some(format!("id-{repo}")),
-            repository: Some(repo.into()),
-            subject: Some(subject.into()),
-            ..entry(i)
+        let with = |i: usize| {
+            let repo = if i % 2 == 0 { "even" } else { "odd" };
+            AuditEntry {
+                identity_key: Some(format!("id-{repo}")),
+                repository: Some(repo.into()),
+                subject: Some(format!("{repo}:{i}")),
+                ..entry(i)
+            }
         };
         let q = |repo: Option<&str>, subject: Option<&str>| AuditQuery {
             repository: repo.map(str::to_string),
@@ -1451,28 +1470,25 @@ mod tests {
             ..Default::default()
         };
         let seqs = |r: Vec<AuditRecord>| r.iter().map(|r| r.seq).collect::<Vec<_>>();
-        for i in 0..6 {
-            let repo = if i % 2 == 0 { "even" } else { "odd" };
-            s.append(with(i, repo, &format!("{repo}:{i}")))
-                .await
-                .unwrap();
+        // Record i has sequence i + 1 and time i.
+        for i in 0..3 {
+            s.append(with(i)).await.unwrap();
         }
-        // Not indexed yet: the records come from the scan of the newest ones.
+        // No complete run yet: the records come from the scan of the newest ones.
         assert_eq!(terms_through(&dir), 0);
         assert_eq!(
             seqs(s.query_audit(&q(Some("even"), None), 10).await.unwrap()),
-            [3, 5]
+            [3]
         );
-        // Once the writer has been idle a moment, the same answers come from the terms.
-        let waited = std::time::Instant::now();
-        while terms_through(&dir) < 6 {
-            assert!(waited.elapsed() < Duration::from_secs(5), "terms indexed");
-            tokio::time::sleep(Duration::from_millis(20)).await;
+        for i in 3..9 {
+            s.append(with(i)).await.unwrap();
         }
-        s.append(with(6, "even", "even:6")).await.unwrap();
+        // Two complete runs are indexed; record 9 is in the incomplete one.
+        wait_terms(&dir, 8).await;
+        assert_eq!(terms_through(&dir), 8);
         assert_eq!(
             seqs(s.query_audit(&q(Some("even"), None), 10).await.unwrap()),
-            [3, 5, 7],
+            [3, 5, 7, 9],
             "indexed records and the one after them"
         );
         assert_eq!(
@@ -1482,38 +1498,74 @@ mod tests {
         let by_identity = AuditQuery {
             identity_key: Some("id-odd".into()),
             repository: Some("odd".into()),
-            after_seq: Some(2),
+            after_seq: Some(4),
             ..Default::default()
         };
         assert_eq!(
             seqs(s.query_audit(&by_identity, 1).await.unwrap()),
-            [4],
+            [6],
             "paged"
         );
-        // Another filter never drives a term query (the plan reads the terms, not a scan).
+        let window = AuditQuery {
+            repository: Some("odd".into()),
+            since_ms: Some(4),
+            until_ms: Some(6),
+            ..Default::default()
+        };
+        assert_eq!(seqs(s.query_audit(&window, 10).await.unwrap()), [6]);
+        // Another filter never drives a term query: the plan seeks the terms of each run,
+        // it does not scan the records.
         let c = audit::open_read_only(&dir.path().join("t.db")).unwrap();
         let plan = audit::plan(&c, &q(Some("even"), None));
-        assert!(plan.contains("audit_terms"), "{plan}");
+        assert!(
+            plan.contains("audit_run_terms USING PRIMARY KEY (run=? AND field=? AND value=?)"),
+            "{plan}"
+        );
         assert!(!plan.contains("SCAN audit "), "{plan}");
         drop(s);
 
         // A store whose terms are missing (or an older store) indexes them on opening.
         let conn = Connection::open(dir.path().join("t.db")).unwrap();
-        conn.execute_batch(
-            "DELETE FROM audit_terms; DELETE FROM meta WHERE key = 'audit_terms_through';",
-        )
-        .unwrap();
+        conn.execute_batch("DELETE FROM audit_run_terms; DELETE FROM audit_runs;")
+            .unwrap();
         drop(conn);
         let s = store(&dir);
-        let waited = std::time::Instant::now();
-        while terms_through(&dir) < 7 {
-            assert!(waited.elapsed() < Duration::from_secs(5), "terms rebuilt");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        wait_terms(&dir, 8).await;
         assert_eq!(
             seqs(s.query_audit(&q(Some("odd"), None), 10).await.unwrap()),
-            [4, 6]
+            [4, 6, 8]
         );
+    }
+
+    #[tokio::test]
+    async fn the_wal_starts_over_under_continuous_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = std::sync::Arc::new(store(&dir));
+        let big = |i: usize| AuditEntry {
+            claims: serde_json::json!({ "pad": "x".repeat(2000), "i": i }),
+            ..entry(i)
+        };
+        let mut handles = Vec::new();
+        for t in 0..32 {
+            let s = s.clone();
+            handles.push(tokio::spawn(async move {
+                for i in 0..60 {
+                    s.append(big(t * 100 + i)).await.unwrap();
+                }
+            }));
+        }
+        for h in handles {
+            h.await.unwrap();
+        }
+        // ~1,900 records of 2 KB wrote well over 4 MiB of frames; the log kept starting
+        // over at 64 frames (256 KiB), so it never grew past a few batches beyond that.
+        let wal = std::fs::metadata(dir.path().join("t.db-wal"))
+            .unwrap()
+            .len();
+        assert!(wal < 2 * 1024 * 1024, "WAL is {wal} bytes");
+        let recs = s.records(0, 5000).await.unwrap();
+        assert_eq!(recs.len(), 1920);
+        assert!(verify_chain(&recs, (0, GENESIS_HASH)).is_ok());
     }
 
     #[tokio::test]

@@ -22,12 +22,20 @@ pub(super) const AUDIT_SCHEMA: &str = r#"
 DROP INDEX IF EXISTS audit_identity;
 DROP INDEX IF EXISTS audit_repository;
 DROP INDEX IF EXISTS audit_subject;
-CREATE TABLE IF NOT EXISTS audit_terms (
+DROP TABLE IF EXISTS audit_terms;
+DELETE FROM meta WHERE key = 'audit_terms_through';
+CREATE TABLE IF NOT EXISTS audit_runs (
+    run INTEGER PRIMARY KEY,
+    last_seq INTEGER NOT NULL,
+    min_time_ms INTEGER NOT NULL,
+    max_time_ms INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS audit_run_terms (
+    run INTEGER NOT NULL,
     field INTEGER NOT NULL,
     value TEXT NOT NULL,
-    time_ms INTEGER NOT NULL,
     seq INTEGER NOT NULL,
-    PRIMARY KEY (field, value, time_ms, seq)
+    PRIMARY KEY (run, field, value, seq)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS audit_issuer ON audit(issuer, time_ms);
 CREATE INDEX IF NOT EXISTS audit_lease ON audit(lease_id);
@@ -52,41 +60,58 @@ CREATE TABLE IF NOT EXISTS audit_keys (
 );
 "#;
 
-/// Meta key: records up to this sequence number have their search terms indexed.
-pub(super) const TERMS_THROUGH: &str = "audit_terms_through";
-/// Most records whose terms one transaction indexes.
-pub(super) const TERMS_BATCH: i64 = 8192;
-/// Longest a record waits for its terms to be indexed while the writer is idle.
-pub(super) const TERMS_EVERY: std::time::Duration = std::time::Duration::from_millis(250);
+/// Records per run: the writer indexes the search terms of each complete run of this many
+/// records in one transaction; queries scan the records of the incomplete run.
+pub(super) const TERMS_RUN: i64 = if cfg!(test) { 4 } else { 2048 };
+/// How long the writer waits before retrying a run it could not index.
+pub(super) const TERMS_RETRY: std::time::Duration = std::time::Duration::from_millis(250);
 
-/// Identity key, repository and subject have thousands of values, each appended to all
-/// day long: as ordinary indexes, every group commit dirtied one index page per record per
-/// index and wrote it to the WAL (appends ran at a quarter of their speed without them).
-/// So the writer indexes them in `audit_terms` a few thousand records at a time, sorted,
-/// where one page write serves many records; queries scan the records not yet indexed.
+/// Identity key, repository and subject have thousands of values (a Bitbucket subject is
+/// new for every step). As ordinary indexes, every group commit dirtied one index page
+/// per record per index and wrote it to the WAL: appends ran at a quarter of their speed
+/// with them. Keyed by value, even sorted batches of terms landed all over a tree larger
+/// than the page cache. So terms are keyed by run first: the writer appends each complete
+/// run of [`TERMS_RUN`] records as one sorted, contiguous slice at the end of
+/// `audit_run_terms`, with its sequence and time range in `audit_runs`; a query seeks
+/// (run, field, value) in each run of its time range and scans the incomplete run.
 /// Derived data: `verify` never reads it, and a damaged term hides a record from a filter
 /// but not from the chain.
 const TERM_COLUMNS: [(i64, &str); 3] = [(1, "identity_key"), (2, "repository"), (3, "subject")];
 
-/// Indexes the search terms of the records with `from < seq <= to`, and records that it
-/// did, in one transaction.
-pub(super) fn index_terms(conn: &mut Connection, from: i64, to: i64) -> Result<(), StoreError> {
+/// The last record whose terms are indexed (0 when none are).
+pub(super) fn terms_through(conn: &Connection) -> Result<i64, StoreError> {
+    conn.query_row(
+        "SELECT COALESCE((SELECT last_seq FROM audit_runs ORDER BY run DESC LIMIT 1), 0)",
+        [],
+        |r| r.get(0),
+    )
+    .map_err(unavailable)
+}
+
+/// Indexes the search terms of the run of records `first..=last`, in one transaction.
+pub(super) fn index_run(conn: &mut Connection, first: i64, last: i64) -> Result<(), StoreError> {
+    static INSERT: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+        let select = TERM_COLUMNS
+            .iter()
+            .map(|(field, col)| {
+                format!("SELECT {field}, {col}, seq FROM audit WHERE seq >= ?1 AND seq <= ?2 AND {col} IS NOT NULL")
+            })
+            .collect::<Vec<_>>()
+            .join(" UNION ALL ");
+        format!("INSERT INTO audit_run_terms (run, field, value, seq) SELECT ?1, * FROM ({select}) ORDER BY 2, 3, 4")
+    });
     let tx = conn
         .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
         .map_err(unavailable)?;
-    let select = TERM_COLUMNS
-        .iter()
-        .map(|(field, col)| {
-            format!("SELECT {field}, {col}, time_ms, seq FROM audit WHERE seq > ?1 AND seq <= ?2 AND {col} IS NOT NULL")
-        })
-        .collect::<Vec<_>>()
-        .join(" UNION ALL ");
-    tx.prepare_cached(&format!(
-        "INSERT OR IGNORE INTO audit_terms (field, value, time_ms, seq) {select} ORDER BY 1, 2, 3, 4"
-    ))
-    .and_then(|mut s| s.execute(params![from, to]))
+    tx.prepare_cached(&INSERT)
+        .and_then(|mut s| s.execute(params![first, last]))
+        .map_err(unavailable)?;
+    tx.prepare_cached(
+        "INSERT INTO audit_runs (run, last_seq, min_time_ms, max_time_ms) \
+         SELECT ?1, ?2, MIN(time_ms), MAX(time_ms) FROM audit WHERE seq >= ?1 AND seq <= ?2",
+    )
+    .and_then(|mut s| s.execute(params![first, last]))
     .map_err(unavailable)?;
-    set_meta_int(&tx, TERMS_THROUGH, to)?;
     tx.commit().map_err(unavailable)
 }
 
@@ -172,27 +197,31 @@ fn query_statement(q: &AuditQuery, limit: usize) -> (String, Vec<SqlValue>) {
     let sql = match term {
         None => format!("SELECT {AUDIT_COLUMNS} FROM audit WHERE {sql} ORDER BY seq LIMIT ?"),
         Some((field, value)) => {
-            // The indexed records carrying the term, plus every record not indexed yet;
-            // the filters then hold on each.
-            let mut terms = String::from("field = ? AND value = ?");
-            let mut targs = vec![SqlValue::Integer(field), SqlValue::Text(value.clone())];
+            // The indexed records carrying the term (sought run by run, in the runs that
+            // overlap the query), plus every record of the incomplete run; the filters
+            // then hold on each.
+            let mut runs = String::from("SELECT run FROM audit_runs WHERE 1 = 1");
+            let mut targs = Vec::new();
             for (clause, v) in [
-                (" AND time_ms >= ?", q.since_ms),
-                (" AND time_ms < ?", q.until_ms),
-                (" AND seq > ?", q.after_seq),
+                (" AND max_time_ms >= ?", q.since_ms),
+                (" AND min_time_ms < ?", q.until_ms),
+                (" AND last_seq > ?", q.after_seq),
+                (" AND run <= ?", q.until_seq),
             ] {
                 if let Some(v) = v {
-                    terms.push_str(clause);
+                    runs.push_str(clause);
                     targs.push(SqlValue::Integer(v));
                 }
             }
+            targs.push(SqlValue::Integer(field));
+            targs.push(SqlValue::Text(value.clone()));
             targs.append(&mut args);
             args = targs;
             format!(
                 "SELECT {AUDIT_COLUMNS} FROM audit WHERE seq IN (\
-                   SELECT seq FROM audit_terms WHERE {terms} \
+                   SELECT seq FROM audit_run_terms WHERE run IN ({runs}) AND field = ? AND value = ? \
                    UNION ALL SELECT seq FROM audit WHERE seq > \
-                   COALESCE((SELECT CAST(value AS INTEGER) FROM meta WHERE key = '{TERMS_THROUGH}'), 0)\
+                   (SELECT COALESCE((SELECT last_seq FROM audit_runs ORDER BY run DESC LIMIT 1), 0))\
                  ) AND {sql} ORDER BY seq LIMIT ?"
             )
         }
