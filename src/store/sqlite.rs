@@ -52,7 +52,6 @@ CREATE TABLE IF NOT EXISTS audit (
     hash TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS audit_time ON audit(time_ms);
-CREATE INDEX IF NOT EXISTS audit_target ON audit(target, time_ms);
 CREATE TRIGGER IF NOT EXISTS audit_no_update BEFORE UPDATE ON audit
     BEGIN SELECT RAISE(ABORT, 'audit records are append-only'); END;
 CREATE TRIGGER IF NOT EXISTS audit_no_delete BEFORE DELETE ON audit
@@ -1513,6 +1512,14 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(seqs(s.query_audit(&window, 10).await.unwrap()), [6]);
+        for (request, seq) in [("r5", 6), ("r8", 9)] {
+            let by_request = AuditQuery {
+                request_id: Some(request.into()),
+                outcome: Some("allowed".into()),
+                ..Default::default()
+            };
+            assert_eq!(seqs(s.query_audit(&by_request, 10).await.unwrap()), [seq]);
+        }
         // Another filter never drives a term query: the plan seeks the terms of each run,
         // it does not scan the records.
         let c = audit::open_read_only(&dir.path().join("t.db")).unwrap();
