@@ -23,6 +23,9 @@ use std::time::Duration;
 
 /// How often the folder looks at the log.
 const FOLD_EVERY: Duration = Duration::from_millis(25);
+/// Frames the log grows by before the folder folds it: folding more often writes the same
+/// hot pages (index and table tails) back again and again.
+const FOLD_FRAMES: i64 = if cfg!(test) { 16 } else { 2048 };
 /// Frames (pages) in the log at which the writer makes the log start over (32 MiB).
 pub(super) const RESTART_FRAMES: i64 = if cfg!(test) { 64 } else { 8192 };
 
@@ -81,7 +84,8 @@ fn checkpoint(conn: &Connection) -> rusqlite::Result<(i64, i64)> {
     })
 }
 
-/// The folder thread: folds the log whenever it moved, until the writer is gone.
+/// The folder thread: folds the log each time it grew by [`FOLD_FRAMES`], until the
+/// writer is gone.
 fn fold(path: &Path, frames: Weak<AtomicI64>) {
     let conn = match Connection::open(path) {
         Ok(c) => c,
@@ -98,7 +102,11 @@ fn fold(path: &Path, frames: Weak<AtomicI64>) {
         let Some(now) = frames.upgrade().map(|f| f.load(Ordering::Relaxed)) else {
             return;
         };
-        if now == seen {
+        // The log started over (`now < seen`), or has not grown enough to fold yet.
+        if now < seen {
+            seen = 0;
+        }
+        if now - seen < FOLD_FRAMES {
             continue;
         }
         match checkpoint(&conn) {
