@@ -400,15 +400,13 @@ impl Writer {
             // by an older version) is indexed whenever no write is waiting, one run per
             // turn, so neither a backlog nor its rebuild ever holds writes up for long.
             let first = if self.run_pending() {
-                let waited = if self.terms_failing {
-                    rx.recv_timeout(audit::TERMS_RETRY)
+                // Right away, unless the last attempt failed.
+                let wait = if self.terms_failing {
+                    audit::TERMS_RETRY
                 } else {
-                    rx.try_recv().map_err(|e| match e {
-                        mpsc::TryRecvError::Empty => mpsc::RecvTimeoutError::Timeout,
-                        mpsc::TryRecvError::Disconnected => mpsc::RecvTimeoutError::Disconnected,
-                    })
+                    Duration::ZERO
                 };
-                match waited {
+                match rx.recv_timeout(wait) {
                     Ok(cmd) => cmd,
                     Err(mpsc::RecvTimeoutError::Timeout) => {
                         self.index_run();

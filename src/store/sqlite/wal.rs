@@ -4,9 +4,9 @@
 //! page of the WAL into the database file and fsyncs it before it returns, so every
 //! caller waiting on that group commit (and so every Mint in it) waits tens of
 //! milliseconds. Here the writer's connection never checkpoints by itself. A folder
-//! thread runs PASSIVE checkpoints on its own connection every [`FOLD_EVERY`] while the
-//! log grows: PASSIVE never blocks the writer or a reader, so folding runs beside the
-//! commits. A WAL starts over from its beginning only when a write transaction begins
+//! thread looks at the log every [`FOLD_EVERY`] and runs a PASSIVE checkpoint on its own
+//! connection each time the log grew by [`FOLD_FRAMES`]: PASSIVE never blocks the writer
+//! or a reader, so folding runs beside the commits. A WAL starts over from its beginning only when a write transaction begins
 //! with every frame folded, which under continuous writes never happens by itself; so
 //! once the log reaches [`RESTART_FRAMES`] the writer folds the last few frames itself,
 //! between two batches, and its next transaction starts the log over. Should the folder
@@ -27,7 +27,7 @@ const FOLD_EVERY: Duration = Duration::from_millis(25);
 /// hot pages (index and table tails) back again and again.
 const FOLD_FRAMES: i64 = if cfg!(test) { 16 } else { 2048 };
 /// Frames (pages) in the log at which the writer makes the log start over (32 MiB).
-pub(super) const RESTART_FRAMES: i64 = if cfg!(test) { 64 } else { 8192 };
+const RESTART_FRAMES: i64 = if cfg!(test) { 64 } else { 8192 };
 
 thread_local! {
     /// Frames in the log after the last commit on this thread's connection.
