@@ -85,6 +85,30 @@ async fn append_n(store: &Arc<SqliteStore>, n: u64, total: u64, offset: u64) -> 
     started.elapsed()
 }
 
+/// CPU seconds (user + system) used so far by this process's threads named `name`
+/// (`None`: all of them), from `/proc/self/task`.
+fn cpu_seconds(name: Option<&str>) -> f64 {
+    let mut ticks = 0u64;
+    for task in std::fs::read_dir("/proc/self/task")
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        if name.is_some_and(|n| comm.trim() != n) {
+            continue;
+        }
+        let stat = std::fs::read_to_string(task.path().join("stat")).unwrap_or_default();
+        // Fields after the parenthesised name: state is 3rd; utime and stime 14th, 15th.
+        let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        ticks += f.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
+            + f.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    }
+    // Clock ticks are 1/100 s on Linux.
+    ticks as f64 / 100.0
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let total: u64 = std::env::var("LATCHKEY_BENCH_RECORDS")
@@ -106,12 +130,16 @@ async fn main() {
     let warm = 20_000.min(total);
     append_n(&store, warm, total, 0).await;
     let measured = 200_000.min(total - warm);
+    let (writer0, all0) = (cpu_seconds(Some("latchkey-store")), cpu_seconds(None));
     let took = append_n(&store, measured, total, warm).await;
+    let (writer1, all1) = (cpu_seconds(Some("latchkey-store")), cpu_seconds(None));
     let rate = measured as f64 / took.as_secs_f64();
     println!(
-        "appends: {measured} records from {WRITERS} concurrent writers in {:.2} s = {:.0} records/s (synchronous=FULL)",
+        "appends: {measured} records from {WRITERS} concurrent writers in {:.2} s = {:.0} records/s (synchronous=FULL); CPU per record: store writer thread {:.1} µs, whole process {:.1} µs",
         took.as_secs_f64(),
-        rate
+        rate,
+        (writer1 - writer0) * 1e6 / measured as f64,
+        (all1 - all0) * 1e6 / measured as f64,
     );
     if rate < 50_000.0 {
         missed.push(format!("appends {rate:.0}/s < 50,000/s"));

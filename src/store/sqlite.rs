@@ -51,7 +51,6 @@ CREATE TABLE IF NOT EXISTS audit (
     prev_hash TEXT NOT NULL,
     hash TEXT NOT NULL
 );
-CREATE INDEX IF NOT EXISTS audit_time ON audit(time_ms);
 CREATE TRIGGER IF NOT EXISTS audit_no_update BEFORE UPDATE ON audit
     BEGIN SELECT RAISE(ABORT, 'audit records are append-only'); END;
 CREATE TRIGGER IF NOT EXISTS audit_no_delete BEFORE DELETE ON audit
@@ -136,12 +135,15 @@ struct Prepared {
     granted_scopes: String,
     context: String,
     claims: String,
+    /// The keys of its search terms.
+    terms: audit::RecordTerms,
 }
 
 impl Prepared {
     fn new(entry: AuditEntry) -> Prepared {
         Prepared {
             entry_json: serde_json::to_vec(&entry).unwrap_or_default(),
+            terms: audit::RecordTerms::of(&entry),
             requested_scopes: json(&entry.requested_scopes),
             granted_scopes: json(&entry.granted_scopes),
             context: json(&entry.context),
@@ -249,6 +251,8 @@ impl SqliteStore {
                     conn,
                     head,
                     terms_through,
+                    pending: Vec::new(),
+                    pending_from: 0,
                     terms_failing: false,
                     notify,
                     metrics: writer_metrics,
@@ -337,6 +341,7 @@ fn open_conn(path: &Path, busy: Duration) -> Result<Connection, StoreError> {
     migrate_signing_keys(&conn)?;
     conn.execute_batch(audit::AUDIT_SCHEMA)
         .map_err(unavailable)?;
+    audit::prepare_terms(&conn)?;
     conn.execute(
         "INSERT OR IGNORE INTO meta(key, value) VALUES ('schema_version', ?1)",
         params![crate::audit::SCHEMA_VERSION.to_string()],
@@ -383,6 +388,10 @@ struct Writer {
     head: (i64, String),
     /// Records up to this sequence number have their search terms indexed.
     terms_through: i64,
+    /// The terms of records this writer committed and has not indexed yet, from record
+    /// `pending_from` on (see [`Writer::remember`]).
+    pending: Vec<audit::RecordTerms>,
+    pending_from: i64,
     /// The log's size, and the folding of it back into the database.
     wal: wal::WalWatch,
     /// Whether the last attempt to index terms failed (logged once, not per retry).
@@ -465,8 +474,19 @@ impl Writer {
             self.terms_through + 1,
             self.terms_through + audit::TERMS_RUN,
         );
-        match audit::index_run(&mut self.conn, first, last) {
+        let run = audit::TERMS_RUN as usize;
+        let done = if self.pending_from == first && self.pending.len() >= run {
+            audit::index_run(&mut self.conn, first, last, &self.pending[..run])
+        } else {
+            audit::terms_of_rows(&self.conn, first, last)
+                .and_then(|terms| audit::index_run(&mut self.conn, first, last, &terms))
+        };
+        match done {
             Ok(()) => {
+                // Forget what the run held.
+                let through = (last + 1 - self.pending_from).clamp(0, self.pending.len() as i64);
+                self.pending.drain(..through as usize);
+                self.pending_from += through;
                 if std::mem::take(&mut self.terms_failing) {
                     tracing::info!(through = last, "audit search terms indexed again");
                 }
@@ -480,9 +500,30 @@ impl Writer {
         }
     }
 
+    /// Keeps the terms of the records `first..` just committed, for their run. Kept only
+    /// while they follow on from the ones kept before, and never more than a few runs'
+    /// worth (if indexing fails for long): a run without them reads its records back.
+    fn remember(&mut self, first: i64, added: Vec<audit::RecordTerms>) {
+        if added.is_empty() {
+            return;
+        }
+        let follows = self.pending_from + self.pending.len() as i64 == first;
+        if !follows || self.pending.len() >= 16 * audit::TERMS_RUN as usize {
+            self.pending.clear();
+        }
+        if self.pending.is_empty() {
+            self.pending_from = first;
+        }
+        self.pending.extend(added);
+    }
+
     fn write_batch(&mut self, batch: Vec<Write>) {
         let started = std::time::Instant::now();
-        let mut head = self.head.clone();
+        let mut chain = Chain {
+            seq: self.head.0,
+            hash: self.head.1.clone(),
+            added: Vec::new(),
+        };
         let result = (|| -> Result<Vec<Done>, StoreError> {
             let tx = self
                 .conn
@@ -491,14 +532,14 @@ impl Writer {
             let mut out = Vec::with_capacity(batch.len());
             for w in &batch {
                 out.push(match w {
-                    Write::Append(e, _) => Done::Append(append_row(&tx, &mut head, e)?),
-                    Write::Mint(m, _) => Done::Mint(match apply_mint(&tx, &mut head, m) {
+                    Write::Append(e, _) => Done::Append(append_row(&tx, &mut chain, e)?),
+                    Write::Mint(m, _) => Done::Mint(match apply_mint(&tx, &mut chain, m) {
                         Err(CommitError::Store(e)) => return Err(e),
                         other => other,
                     }),
-                    Write::Changes(c, _) => Done::Changes(apply_changes(&tx, &mut head, c)?),
+                    Write::Changes(c, _) => Done::Changes(apply_changes(&tx, &mut chain, c)?),
                     Write::Rotation(step, _) => {
-                        apply_rotation(&tx, &mut head, step)?;
+                        apply_rotation(&tx, &mut chain, step)?;
                         Done::Rotation
                     }
                 });
@@ -512,10 +553,12 @@ impl Writer {
         }
         match result {
             Ok(done) => {
-                if head.0 != self.head.0 {
-                    self.notify.send_replace(head.0);
+                if chain.seq != self.head.0 {
+                    self.notify.send_replace(chain.seq);
                 }
-                self.head = head;
+                let first = self.head.0 + 1;
+                self.head = (chain.seq, chain.hash);
+                self.remember(first, chain.added);
                 for (w, d) in batch.into_iter().zip(done) {
                     match (w, d) {
                         (Write::Append(p, r), Done::Append(a)) => {
@@ -594,14 +637,17 @@ impl Writer {
     }
 }
 
-/// Appends one audit record after `head` and moves `head` to it.
-fn append_row(
-    conn: &Connection,
-    head: &mut (i64, String),
-    p: &Prepared,
-) -> Result<Appended, StoreError> {
-    let seq = head.0 + 1;
-    let hash = crate::audit::record_hash_from_json(seq, &head.1, &p.entry_json);
+/// The chain's head while a transaction writes, and the terms of the records it added.
+struct Chain {
+    seq: i64,
+    hash: String,
+    added: Vec<audit::RecordTerms>,
+}
+
+/// Appends one audit record after the chain's head and moves the head to it.
+fn append_row(conn: &Connection, chain: &mut Chain, p: &Prepared) -> Result<Appended, StoreError> {
+    let seq = chain.seq + 1;
+    let hash = crate::audit::record_hash_from_json(seq, &chain.hash, &p.entry_json);
     let e = &p.entry;
     static INSERT: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
         format!("INSERT INTO audit ({AUDIT_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22, ?23, ?24, ?25, ?26)")
@@ -633,12 +679,14 @@ fn append_row(
                 e.credential_fingerprint,
                 p.context,
                 p.claims,
-                head.1,
+                chain.hash,
                 hash,
             ])
         })
         .map_err(unavailable)?;
-    *head = (seq, hash.clone());
+    chain.seq = seq;
+    chain.hash.clone_from(&hash);
+    chain.added.push(p.terms);
     Ok(Appended { seq, hash })
 }
 
@@ -677,7 +725,7 @@ fn check_guard(
 
 fn apply_mint(
     conn: &Connection,
-    head: &mut (i64, String),
+    chain: &mut Chain,
     m: &MintWrite,
 ) -> Result<Appended, CommitError> {
     check_guard(
@@ -693,7 +741,7 @@ fn apply_mint(
             .map_err(unavailable)?;
     }
     insert_lease(conn, &m.lease)?;
-    Ok(append_row(conn, head, &m.entry)?)
+    Ok(append_row(conn, chain, &m.entry)?)
 }
 
 fn insert_lease(conn: &Connection, l: &LeaseRecord) -> Result<(), StoreError> {
@@ -734,7 +782,7 @@ fn insert_lease(conn: &Connection, l: &LeaseRecord) -> Result<(), StoreError> {
 /// expected state fails the step before anything is written.
 fn apply_rotation(
     conn: &Connection,
-    head: &mut (i64, String),
+    chain: &mut Chain,
     p: &PreparedStep,
 ) -> Result<(), StoreError> {
     let step = &p.step;
@@ -782,14 +830,14 @@ fn apply_rotation(
         .map_err(unavailable)?;
     }
     for e in &p.audit {
-        append_row(conn, head, e)?;
+        append_row(conn, chain, e)?;
     }
     Ok(())
 }
 
 fn apply_changes(
     conn: &Connection,
-    head: &mut (i64, String),
+    chain: &mut Chain,
     changes: &[(LeaseChange, Option<Prepared>)],
 ) -> Result<Vec<bool>, StoreError> {
     let mut out = Vec::with_capacity(changes.len());
@@ -826,7 +874,7 @@ fn apply_changes(
         let applied = n == 1;
         if applied {
             if let Some(e) = entry {
-                append_row(conn, head, e)?;
+                append_row(conn, chain, e)?;
             }
         }
         out.push(applied);
@@ -1510,6 +1558,25 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(seqs(s.query_audit(&window, 10).await.unwrap()), [6]);
+        // A time window alone: bounded by the runs' time ranges, plus the newest records.
+        for (since, until, want) in [
+            (Some(2), Some(6), vec![3, 4, 5, 6]),
+            (Some(6), None, vec![7, 8, 9]),
+            (None, Some(3), vec![1, 2, 3]),
+            (Some(5), Some(5), vec![]),
+            (Some(100), None, vec![]),
+        ] {
+            let w = AuditQuery {
+                since_ms: since,
+                until_ms: until,
+                ..Default::default()
+            };
+            assert_eq!(
+                seqs(s.query_audit(&w, 10).await.unwrap()),
+                want,
+                "{since:?}..{until:?}"
+            );
+        }
         for (request, seq) in [("r5", 6), ("r8", 9)] {
             let by_request = AuditQuery {
                 request_id: Some(request.into()),
@@ -1523,19 +1590,53 @@ mod tests {
         let c = audit::open_read_only(&dir.path().join("t.db")).unwrap();
         let plan = audit::plan(&c, &q(Some("even"), None));
         assert!(
-            plan.contains("audit_run_terms USING PRIMARY KEY (run=? AND field=? AND value=?)"),
+            plan.contains("audit_run_keys USING PRIMARY KEY (run=? AND term>? AND term<?)"),
             "{plan}"
         );
         assert!(!plan.contains("SCAN audit "), "{plan}");
+        let plan = audit::plan(
+            &c,
+            &AuditQuery {
+                since_ms: Some(2),
+                until_ms: Some(6),
+                outcome: Some("allowed".into()),
+                ..Default::default()
+            },
+        );
+        assert!(!plan.contains("SCAN audit "), "{plan}");
+        assert!(
+            plan.contains("SEARCH audit USING INTEGER PRIMARY KEY (rowid>? AND rowid<?)"),
+            "{plan}"
+        );
         drop(s);
 
-        // A store whose terms are missing (or an older store) indexes them on opening.
+        // A store whose terms are missing (or an older store) indexes them on opening,
+        // from the records: exactly the terms the writer kept as it appended them.
+        let stored = |dir: &tempfile::TempDir| -> Vec<(i64, i64, i64, i64, i64)> {
+            let c = Connection::open(dir.path().join("t.db")).unwrap();
+            let mut st = c
+                .prepare("SELECT k.run, k.term, r.last_seq, r.min_time_ms, r.max_time_ms FROM audit_run_keys k JOIN audit_runs r USING (run) ORDER BY 1, 2")
+                .unwrap();
+            let rows = st
+                .query_map([], |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+                })
+                .unwrap();
+            rows.map(Result::unwrap).collect()
+        };
+        let kept = stored(&dir);
+        assert_eq!(
+            kept.len(),
+            8 * 4,
+            "identity, repository, subject, request id"
+        );
         let conn = Connection::open(dir.path().join("t.db")).unwrap();
-        conn.execute_batch("DELETE FROM audit_run_terms; DELETE FROM audit_runs;")
+        conn.execute_batch("DELETE FROM audit_run_keys; DELETE FROM audit_runs;")
             .unwrap();
         drop(conn);
         let s = store(&dir);
         wait_terms(&dir, 8).await;
+        assert_eq!(stored(&dir), kept);
         assert_eq!(
             seqs(s.query_audit(&q(Some("odd"), None), 10).await.unwrap()),
             [4, 6, 8]

@@ -11,7 +11,7 @@ use crate::audit::checkpoint::{Checkpoint, CheckpointKeys};
 use crate::audit::verify::{
     check_checkpoints, check_witness, join_reports, Report, Tamper, VerifyOptions, Walker,
 };
-use crate::audit::{raw_record_hash, AuditQuery, AuditRecord, RawEntry, GENESIS_HASH};
+use crate::audit::{raw_record_hash, AuditEntry, AuditQuery, AuditRecord, RawEntry, GENESIS_HASH};
 use crate::store::{StoreError, StoredAuditKey};
 use rusqlite::types::Value as SqlValue;
 use rusqlite::{params, params_from_iter, Connection, OpenFlags, OptionalExtension};
@@ -30,17 +30,16 @@ CREATE TABLE IF NOT EXISTS audit_runs (
     min_time_ms INTEGER NOT NULL,
     max_time_ms INTEGER NOT NULL
 );
-CREATE TABLE IF NOT EXISTS audit_run_terms (
+CREATE TABLE IF NOT EXISTS audit_run_keys (
     run INTEGER NOT NULL,
-    field INTEGER NOT NULL,
-    value TEXT NOT NULL,
-    seq INTEGER NOT NULL,
-    PRIMARY KEY (run, field, value, seq)
+    term INTEGER NOT NULL,
+    PRIMARY KEY (run, term)
 ) WITHOUT ROWID;
 DROP INDEX IF EXISTS audit_issuer;
 DROP INDEX IF EXISTS audit_target;
 DROP INDEX IF EXISTS audit_lease;
 DROP INDEX IF EXISTS audit_request;
+DROP INDEX IF EXISTS audit_time;
 CREATE TABLE IF NOT EXISTS audit_checkpoints (
     id INTEGER PRIMARY KEY,
     seq INTEGER NOT NULL,
@@ -73,13 +72,20 @@ pub(super) const TERMS_RETRY: std::time::Duration = std::time::Duration::from_mi
 /// with them. Keyed by value, even sorted batches of terms landed all over a tree larger
 /// than the page cache. So terms are keyed by run first: the writer appends each complete
 /// run of [`TERMS_RUN`] records as one sorted, contiguous slice at the end of
-/// `audit_run_terms`, with its sequence and time range in `audit_runs`; a query seeks
-/// (run, field, value) in each run of its time range and scans the incomplete run.
+/// `audit_run_keys`, with its sequence and time range in `audit_runs`; a query seeks
+/// (run, key) in each run of its time range and scans the incomplete run.
 /// Derived data: `verify` never reads it, and a damaged term hides a record from a filter
 /// but not from the chain.
 ///
 /// Issuer, target, lease id and request id are terms too: as indexes each cost a B-tree
 /// insert and a dirty page per group commit, on the one writer thread.
+///
+/// A term is stored as one integer: the 47-bit key of its field and value ([`term_key`],
+/// hashed on the caller's thread) and the record's place in its run. The writer keeps
+/// the keys of the records it appended and inserts a complete run as one sorted array:
+/// it never reads the records back (only after a restart, [`terms_of_rows`]). Two terms
+/// may share a key; a query re-checks every filter on the record itself, so a shared key
+/// only costs a candidate.
 const TERM_COLUMNS: [(i64, &str); 7] = [
     (1, "identity_key"),
     (2, "repository"),
@@ -90,51 +96,173 @@ const TERM_COLUMNS: [(i64, &str); 7] = [
     (7, "request_id"),
 ];
 
-/// The last record whose terms are indexed (0 when none are).
-pub(super) fn terms_through(conn: &Connection) -> Result<i64, StoreError> {
-    conn.query_row(
-        "SELECT COALESCE((SELECT last_seq FROM audit_runs ORDER BY run DESC LIMIT 1), 0)",
-        [],
-        |r| r.get(0),
-    )
-    .map_err(unavailable)
+/// Bits of a term's key: the packed term is `key << 16 | offset`, a positive integer.
+const KEY_BITS: u32 = 47;
+
+/// The key of a search term: the first 47 bits of SHA-256 over the field number and the
+/// value (stable across versions and machines; nobody can choose values that share a key
+/// with someone else's, which would only slow their queries anyway).
+pub(super) fn term_key(field: i64, value: &str) -> i64 {
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    ctx.update(&[field as u8]);
+    ctx.update(value.as_bytes());
+    let d = ctx.finish();
+    let mut k = [0u8; 8];
+    k.copy_from_slice(&d.as_ref()[..8]);
+    (u64::from_be_bytes(k) >> (64 - KEY_BITS)) as i64
 }
 
-/// Indexes the search terms of the run of records `first..=last`, in one transaction.
-pub(super) fn index_run(conn: &mut Connection, first: i64, last: i64) -> Result<(), StoreError> {
-    // One pass over the run's records (each row is decoded once, not once per field),
-    // sorted, appended at the end of the terms.
-    static INSERT: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
-        let fields = TERM_COLUMNS
-            .iter()
-            .map(|(field, _)| format!("({field})"))
-            .collect::<Vec<_>>()
-            .join(", ");
-        let value = TERM_COLUMNS
-            .iter()
-            .map(|(field, col)| format!("WHEN {field} THEN a.{col}"))
-            .collect::<Vec<_>>()
-            .join(" ");
-        format!(
-            "INSERT INTO audit_run_terms (run, field, value, seq) \
-             SELECT ?1, field, value, seq FROM (\
-               SELECT f.column1 AS field, CASE f.column1 {value} END AS value, a.seq AS seq \
-               FROM audit AS a CROSS JOIN (VALUES {fields}) AS f \
-               WHERE a.seq >= ?1 AND a.seq <= ?2\
-             ) WHERE value IS NOT NULL ORDER BY field, value, seq"
+/// What a run needs of one record: its time and the keys of its terms
+/// ([`TERM_COLUMNS`] order; [`NO_TERM`] where the field is empty). Computed on the
+/// caller's thread as the record is prepared, so the writer only sorts and inserts.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct RecordTerms {
+    pub(super) time_ms: i64,
+    keys: [i64; TERM_COLUMNS.len()],
+}
+
+/// A field without a value.
+const NO_TERM: i64 = -1;
+
+impl RecordTerms {
+    pub(super) fn of(e: &AuditEntry) -> RecordTerms {
+        let values = [
+            e.identity_key.as_deref(),
+            e.repository.as_deref(),
+            e.subject.as_deref(),
+            e.issuer.as_deref(),
+            e.target.as_deref(),
+            e.lease_id.as_deref(),
+            Some(e.request_id.as_str()),
+        ];
+        RecordTerms::from_values(e.time_ms, values)
+    }
+
+    fn from_values(time_ms: i64, values: [Option<&str>; TERM_COLUMNS.len()]) -> RecordTerms {
+        let mut keys = [NO_TERM; TERM_COLUMNS.len()];
+        for ((k, v), (field, _)) in keys.iter_mut().zip(values).zip(TERM_COLUMNS) {
+            if let Some(v) = v {
+                *k = term_key(field, v);
+            }
+        }
+        RecordTerms { time_ms, keys }
+    }
+}
+
+/// Loads `rarray` (a run's terms are inserted as one array) on the writer's connection,
+/// and moves a store written with terms as text (`audit_run_terms`) to keys: its runs
+/// are indexed again, one per turn.
+pub(super) fn prepare_terms(conn: &Connection) -> Result<(), StoreError> {
+    rusqlite::vtab::array::load_module(conn).map_err(unavailable)?;
+    let old: bool = conn
+        .query_row(
+            "SELECT COUNT(*) > 0 FROM sqlite_master WHERE name = 'audit_run_terms'",
+            [],
+            |r| r.get(0),
         )
-    });
+        .map_err(unavailable)?;
+    if old {
+        conn.execute_batch(
+            "BEGIN IMMEDIATE; DROP TABLE audit_run_terms; DELETE FROM audit_runs; COMMIT;",
+        )
+        .map_err(unavailable)?;
+    }
+    Ok(())
+}
+
+/// The last record whose terms are indexed (0 when none are).
+pub(super) fn terms_through(conn: &Connection) -> Result<i64, StoreError> {
+    conn.query_row(&format!("SELECT {LAST_INDEXED}"), [], |r| r.get(0))
+        .map_err(unavailable)
+}
+
+/// The terms of the stored records `first..=last`, read back from the rows (after a
+/// restart, or when the writer did not see them appended).
+pub(super) fn terms_of_rows(
+    conn: &Connection,
+    first: i64,
+    last: i64,
+) -> Result<Vec<RecordTerms>, StoreError> {
+    let cols = TERM_COLUMNS
+        .iter()
+        .map(|(_, c)| *c)
+        .collect::<Vec<_>>()
+        .join(", ");
+    let mut stmt = conn
+        .prepare_cached(&format!(
+            "SELECT seq, time_ms, {cols} FROM audit WHERE seq >= ?1 AND seq <= ?2 ORDER BY seq"
+        ))
+        .map_err(unavailable)?;
+    let mut rows = stmt.query(params![first, last]).map_err(unavailable)?;
+    let mut out = Vec::with_capacity((last - first + 1).clamp(0, TERMS_RUN) as usize);
+    let mut expect = first;
+    while let Some(r) = rows.next().map_err(unavailable)? {
+        let seq: i64 = r.get(0).map_err(unavailable)?;
+        if seq != expect {
+            return Err(StoreError::Corrupt(format!(
+                "audit record {expect} is missing"
+            )));
+        }
+        expect += 1;
+        let mut values = [None; TERM_COLUMNS.len()];
+        for (i, v) in values.iter_mut().enumerate() {
+            *v = r
+                .get_ref(2 + i)
+                .map_err(unavailable)?
+                .as_str_or_null()
+                .ok()
+                .flatten();
+        }
+        out.push(RecordTerms::from_values(
+            r.get(1).map_err(unavailable)?,
+            values,
+        ));
+    }
+    Ok(out)
+}
+
+/// Indexes the search terms of the run of records `first..=last` (`records` holds them
+/// in order) in one transaction: each term packed with the record's place in the run as
+/// `key << 16 | offset`, sorted, inserted as one array at the end of `audit_run_keys`.
+pub(super) fn index_run(
+    conn: &mut Connection,
+    first: i64,
+    last: i64,
+    records: &[RecordTerms],
+) -> Result<(), StoreError> {
+    if records.len() as i64 != last - first + 1 {
+        return Err(StoreError::Unavailable(format!(
+            "run {first}..={last} has {} records",
+            records.len()
+        )));
+    }
+    let mut terms: Vec<i64> = Vec::with_capacity(records.len() * TERM_COLUMNS.len());
+    let (mut min_time, mut max_time) = (i64::MAX, i64::MIN);
+    for (offset, r) in records.iter().enumerate() {
+        min_time = min_time.min(r.time_ms);
+        max_time = max_time.max(r.time_ms);
+        terms.extend(
+            r.keys
+                .iter()
+                .filter(|k| **k != NO_TERM)
+                .map(|k| k << 16 | offset as i64),
+        );
+    }
+    terms.sort_unstable();
+    // Two fields of one record may share a key.
+    terms.dedup();
+    let terms: rusqlite::vtab::array::Array =
+        std::rc::Rc::new(terms.into_iter().map(SqlValue::Integer).collect());
     let tx = conn
         .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
         .map_err(unavailable)?;
-    tx.prepare_cached(&INSERT)
-        .and_then(|mut s| s.execute(params![first, last]))
+    tx.prepare_cached("INSERT INTO audit_run_keys (run, term) SELECT ?1, value FROM rarray(?2)")
+        .and_then(|mut s| s.execute(params![first, terms]))
         .map_err(unavailable)?;
     tx.prepare_cached(
-        "INSERT INTO audit_runs (run, last_seq, min_time_ms, max_time_ms) \
-         SELECT ?1, ?2, MIN(time_ms), MAX(time_ms) FROM audit WHERE seq >= ?1 AND seq <= ?2",
+        "INSERT INTO audit_runs (run, last_seq, min_time_ms, max_time_ms) VALUES (?1, ?2, ?3, ?4)",
     )
-    .and_then(|mut s| s.execute(params![first, last]))
+    .and_then(|mut s| s.execute(params![first, last, min_time, max_time]))
     .map_err(unavailable)?;
     tx.commit().map_err(unavailable)
 }
@@ -208,6 +336,10 @@ pub(super) fn plan(conn: &Connection, q: &AuditQuery) -> String {
         .join("\n")
 }
 
+/// The last record of the indexed runs (0 when none), in SQL.
+const LAST_INDEXED: &str =
+    "(SELECT COALESCE((SELECT last_seq FROM audit_runs ORDER BY run DESC LIMIT 1), 0))";
+
 /// The statement and arguments of a query.
 fn query_statement(q: &AuditQuery, limit: usize) -> (String, Vec<SqlValue>) {
     // The most selective term the query has drives it.
@@ -224,6 +356,42 @@ fn query_statement(q: &AuditQuery, limit: usize) -> (String, Vec<SqlValue>) {
     .find_map(|(field, v)| v.as_ref().map(|v| (field, v)));
     let (sql, mut args) = query_sql(q, term.is_some());
     let sql = match term {
+        // A time window without a term: the runs bound it (each run's time range is
+        // known), plus every record after the indexed runs. Times are not in sequence
+        // order (a record's time is its decision's, before a slow upstream call), so a
+        // window starts at the first run reaching it and ends after the last run starting
+        // in it.
+        None if q.since_ms.is_some() || q.until_ms.is_some() => {
+            let (sql, filter_args) = query_sql(q, true);
+            let lo = match q.since_ms {
+                Some(since) => {
+                    args = vec![SqlValue::Integer(since)];
+                    format!(
+                        "COALESCE((SELECT MIN(run) FROM audit_runs WHERE max_time_ms >= ?), {})",
+                        i64::MAX
+                    )
+                }
+                None => {
+                    args = Vec::new();
+                    "0".to_string()
+                }
+            };
+            let hi = match q.until_ms {
+                Some(until) => {
+                    args.push(SqlValue::Integer(until));
+                    "COALESCE((SELECT MAX(last_seq) FROM audit_runs WHERE min_time_ms < ?), 0)"
+                }
+                None => LAST_INDEXED,
+            };
+            args.extend(filter_args.iter().cloned());
+            args.extend(filter_args);
+            format!(
+                "SELECT {AUDIT_COLUMNS} FROM audit WHERE seq >= {lo} AND seq <= {hi} AND {sql} \
+                 UNION ALL \
+                 SELECT {AUDIT_COLUMNS} FROM audit WHERE seq > {LAST_INDEXED} AND {sql} \
+                 ORDER BY seq LIMIT ?"
+            )
+        }
         None => format!("SELECT {AUDIT_COLUMNS} FROM audit WHERE {sql} ORDER BY seq LIMIT ?"),
         Some((field, value)) => {
             // The indexed records carrying the term (sought run by run, in the runs that
@@ -242,15 +410,15 @@ fn query_statement(q: &AuditQuery, limit: usize) -> (String, Vec<SqlValue>) {
                     targs.push(SqlValue::Integer(v));
                 }
             }
-            targs.push(SqlValue::Integer(field));
-            targs.push(SqlValue::Text(value.clone()));
+            let lo = term_key(field, value) << 16;
+            targs.push(SqlValue::Integer(lo));
+            targs.push(SqlValue::Integer(lo | 0xffff));
             targs.append(&mut args);
             args = targs;
             format!(
                 "SELECT {AUDIT_COLUMNS} FROM audit WHERE seq IN (\
-                   SELECT seq FROM audit_run_terms WHERE run IN ({runs}) AND field = ? AND value = ? \
-                   UNION ALL SELECT seq FROM audit WHERE seq > \
-                   (SELECT COALESCE((SELECT last_seq FROM audit_runs ORDER BY run DESC LIMIT 1), 0))\
+                   SELECT run + (term & 65535) FROM audit_run_keys WHERE run IN ({runs}) AND term >= ? AND term <= ? \
+                   UNION ALL SELECT seq FROM audit WHERE seq > {LAST_INDEXED}\
                  ) AND {sql} ORDER BY seq LIMIT ?"
             )
         }
