@@ -333,7 +333,7 @@ impl Walker {
         seq: i64,
         prev_hash: &str,
         hash: &str,
-        hash_at: impl Fn(i64) -> String,
+        mut hash_at: impl FnMut(i64) -> String,
     ) -> bool {
         if self.problem.is_some() {
             return false;

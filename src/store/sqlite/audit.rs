@@ -1,9 +1,10 @@
 //! The audit side of the SQLite store: filtered queries, checkpoints, the audit key, and
 //! verification straight from the rows.
 //!
-//! Verification reads each row's columns as borrowed text and hashes them through
-//! [`crate::audit::RawEntry`], which serialises exactly as [`crate::audit::AuditEntry`]
-//! does: no JSON is parsed into values, nothing is allocated per record beyond the hash.
+//! Verification reads each row's columns as borrowed bytes and hashes them through
+//! [`crate::audit::StoredEntry`], which writes exactly what `serde_json` writes for an
+//! [`crate::audit::AuditEntry`]: nothing is parsed, validated or allocated per record
+//! beyond the hash.
 //! It runs on its own read-only connection, so the writer (and Mint) never waits for it.
 
 use super::{row_to_record, unavailable, AUDIT_COLUMNS};
@@ -11,11 +12,12 @@ use crate::audit::checkpoint::{Checkpoint, CheckpointKeys};
 use crate::audit::verify::{
     check_checkpoints, check_witness, join_reports, Report, Tamper, VerifyOptions, Walker,
 };
-use crate::audit::{raw_record_hash, AuditEntry, AuditQuery, AuditRecord, RawEntry, GENESIS_HASH};
+use crate::audit::{
+    stored_record_hash, AuditEntry, AuditQuery, AuditRecord, StoredEntry, GENESIS_HASH,
+};
 use crate::store::{StoreError, StoredAuditKey};
 use rusqlite::types::Value as SqlValue;
 use rusqlite::{params, params_from_iter, Connection, OpenFlags, OptionalExtension};
-use serde_json::value::RawValue;
 use std::path::Path;
 
 pub(super) const AUDIT_SCHEMA: &str = r#"
@@ -585,8 +587,8 @@ fn keys_for(conn: &Connection, opts: &VerifyOptions) -> CheckpointKeys {
 }
 
 /// Walks the records with `lo <= seq <= hi` (each row hashed from its borrowed columns).
-/// A row whose columns cannot be read as what was written (a type changed, a JSON column
-/// that is not JSON) is reported as edited.
+/// A row whose columns do not have the types that were written (text, integer, null) is
+/// reported as edited.
 fn walk_rows(conn: &Connection, w: &mut Walker, lo: i64, hi: i64) -> Result<(), StoreError> {
     if w.failed() {
         return Ok(());
@@ -597,9 +599,10 @@ fn walk_rows(conn: &Connection, w: &mut Walker, lo: i64, hi: i64) -> Result<(), 
         ))
         .map_err(unavailable)?;
     let mut rows = stmt.query(params![lo, hi]).map_err(unavailable)?;
+    let mut buf = Vec::with_capacity(4096);
     while let Some(r) = rows.next().map_err(unavailable)? {
         let seq: i64 = r.get(0).unwrap_or(0);
-        match step_row(r, w) {
+        match step_row(r, w, &mut buf) {
             Ok(true) => {}
             Ok(false) => break,
             Err(()) => {
@@ -611,24 +614,32 @@ fn walk_rows(conn: &Connection, w: &mut Walker, lo: i64, hi: i64) -> Result<(), 
     Ok(())
 }
 
-/// One row into the walker; `Err` when a column does not hold what was written.
-fn step_row(r: &rusqlite::Row<'_>, w: &mut Walker) -> Result<bool, ()> {
-    let text =
-        |i: usize| -> Result<&str, ()> { r.get_ref(i).map_err(|_| ())?.as_str().map_err(|_| ()) };
-    let opt = |i: usize| -> Result<Option<&str>, ()> {
-        r.get_ref(i)
-            .map_err(|_| ())?
-            .as_str_or_null()
-            .map_err(|_| ())
+/// One row into the walker; `Err` when a column does not hold the type written.
+fn step_row(r: &rusqlite::Row<'_>, w: &mut Walker, buf: &mut Vec<u8>) -> Result<bool, ()> {
+    use rusqlite::types::ValueRef;
+    let text = |i: usize| -> Result<&[u8], ()> {
+        match r.get_ref(i) {
+            Ok(ValueRef::Text(t)) => Ok(t),
+            _ => Err(()),
+        }
     };
-    let int =
-        |i: usize| -> Result<i64, ()> { r.get_ref(i).map_err(|_| ())?.as_i64().map_err(|_| ()) };
-    let raw = |i: usize| -> Result<&RawValue, ()> {
-        serde_json::from_str::<&RawValue>(text(i)?).map_err(|_| ())
+    let opt = |i: usize| -> Result<Option<&[u8]>, ()> {
+        match r.get_ref(i) {
+            Ok(ValueRef::Text(t)) => Ok(Some(t)),
+            Ok(ValueRef::Null) => Ok(None),
+            _ => Err(()),
+        }
     };
-    let seq = int(0)?;
-    let entry = RawEntry {
-        time_ms: int(1)?,
+    let int = |i: usize| -> Result<Option<i64>, ()> {
+        match r.get_ref(i) {
+            Ok(ValueRef::Integer(v)) => Ok(Some(v)),
+            Ok(ValueRef::Null) => Ok(None),
+            _ => Err(()),
+        }
+    };
+    let seq = int(0)?.ok_or(())?;
+    let entry = StoredEntry {
+        time_ms: int(1)?.ok_or(())?,
         request_id: text(2)?,
         action: text(3)?,
         outcome: text(4)?,
@@ -641,25 +652,22 @@ fn step_row(r: &rusqlite::Row<'_>, w: &mut Walker) -> Result<bool, ()> {
         pipeline: opt(11)?,
         token_fingerprint: opt(12)?,
         target: opt(13)?,
-        requested_scopes: raw(14)?,
-        granted_scopes: raw(15)?,
-        ttl_secs: r
-            .get_ref(16)
-            .map_err(|_| ())?
-            .as_i64_or_null()
-            .map_err(|_| ())?,
+        requested_scopes: text(14)?,
+        granted_scopes: text(15)?,
+        ttl_secs: int(16)?,
         rule: opt(17)?,
         reason: opt(18)?,
         lease_id: opt(19)?,
         credential_jti: opt(20)?,
         credential_fingerprint: opt(21)?,
-        context: raw(22)?,
-        claims: raw(23)?,
+        context: text(22)?,
+        claims: text(23)?,
     };
     let prev_hash = text(24)?;
-    let hash = text(25)?;
-    Ok(w.step(seq, prev_hash, hash, |s| {
-        raw_record_hash(s, prev_hash, &entry)
+    let hash = std::str::from_utf8(text(25)?).map_err(|_| ())?;
+    let prev = std::str::from_utf8(prev_hash).map_err(|_| ())?;
+    Ok(w.step(seq, prev, hash, |s| {
+        stored_record_hash(buf, s, prev_hash, &entry)
     }))
 }
 
