@@ -1641,6 +1641,34 @@ mod tests {
             seqs(s.query_audit(&q(Some("odd"), None), 10).await.unwrap()),
             [4, 6, 8]
         );
+        drop(s);
+
+        // A store from the version that kept terms as text: the old table goes, and its
+        // runs are indexed again as keys.
+        let conn = Connection::open(dir.path().join("t.db")).unwrap();
+        conn.execute_batch(
+            "CREATE TABLE audit_run_terms (run INTEGER NOT NULL, field INTEGER NOT NULL, value TEXT NOT NULL, seq INTEGER NOT NULL, PRIMARY KEY (run, field, value, seq)) WITHOUT ROWID;
+             INSERT INTO audit_run_terms VALUES (1, 2, 'odd', 2);
+             DELETE FROM audit_run_keys;",
+        )
+        .unwrap();
+        drop(conn);
+        let s = store(&dir);
+        wait_terms(&dir, 8).await;
+        assert_eq!(stored(&dir), kept);
+        let c = audit::open_read_only(&dir.path().join("t.db")).unwrap();
+        let old: i64 = c
+            .query_row(
+                "SELECT COUNT(*) FROM sqlite_master WHERE name = 'audit_run_terms'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(old, 0);
+        assert_eq!(
+            seqs(s.query_audit(&q(Some("odd"), None), 10).await.unwrap()),
+            [4, 6, 8]
+        );
     }
 
     #[tokio::test]
