@@ -3,6 +3,12 @@
 use clap::Parser;
 use latchkey::cli::{self, Cli, Command, LogFormat, PolicyCommand};
 
+/// mimalloc instead of glibc's malloc: under load the broker's request path allocates
+/// and frees small objects on every worker thread, where glibc spent about a tenth of its
+/// CPU (README "Performance").
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() {
     let args = Cli::parse();
     // `serve` logs as its config's [log] says (`--log-format json` also turns JSON on); a
