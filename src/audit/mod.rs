@@ -206,9 +206,10 @@ impl AuditQuery {
 /// bytes, JSON columns as the canonical text written at append time. Verification hashes
 /// rows through it without decoding, validating or allocating anything per record:
 /// [`stored_record_hash`] writes exactly the bytes `serde_json` writes for an
-/// [`AuditEntry`] (same field names and order, same escaping). A column an attacker
-/// changed to text that is not what was written (invalid UTF-8, JSON that is not
-/// canonical) simply hashes differently.
+/// [`AuditEntry`] (same field names and order, same escaping). A text column an attacker
+/// changed (even to invalid UTF-8) simply hashes differently. The JSON columns are
+/// hashed as stored, so the caller must first check that each holds exactly one JSON
+/// value: that is what keeps bytes from being moved from one into the next.
 #[derive(Debug, Clone, Copy)]
 #[allow(missing_docs)]
 pub struct StoredEntry<'a> {
@@ -282,6 +283,52 @@ fn put_json_str(buf: &mut Vec<u8>, s: &[u8]) {
         buf.extend_from_slice(&s[from..]);
     }
     buf.push(b'"');
+}
+
+/// Whether `b` is one JSON value and nothing after it, as far as where it ends goes: an
+/// object or array whose brackets close for the first time at its last byte (strings and
+/// their escapes skipped), a string whose closing quote is its last byte, or a scalar with
+/// no structural character. The JSON columns of a row are hashed side by side as stored;
+/// this is what pins each one's end, so that no byte can move from one into the next
+/// without changing the hash. Linear and allocation-free (full parsing would cost
+/// verification a quarter of its speed); anything it lets through that is not the
+/// canonical text written at append time changes the hash.
+pub fn one_json_value(b: &[u8]) -> bool {
+    let Some((&first, _)) = b.split_first() else {
+        return false;
+    };
+    match first {
+        b'{' | b'[' | b'"' => {
+            let (mut depth, mut in_str, mut esc) = (0usize, false, false);
+            for (i, &c) in b.iter().enumerate() {
+                let closed = if in_str {
+                    if esc {
+                        esc = false;
+                    } else if c == b'\\' {
+                        esc = true;
+                    } else if c == b'"' {
+                        in_str = false;
+                    }
+                    !in_str && depth == 0
+                } else {
+                    match c {
+                        b'"' => in_str = true,
+                        b'{' | b'[' => depth += 1,
+                        b'}' | b']' => depth = depth.wrapping_sub(1),
+                        _ => {}
+                    }
+                    depth == 0 && !in_str
+                };
+                if closed {
+                    return i == b.len() - 1;
+                }
+            }
+            false
+        }
+        _ => !b
+            .iter()
+            .any(|c| matches!(c, b'{' | b'}' | b'[' | b']' | b'"' | b',' | b':')),
+    }
 }
 
 /// [`record_hash`] of a stored row; `buf` is scratch space, reused across records.
@@ -501,6 +548,34 @@ pub(crate) mod tests {
                 ..Default::default()
             };
             stored_hash_matches(&e);
+        }
+    }
+
+    #[test]
+    fn one_json_value_pins_where_a_column_ends() {
+        for ok in [
+            r#"{"a":"b","claims":"x"}"#,
+            r#"["a b","}\"]{"]"#,
+            r#"{}"#,
+            r#"[]"#,
+            r#""x\"}""#,
+            "null",
+            "-1.5e3",
+            r#"{"a":[{"b":{}}]}"#,
+        ] {
+            assert!(one_json_value(ok.as_bytes()), "{ok}");
+        }
+        for bad in [
+            r#"{"a":"b""#,
+            r#""x"},"claims":{"sub":"s"}"#,
+            r#"[1],"b":[2]"#,
+            r#"{"a":1}}"#,
+            r#"{"a":"}"#,
+            r#""x"y"#,
+            r#"null,"claims":{}"#,
+            "",
+        ] {
+            assert!(!one_json_value(bad.as_bytes()), "{bad}");
         }
     }
 

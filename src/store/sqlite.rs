@@ -1648,8 +1648,7 @@ mod tests {
         let conn = Connection::open(dir.path().join("t.db")).unwrap();
         conn.execute_batch(
             "CREATE TABLE audit_run_terms (run INTEGER NOT NULL, field INTEGER NOT NULL, value TEXT NOT NULL, seq INTEGER NOT NULL, PRIMARY KEY (run, field, value, seq)) WITHOUT ROWID;
-             INSERT INTO audit_run_terms VALUES (1, 2, 'odd', 2);
-             DELETE FROM audit_run_keys;",
+             INSERT INTO audit_run_terms VALUES (1, 2, 'odd', 2);",
         )
         .unwrap();
         drop(conn);
@@ -1668,6 +1667,43 @@ mod tests {
         assert_eq!(
             seqs(s.query_audit(&q(Some("odd"), None), 10).await.unwrap()),
             [4, 6, 8]
+        );
+    }
+
+    #[tokio::test]
+    async fn bytes_moved_between_json_columns_are_an_edit() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = store(&dir);
+        let tricky = AuditEntry {
+            context: [
+                ("a".to_string(), "b".to_string()),
+                ("claims".to_string(), "x".to_string()),
+            ]
+            .into(),
+            claims: serde_json::json!({"sub": "s"}),
+            ..entry(1)
+        };
+        for e in [entry(0), tricky, entry(2)] {
+            s.append(e).await.unwrap();
+        }
+        drop(s);
+        let path = dir.path().join("t.db");
+        assert!(audit::verify_file(&path, &VerifyOptions::default())
+            .unwrap()
+            .intact());
+        // The same bytes, split differently: `{"a":"b"` + `,"claims":` + `"x"},...`.
+        let conn = Connection::open(&path).unwrap();
+        conn.execute_batch(
+            r#"DROP TRIGGER audit_no_update;
+               UPDATE audit SET context = '{"a":"b"', claims = '"x"},"claims":{"sub":"s"}' WHERE seq = 2;"#,
+        )
+        .unwrap();
+        drop(conn);
+        let report = audit::verify_file(&path, &VerifyOptions::default()).unwrap();
+        assert_eq!(
+            report.problem,
+            Some(crate::audit::verify::Tamper::Edited { seq: 2 }),
+            "{report}"
         );
     }
 

@@ -13,7 +13,7 @@ use crate::audit::verify::{
     check_checkpoints, check_witness, join_reports, Report, Tamper, VerifyOptions, Walker,
 };
 use crate::audit::{
-    stored_record_hash, AuditEntry, AuditQuery, AuditRecord, StoredEntry, GENESIS_HASH,
+    one_json_value, stored_record_hash, AuditEntry, AuditQuery, AuditRecord, StoredEntry, GENESIS_HASH,
 };
 use crate::store::{StoreError, StoredAuditKey};
 use rusqlite::types::Value as SqlValue;
@@ -165,7 +165,7 @@ pub(super) fn prepare_terms(conn: &Connection) -> Result<(), StoreError> {
         .map_err(unavailable)?;
     if old {
         conn.execute_batch(
-            "BEGIN IMMEDIATE; DROP TABLE audit_run_terms; DELETE FROM audit_runs; COMMIT;",
+            "BEGIN IMMEDIATE; DROP TABLE audit_run_terms; DELETE FROM audit_run_keys; DELETE FROM audit_runs; COMMIT;",
         )
         .map_err(unavailable)?;
     }
@@ -630,6 +630,18 @@ fn step_row(r: &rusqlite::Row<'_>, w: &mut Walker, buf: &mut Vec<u8>) -> Result<
             _ => Err(()),
         }
     };
+    // A JSON column must hold one JSON value: the four are hashed as they are, side by
+    // side, and only their own ends keep bytes from being moved from one into the next
+    // (a caller's context holding `,"claims":` would otherwise let an attacker shift text
+    // between context and claims without changing the hash).
+    let json = |i: usize| -> Result<&[u8], ()> {
+        let t = text(i)?;
+        if one_json_value(t) {
+            Ok(t)
+        } else {
+            Err(())
+        }
+    };
     let int = |i: usize| -> Result<Option<i64>, ()> {
         match r.get_ref(i) {
             Ok(ValueRef::Integer(v)) => Ok(Some(v)),
@@ -652,16 +664,16 @@ fn step_row(r: &rusqlite::Row<'_>, w: &mut Walker, buf: &mut Vec<u8>) -> Result<
         pipeline: opt(11)?,
         token_fingerprint: opt(12)?,
         target: opt(13)?,
-        requested_scopes: text(14)?,
-        granted_scopes: text(15)?,
+        requested_scopes: json(14)?,
+        granted_scopes: json(15)?,
         ttl_secs: int(16)?,
         rule: opt(17)?,
         reason: opt(18)?,
         lease_id: opt(19)?,
         credential_jti: opt(20)?,
         credential_fingerprint: opt(21)?,
-        context: text(22)?,
-        claims: text(23)?,
+        context: json(22)?,
+        claims: json(23)?,
     };
     let prev_hash = text(24)?;
     let hash = std::str::from_utf8(text(25)?).map_err(|_| ())?;
