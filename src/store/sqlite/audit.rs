@@ -13,7 +13,8 @@ use crate::audit::verify::{
     check_checkpoints, check_witness, join_reports, Report, Tamper, VerifyOptions, Walker,
 };
 use crate::audit::{
-    one_json_value, stored_record_hash, AuditEntry, AuditQuery, AuditRecord, StoredEntry, GENESIS_HASH,
+    one_json_value, stored_record_hash, AuditEntry, AuditQuery, AuditRecord, StoredEntry,
+    GENESIS_HASH,
 };
 use crate::store::{StoreError, StoredAuditKey};
 use rusqlite::types::Value as SqlValue;
