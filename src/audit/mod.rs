@@ -204,7 +204,7 @@ impl AuditQuery {
 
 /// An entry as stored, borrowed column by column as bytes: text columns as their UTF-8
 /// bytes, JSON columns as the canonical text written at append time. Verification hashes
-/// rows through it without decoding, validating or allocating anything per record:
+/// rows through it without decoding or allocating anything per record:
 /// [`stored_record_hash`] writes exactly the bytes `serde_json` writes for an
 /// [`AuditEntry`] (same field names and order, same escaping). A text column an attacker
 /// changed (even to invalid UTF-8) simply hashes differently. The JSON columns are
@@ -506,7 +506,7 @@ pub(crate) mod tests {
     fn borrowed_rows_hash_exactly_like_entries() {
         let tricky = AuditEntry {
             time_ms: -5,
-            request_id: "r\"q\\\u{1}é🙂".into(),
+            request_id: "r\"q\\\u{1}\u{8}\u{c}\r\t\u{7f}é🙂".into(),
             action: "mint".into(),
             outcome: "allowed".into(),
             issuer: Some(String::new()),

@@ -3,8 +3,8 @@
 //!
 //! Verification reads each row's columns as borrowed bytes and hashes them through
 //! [`crate::audit::StoredEntry`], which writes exactly what `serde_json` writes for an
-//! [`crate::audit::AuditEntry`]: nothing is parsed, validated or allocated per record
-//! beyond the hash.
+//! [`crate::audit::AuditEntry`]: nothing is parsed or allocated per record beyond the
+//! hash; each JSON column only has its end checked ([`crate::audit::one_json_value`]).
 //! It runs on its own read-only connection, so the writer (and Mint) never waits for it.
 
 use super::{row_to_record, unavailable, AUDIT_COLUMNS};
@@ -347,37 +347,39 @@ const LAST_INDEXED: &str =
 fn query_statement(q: &AuditQuery, limit: usize) -> (String, Vec<SqlValue>) {
     // The most selective term the query has drives it.
     let term = [
-        (6, &q.lease_id),
-        (7, &q.request_id),
-        (3, &q.subject),
-        (1, &q.identity_key),
-        (2, &q.repository),
-        (5, &q.target),
-        (4, &q.issuer),
+        ("lease_id", &q.lease_id),
+        ("request_id", &q.request_id),
+        ("subject", &q.subject),
+        ("identity_key", &q.identity_key),
+        ("repository", &q.repository),
+        ("target", &q.target),
+        ("issuer", &q.issuer),
     ]
     .into_iter()
-    .find_map(|(field, v)| v.as_ref().map(|v| (field, v)));
-    let (sql, mut args) = query_sql(q, term.is_some());
+    .find_map(|(col, v)| {
+        let field = TERM_COLUMNS.iter().find(|(_, c)| *c == col)?.0;
+        v.as_ref().map(|v| (field, v))
+    });
+    let window = q.since_ms.is_some() || q.until_ms.is_some();
+    // Records come from the terms or the runs' bounds: no other index may drive.
+    let (sql, mut args) = query_sql(q, term.is_some() || window);
     let sql = match term {
         // A time window without a term: the runs bound it (each run's time range is
         // known), plus every record after the indexed runs. Times are not in sequence
         // order (a record's time is its decision's, before a slow upstream call), so a
         // window starts at the first run reaching it and ends after the last run starting
         // in it.
-        None if q.since_ms.is_some() || q.until_ms.is_some() => {
-            let (sql, filter_args) = query_sql(q, true);
+        None if window => {
+            let filter_args = std::mem::take(&mut args);
             let lo = match q.since_ms {
                 Some(since) => {
-                    args = vec![SqlValue::Integer(since)];
+                    args.push(SqlValue::Integer(since));
                     format!(
                         "COALESCE((SELECT MIN(run) FROM audit_runs WHERE max_time_ms >= ?), {})",
                         i64::MAX
                     )
                 }
-                None => {
-                    args = Vec::new();
-                    "0".to_string()
-                }
+                None => "0".to_string(),
             };
             let hi = match q.until_ms {
                 Some(until) => {
@@ -386,6 +388,7 @@ fn query_statement(q: &AuditQuery, limit: usize) -> (String, Vec<SqlValue>) {
                 }
                 None => LAST_INDEXED,
             };
+            // The filters hold on both parts of the union.
             args.extend(filter_args.iter().cloned());
             args.extend(filter_args);
             format!(
