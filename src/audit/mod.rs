@@ -13,8 +13,10 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use std::collections::BTreeMap;
 
-/// Version of the canonical encoding that the hash covers.
-pub const SCHEMA_VERSION: u32 = 1;
+/// Version of the chain-hash format new records are written in (see [`chain_hash`]).
+/// Records written in version 1 (the whole entry inside the chain input, see
+/// [`record_hash_v1`]) still verify: a log may hold both, version 1 before an upgrade.
+pub const SCHEMA_VERSION: u32 = 2;
 
 /// `prev_hash` of the first record.
 pub const GENESIS_HASH: &str = "0000000000000000000000000000000000000000000000000000000000000000";
@@ -85,17 +87,52 @@ pub struct AuditRecord {
 }
 
 #[derive(Serialize)]
-struct ChainInput<'a> {
+struct ChainInputV1<'a> {
     v: u32,
     seq: i64,
     prev_hash: &'a str,
     entry: &'a AuditEntry,
 }
 
-/// The hash of a record with this place in the chain.
+/// SHA-256 of an entry's canonical JSON (`serde_json::to_vec(&entry)`: fields in
+/// declaration order, serde_json's escaping). Computed by the caller before the record's
+/// place in the chain is known, so the one writer only hashes a short chain input.
+pub fn entry_digest(entry_json: &[u8]) -> [u8; 32] {
+    let d = ring::digest::digest(&ring::digest::SHA256, entry_json);
+    let mut out = [0u8; 32];
+    out.copy_from_slice(d.as_ref());
+    out
+}
+
+/// The hash of a record (format 2): SHA-256 of
+/// `{"v":2,"seq":SEQ,"prev_hash":"PREV","entry_sha256":"HEX"}` where `HEX` is the
+/// lowercase hex [`entry_digest`] of the entry's canonical JSON.
+pub fn chain_hash(seq: i64, prev_hash: &[u8], entry_sha256: &[u8; 32]) -> String {
+    let mut int = itoa::Buffer::new();
+    let mut buf = Vec::with_capacity(192);
+    buf.extend_from_slice(b"{\"v\":");
+    buf.extend_from_slice(int.format(SCHEMA_VERSION).as_bytes());
+    buf.extend_from_slice(b",\"seq\":");
+    buf.extend_from_slice(int.format(seq).as_bytes());
+    buf.extend_from_slice(b",\"prev_hash\":");
+    put_json_str(&mut buf, prev_hash);
+    buf.extend_from_slice(b",\"entry_sha256\":\"");
+    buf.extend_from_slice(crate::jose::hex(entry_sha256).as_bytes());
+    buf.extend_from_slice(b"\"}");
+    crate::jose::sha256_hex(&buf)
+}
+
+/// The hash of a record with this place in the chain, in the current format.
 pub fn record_hash(seq: i64, prev_hash: &str, entry: &AuditEntry) -> String {
-    let canonical = serde_json::to_vec(&ChainInput {
-        v: SCHEMA_VERSION,
+    let json = serde_json::to_vec(entry).unwrap_or_default();
+    chain_hash(seq, prev_hash.as_bytes(), &entry_digest(&json))
+}
+
+/// The hash of a record in format 1: SHA-256 of the canonical JSON of
+/// `{v: 1, seq, prev_hash, entry}`.
+pub fn record_hash_v1(seq: i64, prev_hash: &str, entry: &AuditEntry) -> String {
+    let canonical = serde_json::to_vec(&ChainInputV1 {
+        v: 1,
         seq,
         prev_hash,
         entry,
@@ -104,20 +141,52 @@ pub fn record_hash(seq: i64, prev_hash: &str, entry: &AuditEntry) -> String {
     crate::jose::sha256_hex(canonical)
 }
 
-/// [`record_hash`] from the entry's canonical JSON (`serde_json::to_vec(&entry)`), which
-/// a caller can render before the record's place in the chain is known.
-pub fn record_hash_from_json(seq: i64, prev_hash: &str, entry_json: &[u8]) -> String {
-    let mut head = Vec::with_capacity(128);
-    head.extend_from_slice(
-        format!("{{\"v\":{SCHEMA_VERSION},\"seq\":{seq},\"prev_hash\":").as_bytes(),
-    );
-    let _ = serde_json::to_writer(&mut head, prev_hash);
-    head.extend_from_slice(b",\"entry\":");
-    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
-    ctx.update(&head);
-    ctx.update(entry_json);
-    ctx.update(b"}");
-    crate::jose::hex(ctx.finish().as_ref())
+/// Whether `hash` is the hash of this record in either format.
+pub fn record_matches(seq: i64, prev_hash: &str, entry: &AuditEntry, hash: &str) -> bool {
+    let json = serde_json::to_vec(entry).unwrap_or_default();
+    HashCheck::default().matches(seq, prev_hash.as_bytes(), &json, hash)
+}
+
+/// Checks stored hashes against both formats. It remembers which format matched last and
+/// tries that one first, so a log written in one format hashes each record once.
+#[derive(Debug, Default, Clone)]
+pub struct HashCheck {
+    v1_first: bool,
+}
+
+impl HashCheck {
+    /// Whether `hash` is the hash, in either format, of the entry whose canonical JSON is
+    /// `entry_json`, placed at `seq` after `prev_hash`.
+    pub fn matches(&mut self, seq: i64, prev_hash: &[u8], entry_json: &[u8], hash: &str) -> bool {
+        let v2 = || chain_hash(seq, prev_hash, &entry_digest(entry_json)) == hash;
+        let v1 = || {
+            let mut int = itoa::Buffer::new();
+            let mut head = Vec::with_capacity(128);
+            head.extend_from_slice(b"{\"v\":1,\"seq\":");
+            head.extend_from_slice(int.format(seq).as_bytes());
+            head.extend_from_slice(b",\"prev_hash\":");
+            put_json_str(&mut head, prev_hash);
+            head.extend_from_slice(b",\"entry\":");
+            let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+            ctx.update(&head);
+            ctx.update(entry_json);
+            ctx.update(b"}");
+            crate::jose::hex(ctx.finish().as_ref()) == hash
+        };
+        let (first, second): (&dyn Fn() -> bool, &dyn Fn() -> bool) = if self.v1_first {
+            (&v1, &v2)
+        } else {
+            (&v2, &v1)
+        };
+        if first() {
+            return true;
+        }
+        if second() {
+            self.v1_first = !self.v1_first;
+            return true;
+        }
+        false
+    }
 }
 
 impl AuditRecord {
@@ -331,22 +400,13 @@ pub fn one_json_value(b: &[u8]) -> bool {
     }
 }
 
-/// [`record_hash`] of a stored row; `buf` is scratch space, reused across records.
-pub fn stored_record_hash(
-    buf: &mut Vec<u8>,
-    seq: i64,
-    prev_hash: &[u8],
-    e: &StoredEntry<'_>,
-) -> String {
+/// Writes the canonical JSON of a stored row's entry (what `serde_json::to_vec` writes
+/// for the [`AuditEntry`] it was made from) into `buf`, replacing what was there: the
+/// input of [`HashCheck::matches`]. `buf` is scratch space, reused across records.
+pub fn stored_entry_json(buf: &mut Vec<u8>, e: &StoredEntry<'_>) {
     let mut int = itoa::Buffer::new();
     buf.clear();
-    buf.extend_from_slice(b"{\"v\":");
-    buf.extend_from_slice(int.format(SCHEMA_VERSION).as_bytes());
-    buf.extend_from_slice(b",\"seq\":");
-    buf.extend_from_slice(int.format(seq).as_bytes());
-    buf.extend_from_slice(b",\"prev_hash\":");
-    put_json_str(buf, prev_hash);
-    buf.extend_from_slice(b",\"entry\":{\"time_ms\":");
+    buf.extend_from_slice(b"{\"time_ms\":");
     buf.extend_from_slice(int.format(e.time_ms).as_bytes());
     let texts: [(&[u8], Option<&[u8]>); 12] = [
         (b",\"request_id\":", Some(e.request_id)),
@@ -395,8 +455,7 @@ pub fn stored_record_hash(
     buf.extend_from_slice(e.context);
     buf.extend_from_slice(b",\"claims\":");
     buf.extend_from_slice(e.claims);
-    buf.extend_from_slice(b"}}");
-    crate::jose::sha256_hex(&buf[..])
+    buf.push(b'}');
 }
 
 /// The first place a chain is wrong.
@@ -433,7 +492,7 @@ pub fn verify_chain<'a>(
                 prev: prev_seq,
             });
         }
-        if record_hash(r.seq, &r.prev_hash, &r.entry) != r.hash {
+        if !record_matches(r.seq, &r.prev_hash, &r.entry, &r.hash) {
             return Err(ChainError::Edited { seq: r.seq });
         }
         prev_seq = r.seq;
@@ -616,14 +675,15 @@ pub(crate) mod tests {
             claims: claims.as_bytes(),
         };
         let mut buf = Vec::new();
+        stored_entry_json(&mut buf, &r);
         assert_eq!(
-            stored_record_hash(&mut buf, 7, b"p\"\n", &r),
-            record_hash(7, "p\"\n", e)
+            String::from_utf8_lossy(&buf),
+            String::from_utf8_lossy(&serde_json::to_vec(e).unwrap())
         );
-        assert_eq!(
-            record_hash_from_json(7, "p", &serde_json::to_vec(e).unwrap()),
-            record_hash(7, "p", e)
-        );
+        let mut check = HashCheck::default();
+        assert!(check.matches(7, b"p\"\n", &buf, &record_hash(7, "p\"\n", e)));
+        assert!(check.matches(7, b"p\"\n", &buf, &record_hash_v1(7, "p\"\n", e)));
+        assert!(!check.matches(8, b"p\"\n", &buf, &record_hash(7, "p\"\n", e)));
     }
 
     /// The JSON text the store writes for a column.

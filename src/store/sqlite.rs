@@ -128,9 +128,9 @@ type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
 /// writer thread only chains, hashes and inserts.
 struct Prepared {
     entry: AuditEntry,
-    /// Canonical JSON of the entry: the part of the hash input that does not depend on
-    /// the record's place in the chain.
-    entry_json: Vec<u8>,
+    /// SHA-256 of the entry's canonical JSON: the part of the hash input that does not
+    /// depend on the record's place in the chain, hashed by the caller, not the writer.
+    entry_sha256: [u8; 32],
     requested_scopes: String,
     granted_scopes: String,
     context: String,
@@ -142,7 +142,9 @@ struct Prepared {
 impl Prepared {
     fn new(entry: AuditEntry) -> Prepared {
         Prepared {
-            entry_json: serde_json::to_vec(&entry).unwrap_or_default(),
+            entry_sha256: crate::audit::entry_digest(
+                &serde_json::to_vec(&entry).unwrap_or_default(),
+            ),
             terms: audit::RecordTerms::of(&entry),
             requested_scopes: json(&entry.requested_scopes),
             granted_scopes: json(&entry.granted_scopes),
@@ -647,7 +649,7 @@ struct Chain {
 /// Appends one audit record after the chain's head and moves the head to it.
 fn append_row(conn: &Connection, chain: &mut Chain, p: &Prepared) -> Result<Appended, StoreError> {
     let seq = chain.seq + 1;
-    let hash = crate::audit::record_hash_from_json(seq, &chain.hash, &p.entry_json);
+    let hash = crate::audit::chain_hash(seq, chain.hash.as_bytes(), &p.entry_sha256);
     let e = &p.entry;
     static INSERT: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
         format!("INSERT INTO audit ({AUDIT_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22, ?23, ?24, ?25, ?26)")
@@ -1699,6 +1701,76 @@ mod tests {
         )
         .unwrap();
         drop(conn);
+        let report = audit::verify_file(&path, &VerifyOptions::default()).unwrap();
+        assert_eq!(
+            report.problem,
+            Some(crate::audit::verify::Tamper::Edited { seq: 2 }),
+            "{report}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_log_begun_in_hash_format_1_verifies_and_continues_in_format_2() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.db");
+        let s = store(&dir);
+        for i in 0..3 {
+            s.append(entry(i)).await.unwrap();
+        }
+        drop(s);
+        // What a store written before format 2 holds: the same rows, hashed in format 1.
+        let rehash = |edit: Option<i64>| {
+            let mut prev = GENESIS_HASH.to_string();
+            let mut sql = String::from("DROP TRIGGER IF EXISTS audit_no_update;");
+            for (i, e) in (0..3).map(entry).enumerate() {
+                let seq = i as i64 + 1;
+                let hash = crate::audit::record_hash_v1(seq, &prev, &e);
+                let outcome = if edit == Some(seq) {
+                    "denied"
+                } else {
+                    "allowed"
+                };
+                sql.push_str(&format!(
+                    "UPDATE audit SET prev_hash = '{prev}', hash = '{hash}', outcome = '{outcome}' WHERE seq = {seq};"
+                ));
+                prev = hash;
+            }
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(&sql).unwrap();
+        };
+        rehash(None);
+        let third = |col: &str| -> String {
+            let c = Connection::open(&path).unwrap();
+            c.query_row(&format!("SELECT {col} FROM audit WHERE seq = 3"), [], |r| {
+                r.get(0)
+            })
+            .unwrap()
+        };
+        let v1_head = third("hash");
+        assert_ne!(
+            v1_head,
+            crate::audit::record_hash(3, &third("prev_hash"), &entry(2))
+        );
+        let s = store(&dir);
+        for i in 3..6 {
+            s.append(entry(i)).await.unwrap();
+        }
+        let recs = s.records(0, 100).await.unwrap();
+        drop(s);
+        assert_eq!(
+            recs[3].prev_hash, v1_head,
+            "format 2 continues the format 1 chain"
+        );
+        assert_eq!(
+            recs[4].hash,
+            crate::audit::record_hash(5, &recs[4].prev_hash, &recs[4].entry)
+        );
+        assert_eq!(verify_chain(&recs, (0, GENESIS_HASH)).unwrap().0, 6);
+        let report = audit::verify_file(&path, &VerifyOptions::default()).unwrap();
+        assert!(report.intact(), "{report}");
+        assert_eq!(report.records, 6);
+        // An edit in the format 1 part is still an edit.
+        rehash(Some(2));
         let report = audit::verify_file(&path, &VerifyOptions::default()).unwrap();
         assert_eq!(
             report.problem,

@@ -13,7 +13,7 @@ use crate::audit::verify::{
     check_checkpoints, check_witness, join_reports, Report, Tamper, VerifyOptions, Walker,
 };
 use crate::audit::{
-    one_json_value, stored_record_hash, AuditEntry, AuditQuery, AuditRecord, StoredEntry,
+    one_json_value, stored_entry_json, AuditEntry, AuditQuery, AuditRecord, HashCheck, StoredEntry,
     GENESIS_HASH,
 };
 use crate::store::{StoreError, StoredAuditKey};
@@ -603,10 +603,10 @@ fn walk_rows(conn: &Connection, w: &mut Walker, lo: i64, hi: i64) -> Result<(), 
         ))
         .map_err(unavailable)?;
     let mut rows = stmt.query(params![lo, hi]).map_err(unavailable)?;
-    let mut buf = Vec::with_capacity(4096);
+    let (mut buf, mut check) = (Vec::with_capacity(4096), HashCheck::default());
     while let Some(r) = rows.next().map_err(unavailable)? {
         let seq: i64 = r.get(0).unwrap_or(0);
-        match step_row(r, w, &mut buf) {
+        match step_row(r, w, &mut buf, &mut check) {
             Ok(true) => {}
             Ok(false) => break,
             Err(()) => {
@@ -619,7 +619,12 @@ fn walk_rows(conn: &Connection, w: &mut Walker, lo: i64, hi: i64) -> Result<(), 
 }
 
 /// One row into the walker; `Err` when a column does not hold the type written.
-fn step_row(r: &rusqlite::Row<'_>, w: &mut Walker, buf: &mut Vec<u8>) -> Result<bool, ()> {
+fn step_row(
+    r: &rusqlite::Row<'_>,
+    w: &mut Walker,
+    buf: &mut Vec<u8>,
+    check: &mut HashCheck,
+) -> Result<bool, ()> {
     use rusqlite::types::ValueRef;
     let text = |i: usize| -> Result<&[u8], ()> {
         match r.get_ref(i) {
@@ -682,9 +687,8 @@ fn step_row(r: &rusqlite::Row<'_>, w: &mut Walker, buf: &mut Vec<u8>) -> Result<
     let prev_hash = text(24)?;
     let hash = std::str::from_utf8(text(25)?).map_err(|_| ())?;
     let prev = std::str::from_utf8(prev_hash).map_err(|_| ())?;
-    Ok(w.step(seq, prev, hash, |s| {
-        stored_record_hash(buf, s, prev_hash, &entry)
-    }))
+    stored_entry_json(buf, &entry);
+    Ok(w.step(seq, prev, hash, |s| check.matches(s, prev_hash, buf, hash)))
 }
 
 /// Walks every record and checkpoint of the store at `path`: the records in `parts`
