@@ -145,12 +145,14 @@ pub fn sha256_hex(bytes: impl AsRef<[u8]>) -> String {
 /// Lowercase hex.
 pub fn hex(bytes: &[u8]) -> String {
     const HEX: &[u8; 16] = b"0123456789abcdef";
-    let mut s = String::with_capacity(bytes.len() * 2);
+    let mut s = Vec::with_capacity(bytes.len() * 2);
     for b in bytes {
-        s.push(HEX[(b >> 4) as usize] as char);
-        s.push(HEX[(b & 15) as usize] as char);
+        s.push(HEX[(b >> 4) as usize]);
+        s.push(HEX[(b & 15) as usize]);
     }
-    s
+    // Bytes, not chars: no per-character UTF-8 encoding (this runs on the store's one
+    // writer thread for every record's hash).
+    String::from_utf8(s).unwrap_or_default()
 }
 
 /// Errors from key generation, loading and signing.
@@ -423,6 +425,10 @@ mod tests {
         assert_eq!(b64_decode("aGk"), Some(b"hi".to_vec()));
         assert_eq!(b64_decode("aGk="), None);
         assert_eq!(b64_decode("a+k"), None);
-        assert_eq!(sha256_hex(b"").len(), 64);
+        assert_eq!(
+            sha256_hex(b""),
+            "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+        );
+        assert_eq!(hex(&[0x00, 0x0f, 0xa5, 0xff]), "000fa5ff");
     }
 }
