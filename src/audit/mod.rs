@@ -311,6 +311,42 @@ pub struct StoredEntry<'a> {
     pub claims: &'a [u8],
 }
 
+impl<'a> StoredEntry<'a> {
+    /// The columns of `e` as the store writes them, given its JSON columns already
+    /// rendered (`requested_scopes`, `granted_scopes`, `context`, `claims`, in that order).
+    pub fn of(e: &'a AuditEntry, json: [&'a str; 4]) -> StoredEntry<'a> {
+        fn b(v: &Option<String>) -> Option<&[u8]> {
+            v.as_deref().map(str::as_bytes)
+        }
+        let [requested_scopes, granted_scopes, context, claims] = json;
+        StoredEntry {
+            time_ms: e.time_ms,
+            request_id: e.request_id.as_bytes(),
+            action: e.action.as_bytes(),
+            outcome: e.outcome.as_bytes(),
+            issuer: b(&e.issuer),
+            identity_key: b(&e.identity_key),
+            subject: b(&e.subject),
+            repository: b(&e.repository),
+            git_ref: b(&e.git_ref),
+            environment: b(&e.environment),
+            pipeline: b(&e.pipeline),
+            token_fingerprint: b(&e.token_fingerprint),
+            target: b(&e.target),
+            requested_scopes: requested_scopes.as_bytes(),
+            granted_scopes: granted_scopes.as_bytes(),
+            ttl_secs: e.ttl_secs,
+            rule: b(&e.rule),
+            reason: b(&e.reason),
+            lease_id: b(&e.lease_id),
+            credential_jti: b(&e.credential_jti),
+            credential_fingerprint: b(&e.credential_fingerprint),
+            context: context.as_bytes(),
+            claims: claims.as_bytes(),
+        }
+    }
+}
+
 /// A JSON string, escaped as `serde_json` escapes (`\"`, `\\`, the short escapes for
 /// backspace, form feed, newline, carriage return and tab, `\u00xx` for the other control
 /// characters; everything else as is).
@@ -646,34 +682,7 @@ pub(crate) mod tests {
             j(&e.context),
             j(&e.claims),
         );
-        fn b(v: &Option<String>) -> Option<&[u8]> {
-            v.as_deref().map(str::as_bytes)
-        }
-        let r = StoredEntry {
-            time_ms: e.time_ms,
-            request_id: e.request_id.as_bytes(),
-            action: e.action.as_bytes(),
-            outcome: e.outcome.as_bytes(),
-            issuer: b(&e.issuer),
-            identity_key: b(&e.identity_key),
-            subject: b(&e.subject),
-            repository: b(&e.repository),
-            git_ref: b(&e.git_ref),
-            environment: b(&e.environment),
-            pipeline: b(&e.pipeline),
-            token_fingerprint: b(&e.token_fingerprint),
-            target: b(&e.target),
-            requested_scopes: rs.as_bytes(),
-            granted_scopes: gs.as_bytes(),
-            ttl_secs: e.ttl_secs,
-            rule: b(&e.rule),
-            reason: b(&e.reason),
-            lease_id: b(&e.lease_id),
-            credential_jti: b(&e.credential_jti),
-            credential_fingerprint: b(&e.credential_fingerprint),
-            context: ctx.as_bytes(),
-            claims: claims.as_bytes(),
-        };
+        let r = StoredEntry::of(e, [&rs, &gs, &ctx, &claims]);
         let mut buf = Vec::new();
         stored_entry_json(&mut buf, &r);
         assert_eq!(

@@ -141,15 +141,29 @@ struct Prepared {
 
 impl Prepared {
     fn new(entry: AuditEntry) -> Prepared {
-        Prepared {
-            entry_sha256: crate::audit::entry_digest(
-                &serde_json::to_vec(&entry).unwrap_or_default(),
+        let (requested_scopes, granted_scopes, context, claims) = (
+            json(&entry.requested_scopes),
+            json(&entry.granted_scopes),
+            json(&entry.context),
+            json(&entry.claims),
+        );
+        // The entry's canonical JSON from the columns just rendered (the same bytes as
+        // `serde_json::to_vec(&entry)`), so the claims are not serialised a second time.
+        let mut canonical = Vec::with_capacity(1024);
+        crate::audit::stored_entry_json(
+            &mut canonical,
+            &crate::audit::StoredEntry::of(
+                &entry,
+                [&requested_scopes, &granted_scopes, &context, &claims],
             ),
+        );
+        Prepared {
+            entry_sha256: crate::audit::entry_digest(&canonical),
             terms: audit::RecordTerms::of(&entry),
-            requested_scopes: json(&entry.requested_scopes),
-            granted_scopes: json(&entry.granted_scopes),
-            context: json(&entry.context),
-            claims: json(&entry.claims),
+            requested_scopes,
+            granted_scopes,
+            context,
+            claims,
             entry,
         }
     }
