@@ -1,8 +1,9 @@
 //! Audit records and the hash chain.
 //!
 //! Every decision becomes one [`AuditEntry`]. The store assigns it a sequence number and
-//! links it to the record before: `hash = SHA-256(canonical JSON of {v, seq, prev_hash,
-//! entry})`. Any edit, insertion, deletion or reordering breaks the chain, which
+//! links it to the record before: `hash = SHA-256({"v":2,"seq":…,"prev_hash":…,
+//! "entry_sha256":…})` over the SHA-256 of the entry's canonical JSON ([`chain_hash`];
+//! records of older stores keep format 1, [`record_hash_v1`], and still verify). Any edit, insertion, deletion or reordering breaks the chain, which
 //! [`verify_chain`] detects and locates. Records never hold a token, key or password:
 //! only SHA-256 fingerprints.
 
@@ -108,18 +109,53 @@ pub fn entry_digest(entry_json: &[u8]) -> [u8; 32] {
 /// `{"v":2,"seq":SEQ,"prev_hash":"PREV","entry_sha256":"HEX"}` where `HEX` is the
 /// lowercase hex [`entry_digest`] of the entry's canonical JSON.
 pub fn chain_hash(seq: i64, prev_hash: &[u8], entry_sha256: &[u8; 32]) -> String {
+    crate::jose::hex(chain_digest(seq, prev_hash, entry_sha256).as_ref())
+}
+
+/// [`chain_hash`] as bytes, hashed piece by piece: nothing is allocated (it runs once per
+/// record on the store's one writer thread, and in `verify`).
+fn chain_digest(seq: i64, prev_hash: &[u8], entry_sha256: &[u8; 32]) -> ring::digest::Digest {
     let mut int = itoa::Buffer::new();
-    let mut buf = Vec::with_capacity(192);
-    buf.extend_from_slice(b"{\"v\":");
-    buf.extend_from_slice(int.format(SCHEMA_VERSION).as_bytes());
-    buf.extend_from_slice(b",\"seq\":");
-    buf.extend_from_slice(int.format(seq).as_bytes());
-    buf.extend_from_slice(b",\"prev_hash\":");
-    put_json_str(&mut buf, prev_hash);
-    buf.extend_from_slice(b",\"entry_sha256\":\"");
-    buf.extend_from_slice(crate::jose::hex(entry_sha256).as_bytes());
-    buf.extend_from_slice(b"\"}");
-    crate::jose::sha256_hex(&buf)
+    let mut hex = [0u8; 64];
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    ctx.update(b"{\"v\":2,\"seq\":");
+    ctx.update(int.format(seq).as_bytes());
+    ctx.update(b",\"prev_hash\":");
+    json_str_into(&mut ctx, prev_hash);
+    ctx.update(b",\"entry_sha256\":\"");
+    ctx.update(hex_into(entry_sha256, &mut hex));
+    ctx.update(b"\"}");
+    ctx.finish()
+}
+
+/// Lowercase hex of `bytes` (32 of them) in `out`.
+fn hex_into<'a>(bytes: &[u8], out: &'a mut [u8; 64]) -> &'a [u8] {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    for (pair, b) in out.chunks_exact_mut(2).zip(bytes) {
+        pair[0] = HEX[usize::from(b >> 4)];
+        pair[1] = HEX[usize::from(b & 15)];
+    }
+    &out[..bytes.len().min(32) * 2]
+}
+
+/// Hashes `s` as a JSON string (serde_json's escaping); a value that needs no escape (a
+/// hash always) is hashed without copying.
+fn json_str_into(ctx: &mut ring::digest::Context, s: &[u8]) {
+    if s.iter().all(|&b| b >= 0x20 && b != b'"' && b != b'\\') {
+        ctx.update(b"\"");
+        ctx.update(s);
+        ctx.update(b"\"");
+    } else {
+        let mut buf = Vec::with_capacity(s.len() + 8);
+        put_json_str(&mut buf, s);
+        ctx.update(&buf);
+    }
+}
+
+/// Whether `digest` written as lowercase hex is `hash`.
+fn hex_is(digest: &ring::digest::Digest, hash: &str) -> bool {
+    let mut hex = [0u8; 64];
+    hex_into(digest.as_ref(), &mut hex) == hash.as_bytes()
 }
 
 /// The hash of a record with this place in the chain, in the current format.
@@ -158,20 +194,23 @@ impl HashCheck {
     /// Whether `hash` is the hash, in either format, of the entry whose canonical JSON is
     /// `entry_json`, placed at `seq` after `prev_hash`.
     pub fn matches(&mut self, seq: i64, prev_hash: &[u8], entry_json: &[u8], hash: &str) -> bool {
-        let v2 = || chain_hash(seq, prev_hash, &entry_digest(entry_json)) == hash;
+        let v2 = || {
+            hex_is(
+                &chain_digest(seq, prev_hash, &entry_digest(entry_json)),
+                hash,
+            )
+        };
         let v1 = || {
             let mut int = itoa::Buffer::new();
-            let mut head = Vec::with_capacity(128);
-            head.extend_from_slice(b"{\"v\":1,\"seq\":");
-            head.extend_from_slice(int.format(seq).as_bytes());
-            head.extend_from_slice(b",\"prev_hash\":");
-            put_json_str(&mut head, prev_hash);
-            head.extend_from_slice(b",\"entry\":");
             let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
-            ctx.update(&head);
+            ctx.update(b"{\"v\":1,\"seq\":");
+            ctx.update(int.format(seq).as_bytes());
+            ctx.update(b",\"prev_hash\":");
+            json_str_into(&mut ctx, prev_hash);
+            ctx.update(b",\"entry\":");
             ctx.update(entry_json);
             ctx.update(b"}");
-            crate::jose::hex(ctx.finish().as_ref()) == hash
+            hex_is(&ctx.finish(), hash)
         };
         let (first, second): (&dyn Fn() -> bool, &dyn Fn() -> bool) = if self.v1_first {
             (&v1, &v2)
@@ -274,7 +313,7 @@ impl AuditQuery {
 /// An entry as stored, borrowed column by column as bytes: text columns as their UTF-8
 /// bytes, JSON columns as the canonical text written at append time. Verification hashes
 /// rows through it without decoding or allocating anything per record:
-/// [`stored_record_hash`] writes exactly the bytes `serde_json` writes for an
+/// [`stored_entry_json`] writes exactly the bytes `serde_json` writes for an
 /// [`AuditEntry`] (same field names and order, same escaping). A text column an attacker
 /// changed (even to invalid UTF-8) simply hashes differently. The JSON columns are
 /// hashed as stored, so the caller must first check that each holds exactly one JSON
@@ -685,14 +724,37 @@ pub(crate) mod tests {
         let r = StoredEntry::of(e, [&rs, &gs, &ctx, &claims]);
         let mut buf = Vec::new();
         stored_entry_json(&mut buf, &r);
-        assert_eq!(
-            String::from_utf8_lossy(&buf),
-            String::from_utf8_lossy(&serde_json::to_vec(e).unwrap())
-        );
+        assert_eq!(buf, serde_json::to_vec(e).unwrap());
         let mut check = HashCheck::default();
         assert!(check.matches(7, b"p\"\n", &buf, &record_hash(7, "p\"\n", e)));
         assert!(check.matches(7, b"p\"\n", &buf, &record_hash_v1(7, "p\"\n", e)));
         assert!(!check.matches(8, b"p\"\n", &buf, &record_hash(7, "p\"\n", e)));
+    }
+
+    /// Both formats pinned to fixed hashes: a change to either encoding (field order,
+    /// escaping, the chain input) breaks every existing log, so it must fail here.
+    #[test]
+    fn hash_formats_are_pinned() {
+        let e = AuditEntry {
+            time_ms: 1_700_000_000_000,
+            request_id: "req-1".into(),
+            action: "mint".into(),
+            outcome: "allowed".into(),
+            repository: Some("{r\"1}".into()),
+            granted_scopes: vec!["read".into()],
+            ttl_secs: Some(600),
+            context: [("k".to_string(), "v\n".to_string())].into(),
+            claims: serde_json::json!({"sub": "s", "n": 1}),
+            ..Default::default()
+        };
+        assert_eq!(
+            record_hash_v1(3, GENESIS_HASH, &e),
+            "9268fe0534f5dd8c946f83af4bce7f80dcd9a0855f3b601771da8f209557b03d"
+        );
+        assert_eq!(
+            record_hash(3, GENESIS_HASH, &e),
+            "8fdf2bf00c2f24307a61e6e0111a6d428f5e95f7def3a1a8efb88747f6f20366"
+        );
     }
 
     /// The JSON text the store writes for a column.

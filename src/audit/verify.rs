@@ -579,6 +579,53 @@ mod tests {
         );
     }
 
+    /// A log whose first records are in hash format 1 (an upgraded store) walks intact,
+    /// and each kind of tampering is named exactly as in a format 2 log.
+    #[test]
+    fn a_log_begun_in_format_1_walks_and_tampering_is_named_the_same() {
+        let (keys, _) = keys_and_signer();
+        let v2 = chain(8);
+        let mut mixed = v2.clone();
+        let mut prev = GENESIS_HASH.to_string();
+        for r in &mut mixed {
+            r.prev_hash = prev;
+            r.hash = if r.seq <= 5 {
+                crate::audit::record_hash_v1(r.seq, &r.prev_hash, &r.entry)
+            } else {
+                record_hash(r.seq, &r.prev_hash, &r.entry)
+            };
+            prev = r.hash.clone();
+        }
+        assert_ne!(mixed[0].hash, v2[0].hash);
+        let r = walk(&mixed, Vec::new(), &keys);
+        assert!(r.intact(), "{r}");
+        assert_eq!(r.records, 8);
+        let tampers: [(&str, fn(&mut Vec<AuditRecord>)); 4] = [
+            ("edited", |c| c[2].entry.outcome = "denied".into()),
+            ("removed and renumbered", |c| {
+                c.remove(2);
+                renumber(c, 2, -1);
+            }),
+            ("inserted and renumbered", |c| {
+                let extra = c[1].clone();
+                c.insert(2, extra);
+                renumber(c, 3, 1);
+            }),
+            ("swapped", |c| c.swap(2, 3)),
+        ];
+        for (name, tamper) in tampers {
+            let (mut a, mut b) = (mixed.clone(), v2.clone());
+            tamper(&mut a);
+            tamper(&mut b);
+            let (pa, pb) = (
+                walk(&a, Vec::new(), &keys).problem,
+                walk(&b, Vec::new(), &keys).problem,
+            );
+            assert!(pa.is_some(), "{name} undetected");
+            assert_eq!(pa, pb, "{name}");
+        }
+    }
+
     #[test]
     fn each_kind_of_tampering_is_named() {
         let (keys, signer) = keys_and_signer();

@@ -359,7 +359,7 @@ fn open_conn(path: &Path, busy: Duration) -> Result<Connection, StoreError> {
         .map_err(unavailable)?;
     audit::prepare_terms(&conn)?;
     conn.execute(
-        "INSERT OR IGNORE INTO meta(key, value) VALUES ('schema_version', ?1)",
+        "INSERT INTO meta(key, value) VALUES ('schema_version', ?1) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
         params![crate::audit::SCHEMA_VERSION.to_string()],
     )
     .map_err(unavailable)?;
