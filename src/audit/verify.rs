@@ -600,7 +600,8 @@ mod tests {
         let r = walk(&mixed, Vec::new(), &keys);
         assert!(r.intact(), "{r}");
         assert_eq!(r.records, 8);
-        let tampers: [(&str, fn(&mut Vec<AuditRecord>)); 4] = [
+        type Tampering = fn(&mut Vec<AuditRecord>);
+        let tampers: [(&str, Tampering); 4] = [
             ("edited", |c| c[2].entry.outcome = "denied".into()),
             ("removed and renumbered", |c| {
                 c.remove(2);
