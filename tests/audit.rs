@@ -567,6 +567,31 @@ async fn cli_verify_exits_by_outcome_and_exports_verify_round_trip() {
         String::from_utf8_lossy(&r.stdout)
     );
 
+    // The documented outside check (no Latchkey needed) agrees.
+    let outside = |file: &Path| -> Option<(i32, String)> {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/verify-export.py");
+        let out = std::process::Command::new("python3")
+            .arg(script)
+            .stdin(std::fs::File::open(file).unwrap())
+            .output()
+            .ok()?;
+        Some((
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        ))
+    };
+    match outside(&export) {
+        Some((code, out)) => {
+            assert_eq!(code, 0, "{out}");
+            assert_eq!(
+                out.lines().filter(|l| l.ends_with(" ok")).count(),
+                6,
+                "{out}"
+            );
+        }
+        None => eprintln!("python3 not found: skipping deploy/verify-export.py"),
+    }
+
     // An edited export line is caught.
     let edited = String::from_utf8_lossy(&std::fs::read(&export).unwrap()).replacen(
         "\"allowed\"",
@@ -577,6 +602,10 @@ async fn cli_verify_exits_by_outcome_and_exports_verify_round_trip() {
     let r = cli(&["audit", "verify", "--file", &export.display().to_string()]);
     assert_eq!(r.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&r.stdout).contains("edited"));
+    if let Some((code, out)) = outside(&export) {
+        assert_eq!(code, 1, "{out}");
+        assert!(out.contains("edited"), "{out}");
+    }
 }
 
 #[tokio::test]
