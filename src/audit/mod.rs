@@ -3,7 +3,8 @@
 //! Every decision becomes one [`AuditEntry`]. The store assigns it a sequence number and
 //! links it to the record before: `hash = SHA-256({"v":2,"seq":…,"prev_hash":…,
 //! "entry_sha256":…})` over the SHA-256 of the entry's canonical JSON ([`chain_hash`];
-//! records of older stores keep format 1, [`record_hash_v1`], and still verify). Any edit, insertion, deletion or reordering breaks the chain, which
+//! records of older stores keep format 1, [`record_hash_v1`], and still verify). Any
+//! edit, insertion, deletion or reordering breaks the chain, which
 //! [`verify_chain`] detects and locates. Records never hold a token, key or password:
 //! only SHA-256 fingerprints.
 
@@ -87,14 +88,6 @@ pub struct AuditRecord {
     pub hash: String,
 }
 
-#[derive(Serialize)]
-struct ChainInputV1<'a> {
-    v: u32,
-    seq: i64,
-    prev_hash: &'a str,
-    entry: &'a AuditEntry,
-}
-
 /// SHA-256 of an entry's canonical JSON (`serde_json::to_vec(&entry)`: fields in
 /// declaration order, serde_json's escaping). Computed by the caller before the record's
 /// place in the chain is known, so the one writer only hashes a short chain input.
@@ -167,14 +160,22 @@ pub fn record_hash(seq: i64, prev_hash: &str, entry: &AuditEntry) -> String {
 /// The hash of a record in format 1: SHA-256 of the canonical JSON of
 /// `{v: 1, seq, prev_hash, entry}`.
 pub fn record_hash_v1(seq: i64, prev_hash: &str, entry: &AuditEntry) -> String {
-    let canonical = serde_json::to_vec(&ChainInputV1 {
-        v: 1,
-        seq,
-        prev_hash,
-        entry,
-    })
-    .unwrap_or_default();
-    crate::jose::sha256_hex(canonical)
+    let json = serde_json::to_vec(entry).unwrap_or_default();
+    crate::jose::hex(v1_digest(seq, prev_hash.as_bytes(), &json).as_ref())
+}
+
+/// [`record_hash_v1`] from the entry's canonical JSON, hashed piece by piece.
+fn v1_digest(seq: i64, prev_hash: &[u8], entry_json: &[u8]) -> ring::digest::Digest {
+    let mut int = itoa::Buffer::new();
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    ctx.update(b"{\"v\":1,\"seq\":");
+    ctx.update(int.format(seq).as_bytes());
+    ctx.update(b",\"prev_hash\":");
+    json_str_into(&mut ctx, prev_hash);
+    ctx.update(b",\"entry\":");
+    ctx.update(entry_json);
+    ctx.update(b"}");
+    ctx.finish()
 }
 
 /// Whether `hash` is the hash of this record in either format.
@@ -200,18 +201,7 @@ impl HashCheck {
                 hash,
             )
         };
-        let v1 = || {
-            let mut int = itoa::Buffer::new();
-            let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
-            ctx.update(b"{\"v\":1,\"seq\":");
-            ctx.update(int.format(seq).as_bytes());
-            ctx.update(b",\"prev_hash\":");
-            json_str_into(&mut ctx, prev_hash);
-            ctx.update(b",\"entry\":");
-            ctx.update(entry_json);
-            ctx.update(b"}");
-            hex_is(&ctx.finish(), hash)
-        };
+        let v1 = || hex_is(&v1_digest(seq, prev_hash, entry_json), hash);
         let (first, second): (&dyn Fn() -> bool, &dyn Fn() -> bool) = if self.v1_first {
             (&v1, &v2)
         } else {
