@@ -8,7 +8,9 @@
 //! 3. `verify` of the whole chain and its checkpoints (records/s).
 //!
 //! Run: `cargo bench --bench audit`. Exits 1 when a target is missed (50,000 appends/s,
-//! 100 ms first page, 500,000 verified records/s).
+//! 100 ms first page, 500,000 verified records/s). The store is deleted afterwards unless
+//! a target was missed or `LATCHKEY_BENCH_KEEP=1` is set (to run `latchkey audit verify
+//! --db` on the settled file).
 
 use latchkey::audit::checkpoint::{AuditSigner, AuditStatus, Checkpointer, Config};
 use latchkey::audit::verify::VerifyOptions;
@@ -229,6 +231,13 @@ async fn main() {
     }
     let size = std::fs::metadata(&db).map(|m| m.len()).unwrap_or(0);
     println!("database file: {:.0} MiB", size as f64 / 1048576.0);
+    let keep = std::env::var("LATCHKEY_BENCH_KEEP").is_ok_and(|v| v == "1");
+    if keep || !missed.is_empty() {
+        println!(
+            "store kept: {}",
+            dir.keep().join("audit-bench.db").display()
+        );
+    }
     if !missed.is_empty() {
         println!("MISSED: {}", missed.join("; "));
         std::process::exit(1);

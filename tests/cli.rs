@@ -644,6 +644,10 @@ fn bench_runs_for_a_second_and_reports_sane_fields() {
         .unwrap();
     assert!(out.status.success(), "{}", text(&out.stderr));
     let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        (r["protocol"].as_str(), r["rpc"].as_str()),
+        (Some("grpc"), Some("Mint"))
+    );
     assert!(r["mints"].as_u64().unwrap() > 0, "{r}");
     assert_eq!(r["errors_total"], 0, "{r}");
     let l = &r["latency_ms"];
@@ -665,4 +669,26 @@ fn bench_runs_for_a_second_and_reports_sane_fields() {
         !Path::new(&format!("/proc/{pid}")).exists(),
         "broker still running"
     );
+}
+
+/// The transport floor (`--protocol grpc-health`) drives the same server's health check
+/// with the same metadata: it runs, every call answers SERVING, and the report says which
+/// RPC it measured.
+#[test]
+fn bench_transport_floor_runs_and_names_its_rpc() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(BIN)
+        .args(["bench", "--duration", "1s", "--warmup", "200ms"])
+        .args(["--concurrency", "4", "--connections", "1"])
+        .args(["--protocol", "grpc-health", "--format", "json"])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(r["protocol"], "grpc-health", "{r}");
+    assert_eq!(r["rpc"], "grpc.health.v1.Health/Check", "{r}");
+    assert!(r["mints"].as_u64().unwrap() > 0, "{r}");
+    assert_eq!(r["errors_total"], 0, "{r}");
+    assert!(r["server"]["cpu_us_per_mint"].as_f64().unwrap() > 0.0);
 }

@@ -48,6 +48,22 @@ pub enum Protocol {
     Grpc,
     /// `POST /v1/token` (RFC 8693) over HTTP/1.1 with keep-alive.
     Http,
+    /// `grpc.health.v1.Health/Check` on the same server, connections and streams, with
+    /// the same bearer metadata: what the gRPC transport alone costs per call (tonic, h2,
+    /// HPACK, tokio, sockets), with no verification, policy, signing or store. The floor
+    /// under Mint's CPU per call; its "mints" are health checks.
+    GrpcHealth,
+}
+
+impl Protocol {
+    /// The name on the command line and in the report.
+    fn name(self) -> &'static str {
+        match self {
+            Protocol::Grpc => "grpc",
+            Protocol::Http => "http",
+            Protocol::GrpcHealth => "grpc-health",
+        }
+    }
 }
 
 /// Report format.
@@ -324,12 +340,16 @@ enum Driver {
         url: String,
         tokens: Vec<String>,
     },
+    Health {
+        clients: Vec<tonic_health::pb::health_client::HealthClient<tonic::transport::Channel>>,
+        auth: Vec<tonic::metadata::AsciiMetadataValue>,
+    },
 }
 
 impl Driver {
     fn tokens(&self) -> usize {
         match self {
-            Driver::Grpc { auth, .. } => auth.len(),
+            Driver::Grpc { auth, .. } | Driver::Health { auth, .. } => auth.len(),
             Driver::Http { tokens, .. } => tokens.len(),
         }
     }
@@ -348,6 +368,25 @@ impl Driver {
                 match c.mint(req).await {
                     Ok(r) if r.get_ref().credential.is_some() => Ok(()),
                     Ok(_) => Err("no credential".into()),
+                    Err(s) => Err(format!("{:?}", s.code())),
+                }
+            }
+            Driver::Health { clients, auth } => {
+                let mut c = clients[worker % clients.len()].clone();
+                let mut req = tonic::Request::new(tonic_health::pb::HealthCheckRequest {
+                    service: String::new(),
+                });
+                req.metadata_mut()
+                    .insert("authorization", auth[i % auth.len()].clone());
+                match c.check(req).await {
+                    Ok(r)
+                        if r.get_ref().status
+                            == tonic_health::pb::health_check_response::ServingStatus::Serving
+                                as i32 =>
+                    {
+                        Ok(())
+                    }
+                    Ok(_) => Err("not serving".into()),
                     Err(s) => Err(format!("{:?}", s.code())),
                 }
             }
@@ -403,24 +442,53 @@ async fn bench(args: &Args) -> anyhow::Result<Value> {
         .collect();
     let (broker, grpc, http) = start_broker(args, &issuer).await?;
     let pid = broker.pid();
+    let channels = move || async move {
+        let mut channels = Vec::new();
+        for _ in 0..args.connections {
+            channels.push(
+                tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{grpc}"))?
+                    .tcp_nodelay(true)
+                    .connect()
+                    .await?,
+            );
+        }
+        anyhow::Ok(channels)
+    };
+    let auth = || {
+        tokens
+            .iter()
+            .map(|t| format!("Bearer {t}").parse())
+            .collect::<Result<Vec<_>, _>>()
+    };
     let driver = Arc::new(match args.protocol {
-        Protocol::Grpc => {
-            let mut clients = Vec::new();
-            for _ in 0..args.connections {
-                let ch =
-                    tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{grpc}"))?
-                        .tcp_nodelay(true)
-                        .connect()
-                        .await?;
-                clients.push(pb::credential_broker_client::CredentialBrokerClient::new(
-                    ch,
-                ));
+        Protocol::Grpc => Driver::Grpc {
+            clients: channels()
+                .await?
+                .into_iter()
+                .map(pb::credential_broker_client::CredentialBrokerClient::new)
+                .collect(),
+            auth: auth()?,
+        },
+        Protocol::GrpcHealth => {
+            let clients: Vec<_> = channels()
+                .await?
+                .into_iter()
+                .map(tonic_health::pb::health_client::HealthClient::new)
+                .collect();
+            let driver = Driver::Health {
+                clients,
+                auth: auth()?,
+            };
+            // gRPC health follows readiness every couple of seconds, so it may still say
+            // NOT_SERVING just after /readyz said ready.
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while let Err(e) = driver.once(0, 0).await {
+                if Instant::now() > deadline {
+                    anyhow::bail!("the broker's gRPC health check did not pass in 30 s: {e}");
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
             }
-            let auth = tokens
-                .iter()
-                .map(|t| format!("Bearer {t}").parse())
-                .collect::<Result<_, _>>()?;
-            Driver::Grpc { clients, auth }
+            driver
         }
         Protocol::Http => Driver::Http {
             client: reqwest::Client::builder()
@@ -515,7 +583,8 @@ async fn bench(args: &Args) -> anyhow::Result<Value> {
     let avg = |s: &[u64]| s.iter().sum::<u64>() as f64 / s.len().max(1) as f64;
     let growth = avg(&rss_samples[rss_samples.len() - third..]) - avg(&rss_samples[..third]);
     Ok(json!({
-        "protocol": format!("{:?}", args.protocol).to_lowercase(),
+        "protocol": args.protocol.name(),
+        "rpc": if args.protocol == Protocol::GrpcHealth { "grpc.health.v1.Health/Check" } else { "Mint" },
         "concurrency": args.concurrency,
         "connections": args.connections,
         "caller_alg": args.caller_alg.alg().as_str(),
@@ -566,7 +635,7 @@ fn table(r: &Value) -> String {
         })
         .unwrap_or_default();
     format!(
-        "latchkey bench: {proto} Mint, {conc} streams over {conns} connections, caller {ca}, minted {ma}, {dur:.0} s after {warm:.0} s warm-up\n\
+        "latchkey bench: {proto} {rpc}, {conc} streams over {conns} connections, caller {ca}, minted {ma}, {dur:.0} s after {warm:.0} s warm-up\n\
          {:<22}{:>12.0}\n\
          {:<22}{:>12}\n\
          {:<22}{:>12}  {errors}\n\
@@ -587,6 +656,7 @@ fn table(r: &Value) -> String {
         "server RSS peak (MiB)", f(&s["rss_kib_peak"]) / 1024.0, f(&s["rss_kib_start"]) / 1024.0,
         f(&s["rss_kib_end"]) / 1024.0, f(&s["rss_kib_growth"]) / 1024.0,
         proto = r["protocol"].as_str().unwrap_or(""),
+        rpc = r["rpc"].as_str().unwrap_or(""),
         conc = r["concurrency"],
         conns = r["connections"],
         ca = r["caller_alg"].as_str().unwrap_or(""),
