@@ -51,7 +51,7 @@ pub enum Protocol {
     /// `grpc.health.v1.Health/Check` on the same server, connections and streams, with
     /// the same bearer metadata: what the gRPC transport alone costs per call (tonic, h2,
     /// HPACK, tokio, sockets), with no verification, policy, signing or store. The floor
-    /// under Mint's CPU per call; its "mints" are health checks.
+    /// under Mint's CPU per call (the JSON report's `mints` fields then count calls).
     GrpcHealth,
 }
 
@@ -634,6 +634,8 @@ fn table(r: &Value) -> String {
                 .join(" ")
         })
         .unwrap_or_default();
+    // The health-check floor counts calls; the JSON keys stay the same for both.
+    let unit = if r["rpc"] == "Mint" { "mint" } else { "call" };
     format!(
         "latchkey bench: {proto} {rpc}, {conc} streams over {conns} connections, caller {ca}, minted {ma}, {dur:.0} s after {warm:.0} s warm-up\n\
          {:<22}{:>12.0}\n\
@@ -645,11 +647,11 @@ fn table(r: &Value) -> String {
          {:<22}{:>12.2}\n\
          {:<22}{:>12.1}  start {:.1}  end {:.1}  growth {:+.1}\n\
          store: {store}\n",
-        "mints/s", f(&r["mints_per_sec"]),
-        "mints", r["mints"].as_u64().unwrap_or(0),
+        format!("{unit}s/s"), f(&r["mints_per_sec"]),
+        format!("{unit}s"), r["mints"].as_u64().unwrap_or(0),
         "errors", r["errors_total"].as_u64().unwrap_or(0),
         "latency p50 (ms)", f(&l["p50"]), f(&l["p90"]), f(&l["p99"]), f(&l["p99_9"]), f(&l["max"]),
-        "server CPU µs/mint", f(&s["cpu_us_per_mint"]), f(&s["cpu_cores_used"]),
+        format!("server CPU µs/{unit}"), f(&s["cpu_us_per_mint"]), f(&s["cpu_cores_used"]),
         "crypto µs/mint", f(&c["per_mint_us"]), r["caller_alg"].as_str().unwrap_or(""), f(&c["verify_us"]),
         r["minted_alg"].as_str().unwrap_or(""), f(&c["sign_us"]),
         "CPU / crypto", f(&c["cpu_ratio"]),
