@@ -122,6 +122,21 @@ fn targeted_deny_leaves_other_targets_alone() {
     assert!(p.decide("bb", &c, LIMITS, req("u", &[], None)).is_ok());
 }
 
+/// A case proptest once found (its seed file was dropped in a cleanup; kept here): a lone
+/// deny rule with no claim clauses, against empty claims, is a deny by that rule, and the
+/// indexed decision agrees with explain's full scan.
+#[test]
+fn a_lone_deny_without_clauses_denies_and_the_index_agrees() {
+    let p = Policy::new(vec![deny("r0", vec![], &["t"])]);
+    let c = claims(json!({}));
+    let d = p.decide("bb", &c, LIMITS, req("t", &[], None));
+    assert!(
+        matches!(&d, Err(Denied::DenyRule { rule }) if rule == "r0"),
+        "{d:?}"
+    );
+    assert_eq!(d, p.explain("bb", &c, LIMITS, req("t", &[], None)).decision);
+}
+
 #[test]
 fn no_match_means_deny_with_the_failing_clause() {
     let p = Policy::new(vec![allow(
