@@ -6,7 +6,6 @@ use crate::broker::Broker;
 use crate::clock::SharedClock;
 use crate::config::Config;
 use crate::keys::{KeyError, KeyRing, MasterKey};
-use crate::store::sqlite::{self, SqliteStore};
 use crate::store::{Store, StoreError};
 use crate::transport::audit::AuditService;
 use crate::transport::grpc::{BrokerService, MAX_REQUEST_BYTES};
@@ -28,7 +27,7 @@ pub enum StartError {
     /// The store could not be opened.
     #[error("store {path}: {source}")]
     Store {
-        /// The database file.
+        /// The store's location.
         path: String,
         /// Why.
         source: StoreError,
@@ -128,7 +127,9 @@ fn fixed_changes(old: &toml::Value, new: &toml::Value) -> Vec<String> {
                     t
                 };
                 if strip(o.get(k)) != strip(n.get(k)) {
-                    changed.push("[limits] request_timeout/max_connections".to_string());
+                    changed.push(
+                        "[limits] request_timeout/max_connections/handshake_timeout".to_string(),
+                    );
                 }
             }
             _ if o.get(k) != n.get(k) => changed.push(format!("[{k}]")),
@@ -282,15 +283,17 @@ pub async fn start(
     master: &MasterKey,
     clock: SharedClock,
 ) -> Result<Running, StartError> {
-    let store = SqliteStore::open(&sqlite::Config {
-        path: cfg.store.path.clone(),
-        busy_timeout: cfg.store.busy_timeout,
-    })
+    let store = crate::store::open(
+        &cfg.store.location,
+        &crate::store::OpenOptions {
+            busy_timeout: cfg.store.busy_timeout,
+        },
+    )
     .map_err(|source| StartError::Store {
-        path: cfg.store.path.display().to_string(),
+        path: cfg.store.location.to_string(),
         source,
     })?;
-    start_with_store(cfg, Arc::new(store), master, clock).await
+    start_with_store(cfg, store, master, clock).await
 }
 
 /// [`start`] on a store the caller opened (another backend, or a store the caller keeps
@@ -440,11 +443,16 @@ pub async fn start_with_minters(
         .add_service(leases)
         .add_service(audit)
         .add_service(rotation);
+    let admission = listen::Admission {
+        max_connections: cfg.limits.max_connections,
+        max_per_source: cfg.limits.max_connections_per_source,
+        handshake_timeout: cfg.limits.handshake_timeout,
+    };
     let grpc_conns = listen::incoming(
         grpc_listener,
         tls.clone(),
         Port::Grpc,
-        cfg.limits.max_connections,
+        admission,
         stopped.clone(),
     );
     let mut s1 = stopped.clone();
@@ -463,7 +471,7 @@ pub async fn start_with_minters(
         http_listener,
         tls.clone(),
         Port::Http,
-        cfg.limits.max_connections,
+        admission,
         stopped.clone(),
     );
     let http_task = tokio::spawn(listen::serve_http(http_conns, app, stopped));
@@ -627,7 +635,7 @@ mod tests {
             fixed_changes(&old, &moved),
             vec![
                 "[issuers]".to_string(),
-                "[limits] request_timeout/max_connections".to_string(),
+                "[limits] request_timeout/max_connections/handshake_timeout".to_string(),
                 "[server]".to_string()
             ]
         );

@@ -88,7 +88,7 @@ async fn readyz_names_an_issuer_that_never_answered() {
     let late = latchkey::server::start(
         &{
             let mut c = down.config.clone();
-            c.store.path = down.dir.path().join("other.db");
+            c.store.location = latchkey::store::Location::Sqlite(down.dir.path().join("other.db"));
             c
         },
         &latchkey::keys::MasterKey::generate(),
@@ -552,5 +552,122 @@ async fn a_request_past_the_timeout_is_cut_off_cleanly_on_both_ports() {
             .status(),
         200
     );
+    env.stop().await;
+}
+
+/// A TCP connection to the broker's gRPC port from the loopback address `from`, which
+/// sends nothing (an attacker holding a slot).
+async fn silent_socket(env: &Env, from: &str) -> tokio::net::TcpStream {
+    let s = tokio::net::TcpSocket::new_v4().unwrap();
+    s.bind(format!("{from}:0").parse().unwrap()).unwrap();
+    s.connect(env.running.as_ref().unwrap().grpc_addr)
+        .await
+        .unwrap()
+}
+
+/// Whether the server closes `s` within `within` (a read ends or fails).
+async fn closed_within(s: &mut tokio::net::TcpStream, within: std::time::Duration) -> bool {
+    use tokio::io::AsyncReadExt;
+    let mut b = [0u8; 1];
+    matches!(
+        tokio::time::timeout(within, s.read(&mut b)).await,
+        Ok(Ok(0)) | Ok(Err(_))
+    )
+}
+
+/// A Mint over a new connection from 127.0.0.1, which must answer within `within`.
+async fn fresh_mint(env: &Env, within: std::time::Duration) -> Result<(), String> {
+    let addr = env.running.as_ref().unwrap().grpc_addr;
+    let attempt = async {
+        let ch = tonic::transport::Channel::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect()
+            .await
+            .map_err(|e| format!("connect: {e}"))?;
+        let mut c =
+            latchkey::transport::pb::credential_broker_client::CredentialBrokerClient::new(ch);
+        let req = latchkey::transport::pb::MintRequest {
+            target: "orders-api".into(),
+            scopes: vec!["orders:read".into()],
+            ..Default::default()
+        };
+        c.mint(common::authed(req, &env.token("main")))
+            .await
+            .map(|_| ())
+            .map_err(|e| format!("mint: {e}"))
+    };
+    tokio::time::timeout(within, attempt)
+        .await
+        .map_err(|_| format!("no answer within {within:?}"))?
+}
+
+#[tokio::test]
+async fn silent_sockets_from_one_source_cannot_take_every_grpc_slot() {
+    let env = Env::start_full(
+        "jwks_cooldown = \"0s\"",
+        "",
+        "\n[limits]\nmax_connections = 20\nmax_connections_per_source = 5\nhandshake_timeout = \"30s\"\n",
+        std::sync::Arc::new(latchkey::clock::SystemClock),
+    )
+    .await;
+    let mut held = Vec::new();
+    for _ in 0..20 {
+        held.push(silent_socket(&env, "127.0.0.2").await);
+    }
+    // The source's budget is 5: the other 15 are closed at once.
+    let mut closed = 0;
+    for s in held.iter_mut() {
+        if closed_within(s, std::time::Duration::from_millis(300)).await {
+            closed += 1;
+        }
+    }
+    assert_eq!(
+        closed, 15,
+        "connections past the source's budget are closed"
+    );
+    // Another client still gets a connection and an answer well inside the deadline.
+    fresh_mint(&env, std::time::Duration::from_secs(5))
+        .await
+        .unwrap();
+    drop(held);
+    env.stop().await;
+}
+
+#[tokio::test]
+async fn a_socket_without_the_http2_preface_is_closed_at_the_handshake_deadline() {
+    use tokio::io::AsyncWriteExt;
+    let env = Env::start_full(
+        "jwks_cooldown = \"0s\"",
+        "",
+        "\n[limits]\nmax_connections = 20\nmax_connections_per_source = 100\nhandshake_timeout = \"500ms\"\n",
+        std::sync::Arc::new(latchkey::clock::SystemClock),
+    )
+    .await;
+    // Every slot but the test client's own is taken by a socket that sends nothing.
+    let mut held = Vec::new();
+    for _ in 0..19 {
+        held.push(silent_socket(&env, "127.0.0.3").await);
+    }
+    // Something that is not HTTP/2 is closed as soon as its first bytes are read.
+    let mut junk = silent_socket(&env, "127.0.0.4").await;
+    junk.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let t = std::time::Instant::now();
+    for s in held.iter_mut() {
+        assert!(
+            closed_within(s, std::time::Duration::from_secs(5)).await,
+            "a silent socket outlived the handshake deadline"
+        );
+    }
+    assert!(t.elapsed() < std::time::Duration::from_secs(5));
+    assert!(closed_within(&mut junk, std::time::Duration::from_secs(2)).await);
+    // The slots are free again, and the connection that did speak HTTP/2 kept working.
+    fresh_mint(&env, std::time::Duration::from_secs(5))
+        .await
+        .unwrap();
+    env.mint(&env.token("main"), "orders-api", &["orders:read"], None)
+        .await
+        .unwrap();
     env.stop().await;
 }

@@ -10,6 +10,7 @@ mod common;
 use common::{all_bytes_under, authed, contains, Env};
 use latchkey::clock::{Clock, ManualClock, SystemClock};
 use latchkey::devissuer::DEV_REPOSITORY;
+use latchkey::store::Store;
 use latchkey::transport::pb::{RenewRequest, RevokeRequest};
 use std::sync::Arc;
 use tokio_postgres::NoTls;
@@ -369,10 +370,31 @@ async fn expiry_revokes_owned_objects_go_and_the_reconciler_removes_orphans() {
         .credential
         .unwrap()
         .username;
+    // Only roles carrying this broker's marker for this target are ours: an old role
+    // without it (a person's, or an older version's) and one marked for another target
+    // or another broker stay.
+    let store_id = env.store.store_id().await.unwrap();
+    let ours = format!("latchkey store={store_id} target=warehouse");
     let old = format!("{}{}_orphan", fx.prefix, now - 7200);
     let young = format!("{}{}_young", fx.prefix, now - 60);
     let hand = format!("{}handmade", fx.prefix);
-    for r in [&old, &young, &hand] {
+    let unmarked = format!("{}{}_unmarked", fx.prefix, now - 7200);
+    let other_target = format!("{}{}_othertarget", fx.prefix, now - 7200);
+    let other_broker = format!("{}{}_otherbroker", fx.prefix, now - 7200);
+    for (r, comment) in [
+        (&old, Some(ours.clone())),
+        (&young, Some(ours.clone())),
+        (&hand, Some(ours.clone())),
+        (&unmarked, None),
+        (
+            &other_target,
+            Some(format!("latchkey store={store_id} target=lake")),
+        ),
+        (
+            &other_broker,
+            Some("latchkey store=0123456789abcdef target=warehouse".to_string()),
+        ),
+    ] {
         fx.su
             .batch_execute(&format!(
                 "CREATE ROLE \"{r}\" LOGIN; GRANT \"{r}\" TO {}",
@@ -380,11 +402,24 @@ async fn expiry_revokes_owned_objects_go_and_the_reconciler_removes_orphans() {
             ))
             .await
             .unwrap();
+        if let Some(c) = comment {
+            fx.su
+                .batch_execute(&format!("COMMENT ON ROLE \"{r}\" IS '{c}'"))
+                .await
+                .unwrap();
+        }
     }
     let removed = env.broker().reaper().reconcile(now).await.unwrap();
     assert_eq!(removed, 1);
     assert!(!fx.role_exists(&old).await);
-    for r in [&young, &hand, &live] {
+    for r in [
+        &young,
+        &hand,
+        &live,
+        &unmarked,
+        &other_target,
+        &other_broker,
+    ] {
         assert!(fx.role_exists(r).await, "{r} must stay");
     }
     let audited = env.records().await.iter().any(|r| {
@@ -441,5 +476,52 @@ async fn admin_password_rotates_two_phase_and_minting_goes_on() {
         .unwrap();
     assert!(m.credential.is_some());
     env.stop().await;
+    fx.cleanup().await;
+}
+
+/// Two brokers (two stores) whose targets share one database and one role prefix: each
+/// reconciler leaves the other's live roles alone, and both credentials keep working.
+#[tokio::test(flavor = "multi_thread")]
+async fn two_brokers_on_one_prefix_never_remove_each_others_live_roles() {
+    let Some(url) = pg_url() else { return };
+    let fx = Fixture::new(&url).await;
+    let t0 = SystemClock.now();
+    let clock = ManualClock::new(t0);
+    let a = start(&fx, "", Arc::new(clock.clone())).await;
+    let b = start(&fx, "", Arc::new(clock.clone())).await;
+    let mut creds = Vec::new();
+    for env in [&a, &b] {
+        let c = env
+            .mint(&env.token("main"), "warehouse", &["read"], Some(3600))
+            .await
+            .unwrap()
+            .credential
+            .unwrap();
+        creds.push((c.username, c.password));
+    }
+    // Past the reconciler's grace period, both leases still live.
+    let later = t0 + 900;
+    clock.set(later);
+    for env in [&a, &b] {
+        assert_eq!(env.broker().reaper().reconcile(later).await.unwrap(), 0);
+    }
+    for (user, password) in &creds {
+        assert!(
+            fx.role_exists(user).await,
+            "{user} was removed by the other broker"
+        );
+        let c = fx
+            .login(user, password)
+            .await
+            .expect("the holder still logs in");
+        let n: i64 = c
+            .query_one(&format!("SELECT count(*) FROM {}", fx.table), &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(n, 2);
+    }
+    a.stop().await;
+    b.stop().await;
     fx.cleanup().await;
 }

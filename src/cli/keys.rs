@@ -5,8 +5,6 @@
 
 use crate::config::Config;
 use crate::keys::MasterKey;
-use crate::store::sqlite::{self, SqliteStore};
-use crate::store::Store;
 use std::path::PathBuf;
 
 /// `latchkey keys …`
@@ -71,10 +69,12 @@ pub async fn run(cmd: Command) -> anyhow::Result<i32> {
         return Ok(super::EXIT_CONFIG);
     }
     let master = MasterKey::load(cfg.store.master_key_file.as_deref())?;
-    let store = SqliteStore::open(&sqlite::Config {
-        path: cfg.store.path.clone(),
-        busy_timeout: cfg.store.busy_timeout,
-    })?;
+    let store = crate::store::open(
+        &cfg.store.location,
+        &crate::store::OpenOptions {
+            busy_timeout: cfg.store.busy_timeout,
+        },
+    )?;
     let keys = store.signing_keys().await?;
     let Some(stored) = keys
         .iter()
@@ -84,7 +84,7 @@ pub async fn run(cmd: Command) -> anyhow::Result<i32> {
             "no {} key for target {} in {} (start the broker once to create it)",
             args.state,
             t.name,
-            cfg.store.path.display()
+            cfg.store.location
         );
     };
     let key = crate::keys::open_stored(&master, stored)?;

@@ -101,6 +101,12 @@ pub struct LimitsConfig {
     pub request_timeout: Duration,
     /// Most open connections per port; further connections wait to be accepted.
     pub max_connections: usize,
+    /// Most open connections per port from one source (an IPv4 address or an IPv6 /64);
+    /// more are closed at once. Behind a reverse proxy every client shares the proxy's
+    /// address: raise it to `max_connections` there.
+    pub max_connections_per_source: usize,
+    /// Longest from accept to a usable connection (TLS handshake, HTTP/2 preface).
+    pub handshake_timeout: Duration,
 }
 
 impl Default for LimitsConfig {
@@ -109,6 +115,8 @@ impl Default for LimitsConfig {
             rate: crate::ratelimit::Limits::default(),
             request_timeout: Duration::from_secs(30),
             max_connections: 4096,
+            max_connections_per_source: 256,
+            handshake_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -164,8 +172,8 @@ pub struct TlsConfig {
 /// Store settings.
 #[derive(Debug, Clone)]
 pub struct StoreConfig {
-    /// SQLite database file.
-    pub path: PathBuf,
+    /// Where the store is (`url`, or `path` for an SQLite file).
+    pub location: crate::store::Location,
     /// File holding the base64 master key (else `LATCHKEY_MASTER_KEY`).
     pub master_key_file: Option<PathBuf>,
     /// How long a commit waits on a lock held elsewhere before failing closed.
@@ -325,8 +333,25 @@ impl Checker<'_> {
 
     fn check(&self, raw: RawConfig) -> Result<Config, ConfigError> {
         let server = self.server(raw.server)?;
+        let location =
+            match (raw.store.url, raw.store.path) {
+                (Some(_), Some(_)) => return Err(self.err(
+                    "store.path",
+                    "set store.url or store.path (the same as url = \"sqlite://PATH\"), not both",
+                )),
+                (Some(url), None) => {
+                    crate::store::Location::parse(&url).map_err(|e| self.err("store.url", e))?
+                }
+                (None, Some(path)) => {
+                    if path.is_empty() {
+                        return Err(self.err("store.path", "must not be empty"));
+                    }
+                    crate::store::Location::Sqlite(PathBuf::from(path))
+                }
+                (None, None) => crate::store::Location::Sqlite(PathBuf::from("latchkey.db")),
+            };
         let store = StoreConfig {
-            path: PathBuf::from(raw.store.path.unwrap_or_else(|| "latchkey.db".into())),
+            location,
             master_key_file: raw.store.master_key_file.map(PathBuf::from),
             busy_timeout: raw
                 .store
@@ -339,9 +364,6 @@ impl Checker<'_> {
                 "store.busy_timeout",
                 "must be at most 60s (requests wait this long before failing closed)",
             ));
-        }
-        if store.path.as_os_str().is_empty() {
-            return Err(self.err("store.path", "must not be empty"));
         }
         let log = LogConfig {
             json: match raw.log.format.as_deref() {
@@ -385,6 +407,15 @@ impl Checker<'_> {
                 return Err(self.err(
                     format!("{key}.name"),
                     format!("duplicate target name {:?}", t.name),
+                ));
+            }
+            if let Some(other) = targets.iter().find(|x| same_role_space(x, &t)) {
+                return Err(self.err(
+                    format!("{key}.role_prefix"),
+                    format!(
+                        "target {:?} creates roles under the same prefix on the same server; give each target its own role_prefix",
+                        other.name
+                    ),
                 ));
             }
             targets.push(t);
@@ -517,6 +548,13 @@ impl Checker<'_> {
             },
             request_timeout: r.request_timeout.map(|x| x.0).unwrap_or(d.request_timeout),
             max_connections: r.max_connections.unwrap_or(d.max_connections),
+            max_connections_per_source: r
+                .max_connections_per_source
+                .unwrap_or(d.max_connections_per_source),
+            handshake_timeout: r
+                .handshake_timeout
+                .map(|x| x.0)
+                .unwrap_or(d.handshake_timeout),
         };
         if c.request_timeout < Duration::from_secs(1)
             || c.request_timeout > Duration::from_secs(600)
@@ -525,6 +563,14 @@ impl Checker<'_> {
         }
         if c.max_connections == 0 {
             return Err(self.err("limits.max_connections", "must be at least 1"));
+        }
+        if c.max_connections_per_source == 0 {
+            return Err(self.err("limits.max_connections_per_source", "must be at least 1"));
+        }
+        if c.handshake_timeout < Duration::from_millis(100)
+            || c.handshake_timeout > Duration::from_secs(60)
+        {
+            return Err(self.err("limits.handshake_timeout", "must be between 100ms and 60s"));
         }
         Ok(c)
     }
@@ -1117,6 +1163,25 @@ impl Checker<'_> {
             )),
         }
     }
+}
+
+/// Whether two `postgres` targets make roles under one prefix on one server (the URL's
+/// host and port): their names could not be told apart by a person reading `pg_roles`,
+/// so such a configuration is refused. (The reconciler goes by each role's ownership
+/// comment, not its name; see `mint::postgres`.)
+fn same_role_space(a: &TargetConfig, b: &TargetConfig) -> bool {
+    let (TargetKind::Postgres(a), TargetKind::Postgres(b)) = (&a.kind, &b.kind) else {
+        return false;
+    };
+    let server = |url: &str| {
+        reqwest::Url::parse(url).ok().map(|u| {
+            (
+                u.host_str().unwrap_or("").to_ascii_lowercase(),
+                u.port().unwrap_or(5432),
+            )
+        })
+    };
+    a.role_prefix == b.role_prefix && server(&a.url) == server(&b.url)
 }
 
 #[cfg(test)]

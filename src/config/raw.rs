@@ -60,6 +60,8 @@ pub struct RawLimits {
     pub source_ip_burst: Option<u32>,
     pub request_timeout: Option<Dur>,
     pub max_connections: Option<usize>,
+    pub max_connections_per_source: Option<usize>,
+    pub handshake_timeout: Option<Dur>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -105,6 +107,7 @@ pub struct RawTls {
 #[derive(Debug, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub struct RawStore {
+    pub url: Option<String>,
     pub path: Option<String>,
     pub master_key_file: Option<String>,
     pub busy_timeout: Option<Dur>,

@@ -570,3 +570,117 @@ fn secret_refs_read_files_and_variables_and_never_show_values() {
         "environment variable LATCHKEY_TEST_SURELY_UNSET_VAR is not set"
     );
 }
+
+#[test]
+fn two_postgres_targets_with_one_prefix_on_one_server_are_refused() {
+    let pg = |name: &str, url: &str, prefix: &str| {
+        format!(
+            "\n[[targets]]\nname = \"{name}\"\nkind = \"postgres\"\nurl = \"{url}\"\nroles = {{ read = [\"g\"] }}\nrole_prefix = \"{prefix}\"\n"
+        )
+    };
+    let text = format!(
+        "{GOOD}{}{}",
+        pg("db-a", "postgres://admin@db.internal/app", "lk_"),
+        pg("db-b", "postgres://other@DB.internal:5432/reports", "lk_")
+    );
+    let e = Config::parse(&text, "t.toml").unwrap_err();
+    assert!(e.key.contains("role_prefix"), "{e}");
+    assert!(e.reason.contains("\"db-a\""), "{e}");
+    assert!(e.reason.contains("own role_prefix"), "{e}");
+    // Another prefix, or another server, is fine.
+    for (url, prefix) in [
+        ("postgres://admin@db.internal/app", "lk_b_"),
+        ("postgres://admin@db2.internal/app", "lk_"),
+        ("postgres://admin@db.internal:5433/app", "lk_"),
+    ] {
+        let text = format!(
+            "{GOOD}{}{}",
+            pg("db-a", "postgres://admin@db.internal/app", "lk_"),
+            pg("db-b", url, prefix)
+        );
+        if let Err(e) = Config::parse(&text, "t.toml") {
+            panic!("{url} {prefix}: {e}");
+        }
+    }
+}
+
+#[test]
+fn connection_admission_limits_parse_and_are_bounded() {
+    let c = Config::parse(
+        &format!("{GOOD}\n[limits]\nmax_connections_per_source = 8\nhandshake_timeout = \"2s\"\n"),
+        "t.toml",
+    )
+    .unwrap();
+    assert_eq!(c.limits.max_connections_per_source, 8);
+    assert_eq!(
+        c.limits.handshake_timeout,
+        std::time::Duration::from_secs(2)
+    );
+    let d = Config::parse(GOOD, "t.toml").unwrap();
+    assert_eq!(d.limits.max_connections_per_source, 256);
+    assert_eq!(
+        d.limits.handshake_timeout,
+        std::time::Duration::from_secs(10)
+    );
+    for (extra, key) in [
+        (
+            "max_connections_per_source = 0",
+            "limits.max_connections_per_source",
+        ),
+        ("handshake_timeout = \"10ms\"", "limits.handshake_timeout"),
+        ("handshake_timeout = \"5m\"", "limits.handshake_timeout"),
+    ] {
+        let e = Config::parse(&format!("{GOOD}\n[limits]\n{extra}\n"), "t.toml").unwrap_err();
+        assert_eq!(e.key, key, "{extra}: {e}");
+    }
+}
+
+#[test]
+fn the_store_is_chosen_by_url_and_path_stays_an_alias() {
+    use crate::store::Location;
+    let with = |store: &str| GOOD.replace("[store]\npath = \"latchkey.db\"", store);
+    let loc = |store: &str| Config::parse(&with(store), "t.toml").map(|c| c.store.location);
+    assert_eq!(
+        loc("[store]\nurl = \"sqlite:///var/lib/latchkey/l.db\"").unwrap(),
+        Location::Sqlite("/var/lib/latchkey/l.db".into())
+    );
+    assert_eq!(
+        loc("[store]\nurl = \"sqlite://data/l.db\"").unwrap(),
+        Location::Sqlite("data/l.db".into())
+    );
+    assert_eq!(
+        loc("[store]\npath = \"/srv/l.db\"").unwrap(),
+        Location::Sqlite("/srv/l.db".into())
+    );
+    assert_eq!(
+        loc("[store]").unwrap(),
+        Location::Sqlite("latchkey.db".into())
+    );
+    assert_eq!(
+        Location::Sqlite("/srv/l.db".into()).to_string(),
+        "sqlite:///srv/l.db"
+    );
+    for (store, key, reason) in [
+        (
+            "[store]\nurl = \"sqlite:///a.db\"\npath = \"b.db\"",
+            "store.path",
+            "not both",
+        ),
+        (
+            "[store]\nurl = \"postgres://db/latchkey\"",
+            "store.url",
+            "not supported by this version",
+        ),
+        (
+            "[store]\nurl = \"mysql://db/latchkey\"",
+            "store.url",
+            "unsupported store URL scheme",
+        ),
+        ("[store]\nurl = \"sqlite://\"", "store.url", "names no file"),
+        ("[store]\npath = \"\"", "store.path", "must not be empty"),
+    ] {
+        let e = loc(store).unwrap_err();
+        assert_eq!(e.key, key, "{store}: {e}");
+        assert!(e.reason.contains(reason), "{store}: {e}");
+    }
+}

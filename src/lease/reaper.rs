@@ -242,8 +242,12 @@ impl Reaper {
     }
 
     /// Asks each target that can list what the broker created there to remove what no
-    /// unfinished lease owns; audits each removal. An unreachable target is logged and
-    /// tried again next pass. Answers how many were removed.
+    /// live lease owns; audits each removal. The handles passed as live are those of
+    /// every live lease in the store, of every target (two targets on one upstream, or
+    /// replicas whose configurations differ, never lose a live credential to each
+    /// other); a handle that cannot be opened stops the pass, since what it owns cannot
+    /// be told. An unreachable target is logged and tried again next pass. Answers how
+    /// many were removed.
     pub async fn reconcile(&self, now: i64) -> Result<usize, StoreError> {
         let mut removed = 0;
         let mut targets: Vec<(&String, &Arc<dyn Minter>)> = self
@@ -252,40 +256,40 @@ impl Reaper {
             .iter()
             .filter(|(_, m)| m.reconciles())
             .collect();
+        if targets.is_empty() {
+            return Ok(0);
+        }
         targets.sort_by_key(|(t, _)| *t);
-        'targets: for (target, minter) in targets {
-            // Live leases only: a lease being revoked (or past its expiry, which this
-            // pass has just queued for revocation) loses its credential either way, and
-            // dropping it here is the same idempotent revocation.
-            let filter = LeaseFilter {
-                target: Some(target.clone()),
-                ..LeaseFilter::default()
-            };
-            let mut live = std::collections::HashSet::new();
-            let mut after = None;
-            loop {
-                let page = self.0.store.leases(&filter, now, after, PAGE).await?;
-                for l in &page {
-                    if let Some(sealed) = &l.upstream {
-                        match self.0.master.open(sealed, &upstream_aad(&l.id)) {
-                            Ok(b) => {
-                                if let Ok(h) = String::from_utf8(b.expose().clone()) {
-                                    live.insert(h);
-                                }
+        // Live leases only: a lease being revoked (or past its expiry, which this pass
+        // has just queued for revocation) loses its credential either way, and dropping
+        // it here is the same idempotent revocation.
+        let filter = LeaseFilter::default();
+        let mut live = std::collections::HashSet::new();
+        let mut after = None;
+        loop {
+            let page = self.0.store.leases(&filter, now, after, PAGE).await?;
+            for l in &page {
+                if let Some(sealed) = &l.upstream {
+                    match self.0.master.open(sealed, &upstream_aad(&l.id)) {
+                        Ok(b) => {
+                            if let Ok(h) = String::from_utf8(b.expose().clone()) {
+                                live.insert(h);
                             }
-                            Err(_) => {
-                                // Cannot tell what this lease owns: touch nothing there.
-                                tracing::warn!(lease_id = %l.id, target = %target, "upstream handle cannot be opened; skipping reconciliation");
-                                continue 'targets;
-                            }
+                        }
+                        Err(_) => {
+                            // Cannot tell what this lease owns: touch nothing.
+                            tracing::warn!(lease_id = %l.id, target = %l.target, "upstream handle cannot be opened; skipping reconciliation");
+                            return Ok(0);
                         }
                     }
                 }
-                if page.len() < PAGE {
-                    break;
-                }
-                after = page.last().map(|l| (l.issued_at, l.id.clone()));
             }
+            if page.len() < PAGE {
+                break;
+            }
+            after = page.last().map(|l| (l.issued_at, l.id.clone()));
+        }
+        for (target, minter) in targets {
             match tokio::time::timeout(UPSTREAM_TIMEOUT * 4, minter.reconcile(&live, now)).await {
                 Ok(Ok(gone)) => {
                     for handle in gone {

@@ -7,7 +7,12 @@
 //! - Revoke: refuse new logins, terminate the role's sessions (`VALID UNTIL` never ends
 //!   an open one), reassign and drop what it owns in every configured database, drop the
 //!   role. Idempotent, and keeps going past a failed step.
-//! - Reconcile: roles under the prefix that no lease owns are revoked the same way.
+//! - Ownership: every role gets the comment `latchkey store=<store id> target=<name>`
+//!   in the transaction that creates it. The reconciler removes only roles carrying this
+//!   broker's (this store's) marker for this target, and never one whose handle belongs
+//!   to a live lease of any target in the store; roles of another target, another
+//!   broker, an older version (no comment) or a person are left alone.
+//! - Reconcile: our roles that no live lease owns are revoked the same way.
 //! - Root rotation: the admin's password, two-phase (staged sealed in the store, set at
 //!   the server, verified by logging in with it, then switched to).
 //!
@@ -33,6 +38,8 @@ pub struct PostgresMinter {
     cfg: PostgresConfig,
     base: tokio_postgres::Config,
     password: Option<RootCredential>,
+    /// The comment that marks a role as made by this broker for this target.
+    marker: String,
 }
 
 /// A quoted identifier.
@@ -62,11 +69,17 @@ impl PostgresMinter {
         base.connect_timeout(cfg.timeout);
         base.options(format!("-c statement_timeout={}", cfg.timeout.as_millis()));
         base.application_name("latchkey");
+        let store_id = deps
+            .store
+            .store_id()
+            .await
+            .map_err(|e| format!("cannot read the store's id: {e}"))?;
         let mut m = PostgresMinter {
             target: target.to_string(),
             base,
             password: None,
             cfg,
+            marker: ownership_marker(&store_id, target),
         };
         if let Some(source) = m.cfg.password.clone() {
             let (root, pending) = RootCredential::load(target, &source, deps).await?;
@@ -136,13 +149,12 @@ impl PostgresMinter {
     }
 
     fn role_name(&self, now: i64, lease_id: &str) -> String {
-        let short: String = lease_id
-            .chars()
-            .filter(|c| c.is_ascii_alphanumeric())
-            .take(12)
-            .collect::<String>()
-            .to_ascii_lowercase();
-        format!("{}{}_{}", self.cfg.role_prefix, now.max(0), short)
+        format!(
+            "{}{}_{}",
+            self.cfg.role_prefix,
+            now.max(0),
+            role_suffix(lease_id)
+        )
     }
 
     /// When a role of ours was created, from its name.
@@ -226,6 +238,25 @@ impl PostgresMinter {
     }
 }
 
+/// The part of a role name taken from its lease id: the last 16 alphanumerics, the random
+/// end of a UUIDv7 (its first 12 digits are the millisecond, the same for two leases
+/// made in one millisecond).
+fn role_suffix(lease_id: &str) -> String {
+    let alnum: Vec<char> = lease_id
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric())
+        .collect();
+    alnum[alnum.len().saturating_sub(16)..]
+        .iter()
+        .collect::<String>()
+        .to_ascii_lowercase()
+}
+
+/// The comment on every role this broker (this store) makes for `target`.
+fn ownership_marker(store_id: &str, target: &str) -> String {
+    format!("latchkey store={store_id} target={target}")
+}
+
 /// A SCRAM-SHA-256 verifier of `password`, what the server stores.
 fn verifier(password: &SecretString) -> String {
     postgres_protocol::password::scram_sha_256(password.expose().as_bytes())
@@ -265,6 +296,13 @@ impl Minter for PostgresMinter {
         tx.batch_execute(sql.expose())
             .await
             .map_err(|e| self.fail("create role", &e))?;
+        tx.batch_execute(&format!(
+            "COMMENT ON ROLE {} IS {}",
+            ident(&role),
+            literal(&self.marker)
+        ))
+        .await
+        .map_err(|e| self.fail("mark role", &e))?;
         // The admin becomes a member of the role it made, so revocation may reassign
         // and drop what the role owns (PostgreSQL requires that of non-superusers).
         tx.batch_execute(&format!("GRANT {} TO CURRENT_USER", ident(&role)))
@@ -358,15 +396,33 @@ impl Minter for PostgresMinter {
         let client = self.connect(None).await?;
         let rows = client
             .query(
-                "SELECT rolname::text FROM pg_roles WHERE left(rolname, length($1)) = $1",
+                "SELECT r.rolname::text, shobj_description(r.oid, 'pg_authid') FROM pg_roles r WHERE left(r.rolname, length($1)) = $1",
                 &[&self.cfg.role_prefix],
             )
             .await
             .map_err(|e| self.fail("list roles", &e))?;
+        let mut others = 0usize;
+        let rows: Vec<String> = rows
+            .into_iter()
+            .filter_map(|r| {
+                let name: String = r.get(0);
+                let comment: Option<String> = r.get(1);
+                if comment.as_deref() == Some(self.marker.as_str()) {
+                    Some(name)
+                } else {
+                    // Another target's, another broker's, an older version's (no
+                    // comment) or a person's: not provably ours.
+                    others += 1;
+                    None
+                }
+            })
+            .collect();
+        if others > 0 {
+            tracing::debug!(target = %self.target, roles = others, "roles under the prefix without this target's ownership marker left alone");
+        }
         let mut removed = Vec::new();
         let mut failed = None;
-        for r in rows {
-            let name: String = r.get(0);
+        for name in rows {
             if live.contains(&name) {
                 continue;
             }
@@ -459,6 +515,32 @@ impl Minter for PostgresMinter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn role_names_differ_for_leases_made_in_one_millisecond() {
+        // Two UUIDv7 of one millisecond share their first 12 digits.
+        let a = "0193ab2c-7d3e-7001-8a2b-3c4d5e6f7081";
+        let b = "0193ab2c-7d3e-7002-9f1e-0d2c3b4a5968";
+        assert_ne!(role_suffix(a), role_suffix(b));
+        assert_eq!(role_suffix(a), "8a2b3c4d5e6f7081");
+        assert_eq!(role_suffix("x"), "x");
+    }
+
+    #[test]
+    fn the_marker_names_store_and_target() {
+        assert_eq!(
+            ownership_marker("abc", "db-a"),
+            "latchkey store=abc target=db-a"
+        );
+        assert_ne!(
+            ownership_marker("abc", "db-a"),
+            ownership_marker("abc", "db-b")
+        );
+        assert_ne!(
+            ownership_marker("abc", "db-a"),
+            ownership_marker("abd", "db-a")
+        );
+    }
 
     #[test]
     fn quoting_doubles_the_quote_character() {

@@ -4,6 +4,10 @@
 
 pub mod sqlite;
 
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
 use crate::audit::checkpoint::Checkpoint;
 use crate::audit::verify::{Report, VerifyOptions};
 use crate::audit::{AuditEntry, AuditQuery, AuditRecord};
@@ -23,6 +27,71 @@ pub enum StoreError {
     /// written.
     #[error("conflict: {0}")]
     Conflict(String),
+}
+
+/// Where a store is, chosen by its URL (`[store] url`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Location {
+    /// An SQLite file (`sqlite:///var/lib/latchkey/latchkey.db`, `sqlite://latchkey.db`
+    /// relative to the working directory, or a bare path).
+    Sqlite(PathBuf),
+}
+
+impl Location {
+    /// Parses a store URL. Fails, saying which forms are supported, on an empty path or
+    /// an unsupported scheme.
+    pub fn parse(url: &str) -> Result<Location, String> {
+        let path = if let Some(rest) = url.strip_prefix("sqlite://") {
+            rest
+        } else if let Some(rest) = url.strip_prefix("sqlite:") {
+            rest
+        } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            return Err(
+                "a PostgreSQL store is not supported by this version; use sqlite:///PATH".into(),
+            );
+        } else if url.contains("://") {
+            return Err("unsupported store URL scheme; use sqlite:///PATH".into());
+        } else {
+            url
+        };
+        if path.is_empty() {
+            return Err("the store URL names no file; use sqlite:///PATH".into());
+        }
+        Ok(Location::Sqlite(PathBuf::from(path)))
+    }
+
+    /// The file of an SQLite store.
+    pub fn sqlite_path(&self) -> Option<&Path> {
+        match self {
+            Location::Sqlite(p) => Some(p),
+        }
+    }
+}
+
+impl std::fmt::Display for Location {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Location::Sqlite(p) => write!(f, "sqlite://{}", p.display()),
+        }
+    }
+}
+
+/// How a store is opened, whatever its backend.
+#[derive(Debug, Clone)]
+pub struct OpenOptions {
+    /// How long a write waits for a lock held elsewhere before failing closed.
+    pub busy_timeout: Duration,
+}
+
+/// Opens the store at `location`: the one place a backend is chosen. Fails when the
+/// store cannot be opened or is not one this version can use.
+pub fn open(location: &Location, opts: &OpenOptions) -> Result<Arc<dyn Store>, StoreError> {
+    match location {
+        Location::Sqlite(path) => Ok(Arc::new(sqlite::SqliteStore::open(&sqlite::Config {
+            path: path.clone(),
+            busy_timeout: opts.busy_timeout,
+        })?)),
+    }
 }
 
 /// Where an appended record landed.
@@ -212,7 +281,8 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     async fn due_revocations(&self, now: i64, limit: usize)
         -> Result<Vec<LeaseRecord>, StoreError>;
 
-    /// Deletes revoked and expired leases that ended before `before`, and replay counters
+    /// Deletes revoked and expired leases that ended (were revoked, or ran out) and whose
+    /// original expiry passed before `before`, and replay counters
     /// of tokens expired before `now`; at most `limit` leases. Answers how many leases.
     async fn purge(&self, before: i64, now: i64, limit: usize) -> Result<usize, StoreError>;
 
@@ -279,6 +349,11 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
 
     /// The newest checkpoint.
     async fn checkpoints_newest(&self) -> Result<Option<Checkpoint>, StoreError>;
+
+    /// A random id made when the store was created, the same for every replica on it and
+    /// kept across restarts: it marks what the broker creates upstream, so a reconciler
+    /// removes only what this store's leases made.
+    async fn store_id(&self) -> Result<String, StoreError>;
 
     /// Id of the newest checkpoint the witness has.
     async fn witness_position(&self) -> Result<i64, StoreError>;

@@ -1,7 +1,9 @@
-//! The two listeners: accept loops with a connection cap and a TLS handshake timeout,
-//! TLS (rustls) whose certificate, key and client CA are reloaded in place (new
-//! connections get the new files; open ones keep theirs), and the HTTP/1 server with
-//! header size and header read time limits and a draining graceful shutdown.
+//! The two listeners: accept loops with a connection cap, a cap per source address and
+//! a handshake deadline (the TLS handshake and, on the gRPC port, the HTTP/2 connection
+//! preface must arrive within it, or the socket is closed), TLS (rustls) whose
+//! certificate, key and client CA are reloaded in place (new connections get the new
+//! files; open ones keep theirs), and the HTTP/1 server with header size and header read
+//! time limits and a draining graceful shutdown.
 
 use crate::config::TlsConfig;
 use axum::extract::ConnectInfo;
@@ -10,20 +12,22 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
 use rustls::{RootCertStore, ServerConfig};
+use std::collections::HashMap;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::pin::Pin;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
 use tokio_stream::wrappers::ReceiverStream;
 
-/// Longest a client may take to finish the TLS handshake.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// The HTTP/2 client connection preface (RFC 9113, section 3.4): the first bytes every
+/// gRPC client sends.
+const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 /// Longest a client may take to send its request headers (HTTP port).
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// Largest request head on the HTTP port (request line and headers).
@@ -173,7 +177,12 @@ pub struct Conn {
     io: Io,
     local: SocketAddr,
     remote: SocketAddr,
+    /// Bytes read by the listener itself (the HTTP/2 preface), handed to the server
+    /// before anything else is read from the socket.
+    replay: Vec<u8>,
+    replayed: usize,
     _permit: OwnedSemaphorePermit,
+    _source: SourceSlot,
 }
 
 impl Conn {
@@ -189,7 +198,19 @@ impl AsyncRead for Conn {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        match &mut self.get_mut().io {
+        let this = self.get_mut();
+        if this.replayed < this.replay.len() {
+            let rest = &this.replay[this.replayed..];
+            let n = rest.len().min(buf.remaining());
+            buf.put_slice(&rest[..n]);
+            this.replayed += n;
+            if this.replayed == this.replay.len() {
+                this.replay = Vec::new();
+                this.replayed = 0;
+            }
+            return Poll::Ready(Ok(()));
+        }
+        match &mut this.io {
             Io::Plain(s) => Pin::new(s).poll_read(cx, buf),
             Io::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
         }
@@ -256,17 +277,141 @@ async fn stopped(stop: &mut watch::Receiver<bool>) {
     let _ = stop.wait_for(|v| *v).await;
 }
 
-/// Accepts connections until `stop`, at most `max_connections` open at once, each
-/// through the TLS handshake (concurrently, bounded by a timeout) when TLS is on.
+/// How one port admits connections (`[limits]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Admission {
+    /// Most connections open at once on the port; further ones wait in the kernel's
+    /// accept queue.
+    pub max_connections: usize,
+    /// Most connections open at once from one source: an IPv4 address, or an IPv6 /64
+    /// (one host's usual allocation). A connection past it is closed at once, so one
+    /// source cannot take every slot.
+    pub max_per_source: usize,
+    /// Longest from accept to a usable connection: the TLS handshake and, on the gRPC
+    /// port, the HTTP/2 connection preface. A socket that sends nothing is closed then.
+    pub handshake_timeout: Duration,
+}
+
+/// The budget a source address counts against: the IPv4 address (an IPv4-mapped IPv6
+/// address is its IPv4 address), or the /64 an IPv6 address belongs to.
+pub fn source_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(v4) => IpAddr::V4(v4),
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let s = v6.segments();
+                IpAddr::V6(Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
+            }
+        },
+    }
+}
+
+/// Open connections per source.
+#[derive(Debug)]
+struct Sources {
+    open: Mutex<HashMap<IpAddr, usize>>,
+    max: usize,
+}
+
+/// One connection's place in its source's budget; given back on drop.
+struct SourceSlot {
+    sources: Arc<Sources>,
+    key: IpAddr,
+}
+
+impl Sources {
+    fn take(self: &Arc<Self>, ip: IpAddr) -> Option<SourceSlot> {
+        let key = source_key(ip);
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        let n = open.entry(key).or_insert(0);
+        if *n >= self.max {
+            return None;
+        }
+        *n += 1;
+        Some(SourceSlot {
+            sources: self.clone(),
+            key,
+        })
+    }
+}
+
+impl Drop for SourceSlot {
+    fn drop(&mut self) {
+        let mut open = self.sources.open.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = open.get_mut(&self.key) {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&self.key);
+            }
+        }
+    }
+}
+
+/// Why an accepted socket was closed before it reached the server (logged at debug).
+#[derive(Debug, thiserror::Error)]
+enum Refused {
+    #[error("tls handshake failed: {0}")]
+    Tls(io::Error),
+    #[error("no http/2 preface: {0}")]
+    Preface(io::Error),
+    #[error("not an http/2 connection preface")]
+    NotHttp2,
+}
+
+/// Runs the handshake of one accepted socket: TLS when on, then (gRPC port) reads and
+/// checks the HTTP/2 preface, keeping it to hand to the server.
+async fn handshake(
+    tcp: TcpStream,
+    acceptor: Option<TlsAcceptor>,
+    port: Port,
+    local: SocketAddr,
+    remote: SocketAddr,
+    permit: OwnedSemaphorePermit,
+    source: SourceSlot,
+) -> Result<Conn, Refused> {
+    let io = match acceptor {
+        None => Io::Plain(tcp),
+        Some(a) => Io::Tls(Box::new(a.accept(tcp).await.map_err(Refused::Tls)?)),
+    };
+    let mut conn = Conn {
+        io,
+        local,
+        remote,
+        replay: Vec::new(),
+        replayed: 0,
+        _permit: permit,
+        _source: source,
+    };
+    if port == Port::Grpc {
+        let mut preface = [0u8; 24];
+        conn.read_exact(&mut preface)
+            .await
+            .map_err(Refused::Preface)?;
+        if &preface != H2_PREFACE {
+            return Err(Refused::NotHttp2);
+        }
+        conn.replay = preface.to_vec();
+    }
+    Ok(conn)
+}
+
+/// Accepts connections until `stop` under `admission`: at most `max_connections` open
+/// at once, at most `max_per_source` from one source, each through its handshake
+/// (concurrently, bounded by `handshake_timeout`) before the server sees it.
 pub fn incoming(
     listener: TcpListener,
     tls: Option<Arc<Tls>>,
     port: Port,
-    max_connections: usize,
+    admission: Admission,
     mut stop: watch::Receiver<bool>,
 ) -> ReceiverStream<io::Result<Conn>> {
     let (tx, rx) = mpsc::channel(64);
-    let slots = Arc::new(Semaphore::new(max_connections));
+    let slots = Arc::new(Semaphore::new(admission.max_connections));
+    let sources = Arc::new(Sources {
+        open: Mutex::new(HashMap::new()),
+        max: admission.max_per_source.max(1),
+    });
     tokio::spawn(async move {
         loop {
             let permit = tokio::select! {
@@ -288,33 +433,26 @@ pub fn incoming(
                     }
                 },
             };
+            let Some(source) = sources.take(remote.ip()) else {
+                // Dropping the socket closes it; the permit goes back with it.
+                tracing::debug!(%remote, ?port, "connection closed: too many open from this source");
+                continue;
+            };
             let _ = tcp.set_nodelay(true);
             let local = tcp.local_addr().unwrap_or(remote);
             let tx = tx.clone();
             let acceptor = tls.as_ref().map(|t| t.acceptor(port));
             tokio::spawn(async move {
-                let io = match acceptor {
-                    None => Io::Plain(tcp),
-                    Some(a) => match tokio::time::timeout(HANDSHAKE_TIMEOUT, a.accept(tcp)).await {
-                        Ok(Ok(s)) => Io::Tls(Box::new(s)),
-                        Ok(Err(e)) => {
-                            tracing::debug!(%remote, error = %e, "tls handshake failed");
-                            return;
-                        }
-                        Err(_) => {
-                            tracing::debug!(%remote, "tls handshake timed out");
-                            return;
-                        }
-                    },
-                };
-                let _ = tx
-                    .send(Ok(Conn {
-                        io,
-                        local,
-                        remote,
-                        _permit: permit,
-                    }))
-                    .await;
+                let shake = handshake(tcp, acceptor, port, local, remote, permit, source);
+                match tokio::time::timeout(admission.handshake_timeout, shake).await {
+                    Ok(Ok(conn)) => {
+                        let _ = tx.send(Ok(conn)).await;
+                    }
+                    Ok(Err(e)) => tracing::debug!(%remote, ?port, error = %e, "connection closed"),
+                    Err(_) => {
+                        tracing::debug!(%remote, ?port, "connection closed: handshake timed out")
+                    }
+                }
             });
         }
     });
@@ -369,5 +507,43 @@ pub async fn serve_http(
         _ = tokio::time::sleep(DRAIN_TIMEOUT) => {
             tracing::warn!("http drain timed out; closing remaining connections");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sources_are_ipv4_addresses_and_ipv6_slash_64s() {
+        let k = |s: &str| source_key(s.parse().unwrap()).to_string();
+        assert_eq!(k("192.0.2.7"), "192.0.2.7");
+        assert_eq!(k("::ffff:192.0.2.7"), "192.0.2.7");
+        assert_eq!(k("2001:db8:1:2:aaaa:bbbb:cccc:dddd"), "2001:db8:1:2::");
+        assert_eq!(k("2001:db8:1:2::1"), k("2001:db8:1:2:ffff::9"));
+        assert_ne!(k("2001:db8:1:2::1"), k("2001:db8:1:3::1"));
+    }
+
+    #[test]
+    fn a_source_past_its_budget_is_refused_until_one_closes() {
+        let sources = Arc::new(Sources {
+            open: Mutex::new(HashMap::new()),
+            max: 2,
+        });
+        let a: IpAddr = "2001:db8::1".parse().unwrap();
+        let a2: IpAddr = "2001:db8::2".parse().unwrap();
+        let b: IpAddr = "192.0.2.1".parse().unwrap();
+        let s1 = sources.take(a).unwrap();
+        let _s2 = sources.take(a2).unwrap();
+        assert!(sources.take(a).is_none(), "the /64 is full");
+        assert!(
+            sources.take(b).is_some(),
+            "another source has its own budget"
+        );
+        drop(s1);
+        assert!(
+            sources.take(a).is_some(),
+            "a closed connection gives its place back"
+        );
     }
 }

@@ -166,7 +166,12 @@ impl Env {
         let config = Config::parse(&text, "test.toml").unwrap();
         let store = Arc::new(
             latchkey::store::sqlite::SqliteStore::open(&latchkey::store::sqlite::Config {
-                path: config.store.path.clone(),
+                path: config
+                    .store
+                    .location
+                    .sqlite_path()
+                    .expect("tests run on an SQLite store")
+                    .to_path_buf(),
                 busy_timeout: config.store.busy_timeout,
             })
             .unwrap(),
