@@ -13,7 +13,7 @@
 //! | [`identity`] | token parsing, JWKS cache, issuer presets → [`identity::WorkloadIdentity`] |
 //! | [`policy`] | rules, matchers, pure `decide`/`explain` |
 //! | [`mint`] | the [`mint::Minter`] trait and one minter per target kind |
-//! | [`lease`] | lease records, renewal arithmetic, the reaper |
+//! | [`lease`] | lease records, renewal arithmetic |
 //! | [`keys`] | the broker's signing keys, sealed under the master key; JWKS |
 //! | [`audit`] | record type and hash chain |
 //! | [`store`] | persistence behind one trait; SQLite by default |

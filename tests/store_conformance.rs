@@ -11,11 +11,10 @@ use latchkey::audit::verify::VerifyOptions;
 use latchkey::audit::{verify_chain, AuditEntry, AuditQuery, GENESIS_HASH};
 use latchkey::clock::{ManualClock, SharedClock};
 use latchkey::keys::MasterKey;
-use latchkey::lease::{
-    CommitError, LeaseChange, LeaseFilter, LeaseRecord, LeaseState, MintGuard, ReplayGuard,
-};
+use latchkey::lease::{LeaseChange, LeaseFilter, LeaseRecord, LeaseState, MintGuard, ReplayGuard};
 use latchkey::store::{
-    KeyUpdate, RotationState, RotationStep, Store, StoreError, StoredKey, StoredRootSecret,
+    CommitError, KeyUpdate, RotationState, RotationStep, Store, StoreError, StoredKey,
+    StoredRootSecret,
 };
 use std::sync::Arc;
 use std::time::Duration;

@@ -5,6 +5,7 @@
 mod audit;
 mod health;
 mod leases;
+pub mod reaper;
 mod rotation;
 
 pub use audit::{AuditPager, AuditTail, CheckpointList};
@@ -21,12 +22,13 @@ use crate::clock::SharedClock;
 use crate::config::{Config, LeaseConfig, TargetConfig};
 use crate::identity::{IdentityError, Verifier, WorkloadIdentity};
 use crate::keys::{KeyRing, MasterKey};
-use crate::lease::reaper::Reaper;
-use crate::lease::{self, CommitError, LeaseRecord, LeaseState, MintGuard, ReplayGuard};
+use crate::lease::{self, LeaseRecord, LeaseState, MintGuard, ReplayGuard};
 use crate::mint::{Credential, MintContext, MintError, Minter};
 use crate::policy::{Denied, Policy, Request, Role};
 use crate::secret::SecretString;
+use crate::store::CommitError;
 use crate::store::{Store, StoreError};
+use reaper::Reaper;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};

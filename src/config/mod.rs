@@ -6,11 +6,17 @@
 mod raw;
 mod targets;
 
-pub use targets::*;
+pub use crate::identity::IssuerConfig;
+pub use crate::lease::LeaseConfig;
+pub use crate::mint::{
+    AirflowAuthManager, AirflowConfig, ClientAuth, DatabricksConfig, DatabricksMode, Federation,
+    JwtTargetConfig, OAuth2Config, OAuth2Grant, OAuthClientConfig, PostgresConfig, PrefectConfig,
+    PulsarAdmin, PulsarConfig, PulsarKey, PulsarPermission, PulsarResource, SecretRef,
+    TargetConfig, TargetKind, VercelConfig,
+};
 
 use crate::identity::Preset;
 use crate::jose::Alg;
-use crate::mint::Template;
 use crate::policy::{ClaimPath, Effect, Grant, Matcher, Policy, Role, Rule};
 use raw::*;
 use std::fmt;
@@ -121,30 +127,6 @@ impl Default for LimitsConfig {
     }
 }
 
-/// Lease bookkeeping: the reaper's pace and how long finished leases are kept.
-#[derive(Debug, Clone)]
-pub struct LeaseConfig {
-    /// How often the reaper runs.
-    pub reap_interval: Duration,
-    /// How long revoked and expired leases stay listable before they are purged.
-    pub retain: Duration,
-    /// Longest wait between retries of a failed upstream revocation.
-    pub retry_max_backoff: Duration,
-    /// After this many failed attempts a revocation is reported as stuck.
-    pub stuck_after: u32,
-}
-
-impl Default for LeaseConfig {
-    fn default() -> Self {
-        LeaseConfig {
-            reap_interval: Duration::from_secs(30),
-            retain: Duration::from_secs(7 * 24 * 3600),
-            retry_max_backoff: Duration::from_secs(3600),
-            stuck_after: 8,
-        }
-    }
-}
-
 /// Listener settings.
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
@@ -187,84 +169,6 @@ pub struct LogConfig {
     pub json: bool,
     /// An `EnvFilter` directive.
     pub level: Option<String>,
-}
-
-/// One trusted issuer of workload identity tokens.
-#[derive(Debug, Clone)]
-pub struct IssuerConfig {
-    /// Name used by rules.
-    pub name: String,
-    /// Platform preset (claim normalisation).
-    pub preset: Preset,
-    /// Exact `iss` value.
-    pub issuer: String,
-    /// Accepted audiences (a token must carry one).
-    pub audiences: Vec<String>,
-    /// JWKS URL; when absent it comes from OIDC discovery.
-    pub jwks_url: Option<String>,
-    /// Clock leeway for `exp`, `nbf`, `iat`.
-    pub leeway: Duration,
-    /// Refuse tokens issued longer ago than this.
-    pub max_token_age: Option<Duration>,
-    /// Signature algorithms accepted from this issuer.
-    pub algorithms: Vec<Alg>,
-    /// Background JWKS refresh period.
-    pub jwks_refresh: Duration,
-    /// Minimum time between refreshes triggered by an unknown `kid`.
-    pub jwks_cooldown: Duration,
-    /// How long the last good key set keeps serving while the issuer is unreachable.
-    pub jwks_max_staleness: Duration,
-    /// Replay guard: how many credentials one identity token (by `jti`, else by its
-    /// fingerprint) may mint; `None` means unlimited.
-    pub max_mints_per_token: Option<u32>,
-    /// Extra CA certificates (PEM) trusted for this issuer's discovery and JWKS, besides
-    /// the public roots: a Kubernetes API server's own CA, an internal GitLab's.
-    pub ca_file: Option<PathBuf>,
-}
-
-/// One target.
-#[derive(Debug, Clone)]
-pub struct TargetConfig {
-    /// Name requested by callers.
-    pub name: String,
-    /// TTL when the request names none.
-    pub default_ttl: Duration,
-    /// Hard TTL cap.
-    pub max_ttl: Duration,
-    /// Longest total lifetime of a lease, renewals included.
-    pub max_lifetime: Duration,
-    /// Most live leases one identity key may hold on this target; `None` is unlimited.
-    pub max_live_leases: Option<u32>,
-    /// When the target's signing key rotates by itself; `None`: only when forced.
-    pub rotation: Option<crate::rotation::Schedule>,
-    /// When the target's upstream root credential rotates; `None`: only when forced.
-    pub root_rotation: Option<crate::rotation::Schedule>,
-    /// Kind-specific settings.
-    pub kind: TargetKind,
-}
-
-impl TargetConfig {
-    /// The limits policy applies on this target.
-    pub fn limits(&self) -> crate::policy::TargetLimits {
-        crate::policy::TargetLimits {
-            default_ttl: self.default_ttl,
-            max_ttl: self.max_ttl,
-            max_lifetime: self.max_lifetime,
-        }
-    }
-}
-
-/// Settings of a `jwt` target.
-#[derive(Debug, Clone)]
-pub struct JwtTargetConfig {
-    /// `aud` of minted tokens.
-    pub audience: String,
-    /// Signing algorithm.
-    pub algorithm: Alg,
-    /// `sub` template; `None` means the caller's stable identity key.
-    pub subject: Option<Template>,
-    /// Extra claims, templated.
-    pub claims: Vec<(String, Template)>,
 }
 
 const RESERVED_CLAIMS: &[&str] = &[

@@ -7,8 +7,8 @@
 //! usable keys it fails closed.
 
 use super::IdentityError;
+use super::IssuerConfig;
 use crate::clock::SharedClock;
-use crate::config::IssuerConfig;
 use crate::jose::{b64_decode, Alg, KeyFamily};
 use openidconnect::core::CoreJsonWebKeySet;
 use openidconnect::JsonWebKeySetUrl;

@@ -14,8 +14,44 @@ mod verifier;
 pub use presets::Preset;
 pub use verifier::{issuer_http_client, Verifier};
 
+use crate::jose::Alg;
 use serde_json::{Map, Value};
+use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
+
+/// One trusted issuer of workload identity tokens.
+#[derive(Debug, Clone)]
+pub struct IssuerConfig {
+    /// Name used by rules.
+    pub name: String,
+    /// Platform preset (claim normalisation).
+    pub preset: Preset,
+    /// Exact `iss` value.
+    pub issuer: String,
+    /// Accepted audiences (a token must carry one).
+    pub audiences: Vec<String>,
+    /// JWKS URL; when absent it comes from OIDC discovery.
+    pub jwks_url: Option<String>,
+    /// Clock leeway for `exp`, `nbf`, `iat`.
+    pub leeway: Duration,
+    /// Refuse tokens issued longer ago than this.
+    pub max_token_age: Option<Duration>,
+    /// Signature algorithms accepted from this issuer.
+    pub algorithms: Vec<Alg>,
+    /// Background JWKS refresh period.
+    pub jwks_refresh: Duration,
+    /// Minimum time between refreshes triggered by an unknown `kid`.
+    pub jwks_cooldown: Duration,
+    /// How long the last good key set keeps serving while the issuer is unreachable.
+    pub jwks_max_staleness: Duration,
+    /// Replay guard: how many credentials one identity token (by `jti`, else by its
+    /// fingerprint) may mint; `None` means unlimited.
+    pub max_mints_per_token: Option<u32>,
+    /// Extra CA certificates (PEM) trusted for this issuer's discovery and JWKS, besides
+    /// the public roots: a Kubernetes API server's own CA, an internal GitLab's.
+    pub ca_file: Option<PathBuf>,
+}
 
 /// A verified caller.
 #[derive(Debug, Clone)]

@@ -2,9 +2,9 @@
 
 use super::jwks::{IssuerKeys, KeyStatus};
 use super::jwt::{self, sanitize};
+use super::IssuerConfig;
 use super::{IdentityError, WorkloadIdentity};
 use crate::clock::SharedClock;
-use crate::config::IssuerConfig;
 use crate::jose::{sha256_hex, Alg};
 use serde_json::{Map, Value};
 use std::collections::HashMap;

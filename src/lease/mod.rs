@@ -4,20 +4,41 @@
 //! - [`LeaseRecord`] is the row the store keeps; [`LeaseChange`] is a compare-and-set
 //!   update of one row, so a renew racing a revoke cannot resurrect a lease.
 //! - [`renewed_expiry`] and [`backoff`] are the pure arithmetic, property-tested.
-//! - [`reaper`] is the background task that expires, retries upstream revocations and
-//!   purges, driven by a [`crate::clock::Clock`].
+//! - The reaper (a broker service) expires, retries upstream revocations and purges,
+//!   driven by a clock, using these types.
 //!
 //! A lease's states: `live` → `revoked` (revoked here and, where the target has one,
 //! upstream), `live` → `revoking` → `revoked` (upstream clean-up pending or retrying),
 //! `live` → `expired` (its time ran out; the target expires it itself, or the reaper
 //! revoked it upstream). Only `live` leases before their expiry are usable.
 
-pub mod reaper;
-
 use crate::secret::{Secret, SecretString};
-use crate::store::StoreError;
 use ring::rand::{SecureRandom, SystemRandom};
 use std::time::Duration;
+
+/// Lease bookkeeping: the reaper's pace and how long finished leases are kept.
+#[derive(Debug, Clone)]
+pub struct LeaseConfig {
+    /// How often the reaper runs.
+    pub reap_interval: Duration,
+    /// How long revoked and expired leases stay listable before they are purged.
+    pub retain: Duration,
+    /// Longest wait between retries of a failed upstream revocation.
+    pub retry_max_backoff: Duration,
+    /// After this many failed attempts a revocation is reported as stuck.
+    pub stuck_after: u32,
+}
+
+impl Default for LeaseConfig {
+    fn default() -> Self {
+        LeaseConfig {
+            reap_interval: Duration::from_secs(30),
+            retain: Duration::from_secs(7 * 24 * 3600),
+            retry_max_backoff: Duration::from_secs(3600),
+            stuck_after: 8,
+        }
+    }
+}
 
 /// Where a lease is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -238,26 +259,6 @@ pub struct ReplayGuard {
     pub max_uses: u32,
     /// The token's expiry: the counter can be forgotten after it.
     pub expires_at: i64,
-}
-
-/// Why a mint could not be committed.
-#[derive(Debug, Clone, thiserror::Error)]
-pub enum CommitError {
-    /// The store failed.
-    #[error(transparent)]
-    Store(#[from] StoreError),
-    /// The identity key holds its maximum of live leases on the target.
-    #[error("quota exceeded: at most {limit} live leases per identity on this target")]
-    Quota {
-        /// The limit.
-        limit: u32,
-    },
-    /// The identity token has minted its maximum number of times.
-    #[error("identity token already used {limit} times; request a fresh one")]
-    Replay {
-        /// The limit.
-        limit: u32,
-    },
 }
 
 /// Why a renewal cannot extend a lease.

@@ -6,7 +6,7 @@
 use super::{
     one_mapped, sign_with_ring, subject, Credential, Deps, MintContext, MintError, Minter,
 };
-use crate::config::{AirflowAuthManager, AirflowConfig};
+use super::{AirflowAuthManager, AirflowConfig};
 use crate::keys::KeyRing;
 use crate::secret::SecretString;
 use async_trait::async_trait;

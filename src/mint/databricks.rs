@@ -7,8 +7,8 @@
 
 use super::oauth::{self, token_request, Client};
 use super::upstream::Http;
+use super::{ClientAuth, DatabricksConfig, DatabricksMode};
 use super::{Credential, Deps, MintContext, MintError, Minter};
-use crate::config::{ClientAuth, DatabricksConfig, DatabricksMode};
 use crate::keys::KeyRing;
 use crate::secret::{Secret, SecretString};
 use async_trait::async_trait;

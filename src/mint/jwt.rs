@@ -1,8 +1,8 @@
 //! The `jwt` target kind: a token signed by the broker's key ring, verifiable by anyone
 //! through the broker's JWKS.
 
+use super::JwtTargetConfig;
 use super::{Credential, MintContext, MintError, Minter};
-use crate::config::JwtTargetConfig;
 use crate::keys::KeyRing;
 use crate::secret::SecretString;
 use async_trait::async_trait;

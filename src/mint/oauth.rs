@@ -5,7 +5,7 @@
 
 use super::upstream::Http;
 use super::{sign_with_ring, subject, Credential, Deps, MintContext, MintError, Minter};
-use crate::config::{ClientAuth, Federation, OAuth2Config, OAuth2Grant, OAuthClientConfig};
+use super::{ClientAuth, Federation, OAuth2Config, OAuth2Grant, OAuthClientConfig};
 use crate::keys::KeyRing;
 use crate::secret::{Secret, SecretString};
 use async_trait::async_trait;

@@ -20,8 +20,8 @@
 //! names are made of the prefix, a timestamp and the lease id).
 
 use super::root::RootCredential;
+use super::PostgresConfig;
 use super::{random_secret, rfc3339, Credential, Deps, MintContext, MintError, Minter, RootStep};
-use crate::config::PostgresConfig;
 use crate::secret::{Secret, SecretString};
 use async_trait::async_trait;
 use std::collections::{BTreeMap, BTreeSet, HashSet};

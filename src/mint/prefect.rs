@@ -4,8 +4,8 @@
 //! credential and nothing to scope.
 
 use super::upstream::Http;
+use super::PrefectConfig;
 use super::{one_mapped, rfc3339, Credential, MintContext, MintError, Minter};
-use crate::config::PrefectConfig;
 use crate::secret::{Secret, SecretString};
 use async_trait::async_trait;
 use serde_json::{json, Value};

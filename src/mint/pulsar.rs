@@ -6,7 +6,7 @@
 
 use super::upstream::Http;
 use super::{one_mapped, sign_with_ring, Credential, Deps, MintContext, MintError, Minter};
-use crate::config::{PulsarConfig, PulsarKey};
+use super::{PulsarConfig, PulsarKey};
 use crate::jose::{b64, Alg, SigningKey};
 use crate::keys::KeyRing;
 use crate::secret::{Secret, SecretBytes, SecretString};

@@ -5,7 +5,7 @@
 //! so a crash in between never loses the only working credential.
 
 use super::MintError;
-use crate::config::SecretRef;
+use super::SecretRef;
 use crate::keys::MasterKey;
 use crate::secret::{Secret, SecretString};
 use crate::store::{Store, StoredRootSecret};

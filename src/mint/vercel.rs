@@ -5,8 +5,8 @@
 
 use super::root::RootCredential;
 use super::upstream::Http;
+use super::VercelConfig;
 use super::{Credential, Deps, MintContext, MintError, Minter, RootStep};
-use crate::config::VercelConfig;
 use crate::secret::{Secret, SecretString};
 use async_trait::async_trait;
 use serde_json::{json, Value};

@@ -11,7 +11,7 @@ use std::time::Duration;
 use crate::audit::checkpoint::Checkpoint;
 use crate::audit::verify::{Report, VerifyOptions};
 use crate::audit::{AuditEntry, AuditQuery, AuditRecord};
-use crate::lease::{CommitError, LeaseChange, LeaseFilter, LeaseRecord, MintGuard};
+use crate::lease::{LeaseChange, LeaseFilter, LeaseRecord, MintGuard};
 use async_trait::async_trait;
 
 /// A store fault. Messages never contain record contents or key material.
@@ -92,6 +92,26 @@ pub fn open(location: &Location, opts: &OpenOptions) -> Result<Arc<dyn Store>, S
             busy_timeout: opts.busy_timeout,
         })?)),
     }
+}
+
+/// Why a mint could not be committed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum CommitError {
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The identity key holds its maximum of live leases on the target.
+    #[error("quota exceeded: at most {limit} live leases per identity on this target")]
+    Quota {
+        /// The limit.
+        limit: u32,
+    },
+    /// The identity token has minted its maximum number of times.
+    #[error("identity token already used {limit} times; request a fresh one")]
+    Replay {
+        /// The limit.
+        limit: u32,
+    },
 }
 
 /// Where an appended record landed.

@@ -12,7 +12,8 @@ use super::{Appended, Store, StoreError, StoredAuditKey, StoredKey, StoredRootSe
 use crate::audit::checkpoint::Checkpoint;
 use crate::audit::verify::{Report, VerifyOptions};
 use crate::audit::{AuditEntry, AuditQuery, AuditRecord, GENESIS_HASH};
-use crate::lease::{CommitError, LeaseChange, LeaseFilter, LeaseRecord, LeaseState, MintGuard};
+use crate::lease::{LeaseChange, LeaseFilter, LeaseRecord, LeaseState, MintGuard};
+use crate::store::CommitError;
 use async_trait::async_trait;
 use rusqlite::types::Value as SqlValue;
 use rusqlite::{params, params_from_iter, Connection, OptionalExtension};

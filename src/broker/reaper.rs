@@ -3,11 +3,11 @@
 //! stuck, and purges finished leases past their retention. It reads time from a
 //! [`Clock`](crate::clock::Clock), so tests drive it by moving a manual clock.
 
-use super::{backoff, upstream_aad, LeaseChange, LeaseFilter, LeaseRecord, LeaseState};
 use crate::audit::AuditEntry;
 use crate::clock::SharedClock;
-use crate::config::LeaseConfig;
 use crate::keys::MasterKey;
+use crate::lease::LeaseConfig;
+use crate::lease::{backoff, upstream_aad, LeaseChange, LeaseFilter, LeaseRecord, LeaseState};
 use crate::mint::Minter;
 use crate::secret::SecretString;
 use crate::store::{Store, StoreError};
