@@ -12,9 +12,10 @@
 //! a target was missed or `LATCHKEY_BENCH_KEEP=1` is set (to run `latchkey audit verify
 //! --db` on the settled file).
 
-use latchkey::audit::checkpoint::{AuditSigner, AuditStatus, Checkpointer, Config};
+use latchkey::audit::checkpoint::{AuditStatus, Config};
 use latchkey::audit::verify::VerifyOptions;
 use latchkey::audit::{AuditEntry, AuditQuery};
+use latchkey::broker::checkpoint::{load_audit_signer, Checkpointer};
 use latchkey::clock::{SharedClock, SystemClock};
 use latchkey::keys::MasterKey;
 use latchkey::store::sqlite::{self, SqliteStore};
@@ -152,7 +153,7 @@ async fn main() {
     let clock: SharedClock = Arc::new(SystemClock);
     let master = MasterKey::generate();
     let signer = Arc::new(
-        AuditSigner::load(shared.as_ref(), &master, &clock)
+        load_audit_signer(shared.as_ref(), &master, &clock)
             .await
             .expect("audit key"),
     );

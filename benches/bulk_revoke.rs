@@ -12,7 +12,7 @@ use latchkey::clock::{SharedClock, SystemClock};
 use latchkey::config::Config;
 use latchkey::devissuer::{DevIssuer, DEV_REPOSITORY};
 use latchkey::jose::Alg;
-use latchkey::keys::{KeyRing, MasterKey};
+use latchkey::keys::MasterKey;
 use latchkey::lease::{LeaseFilter, LeaseRecord, LeaseState, MintGuard};
 use latchkey::store::sqlite::{self, SqliteStore};
 use latchkey::store::Store;
@@ -122,7 +122,7 @@ async fn main() {
         ("probe".to_string(), Alg::ES256),
     ];
     let keys = Arc::new(
-        KeyRing::load(store.as_ref(), &master, &wanted, &clock)
+        latchkey::broker::keys::load_key_ring(store.as_ref(), &master, &wanted, &clock)
             .await
             .expect("keys"),
     );

@@ -1,11 +1,13 @@
 //! Starting and stopping the whole service: store, key ring, broker, gRPC and HTTP
 //! listeners, background key refresh.
 
-use crate::audit::checkpoint::{AuditKeyError, AuditSigner, AuditStatus, Checkpointer, Witness};
+use crate::audit::checkpoint::AuditStatus;
+use crate::broker::checkpoint::{load_audit_signer, AuditKeyError, Checkpointer, Witness};
+use crate::broker::keys::{load_key_ring, KeyLoadError};
 use crate::broker::Broker;
 use crate::clock::SharedClock;
 use crate::config::Config;
-use crate::keys::{KeyError, KeyRing, MasterKey};
+use crate::keys::MasterKey;
 use crate::store::{Store, StoreError};
 use crate::transport::audit::AuditService;
 use crate::transport::grpc::{BrokerService, MAX_REQUEST_BYTES};
@@ -34,7 +36,7 @@ pub enum StartError {
     },
     /// Signing keys could not be loaded or created.
     #[error(transparent)]
-    Keys(#[from] KeyError),
+    Keys(#[from] KeyLoadError),
     /// The audit checkpoint key could not be loaded or created.
     #[error(transparent)]
     AuditKey(#[from] AuditKeyError),
@@ -321,8 +323,8 @@ pub async fn start_with_minters(
         .iter()
         .filter_map(|t| t.kind.signing_alg().map(|a| (t.name.clone(), a)))
         .collect();
-    let keys = Arc::new(KeyRing::load(store.as_ref(), master, &wanted, &clock).await?);
-    let signer = Arc::new(AuditSigner::load(store.as_ref(), master, &clock).await?);
+    let keys = Arc::new(load_key_ring(store.as_ref(), master, &wanted, &clock).await?);
+    let signer = Arc::new(load_audit_signer(store.as_ref(), master, &clock).await?);
     let status = Arc::new(AuditStatus::default());
     let checkpointer = Checkpointer::new(
         store.clone(),

@@ -6,14 +6,14 @@
 //! open after the first is dropped is a restart). A backend that needs a server it cannot
 //! reach says `SKIPPED:` and answers `None`.
 
-use latchkey::audit::checkpoint::AuditSigner;
 use latchkey::audit::verify::VerifyOptions;
 use latchkey::audit::{verify_chain, AuditEntry, AuditQuery, GENESIS_HASH};
+use latchkey::broker::checkpoint::load_audit_signer;
 use latchkey::clock::{ManualClock, SharedClock};
 use latchkey::keys::MasterKey;
 use latchkey::lease::{LeaseChange, LeaseFilter, LeaseRecord, LeaseState, MintGuard, ReplayGuard};
 use latchkey::store::{
-    CommitError, KeyUpdate, RotationState, RotationStep, Store, StoreError, StoredKey,
+    CommitError, KeyState, KeyUpdate, RotationState, RotationStep, Store, StoreError, StoredKey,
     StoredRootSecret,
 };
 use std::sync::Arc;
@@ -87,15 +87,15 @@ fn lease(id: &str, key: &str) -> LeaseRecord {
     }
 }
 
-fn key(kid: &str, state: &str) -> StoredKey {
+fn key(kid: &str, state: KeyState) -> StoredKey {
     StoredKey {
         kid: kid.into(),
         target: "t".into(),
         alg: "ES256".into(),
-        state: state.into(),
+        state,
         created_at: 5,
         sealed: vec![1, 2, 3],
-        activated_at: (state == "current").then_some(5),
+        activated_at: (state == KeyState::Current).then_some(5),
         remove_at: None,
     }
 }
@@ -390,18 +390,25 @@ pub async fn purge_removes_only_finished_leases(b: &dyn Backend) {
 /// step and changes nothing (keys, state, audit records); of two racing steps one wins.
 pub async fn rotation_steps_are_atomic_and_conflicts_fail(b: &dyn Backend) {
     let s = b.open();
-    s.insert_signing_key(key("k1", "current")).await.unwrap();
-    assert_eq!(s.signing_keys().await.unwrap(), [key("k1", "current")]);
+    s.insert_signing_key(key("k1", KeyState::Current))
+        .await
+        .unwrap();
+    assert_eq!(
+        s.signing_keys().await.unwrap(),
+        [key("k1", KeyState::Current)]
+    );
     assert!(
-        s.insert_signing_key(key("k1", "next")).await.is_err(),
+        s.insert_signing_key(key("k1", KeyState::Next))
+            .await
+            .is_err(),
         "a kid is unique"
     );
     let step = |next: &str| RotationStep {
-        insert: vec![key(next, "next")],
+        insert: vec![key(next, KeyState::Next)],
         update: vec![KeyUpdate {
             kid: "k1".into(),
-            expect_state: "current".into(),
-            state: "retired".into(),
+            expect_state: KeyState::Current,
+            state: KeyState::Retired,
             activated_at: None,
             remove_at: Some(900),
         }],
@@ -423,7 +430,7 @@ pub async fn rotation_steps_are_atomic_and_conflicts_fail(b: &dyn Backend) {
     assert_eq!(keys.len(), 2, "the losing step inserted nothing: {keys:?}");
     assert_eq!(
         keys.iter().find(|k| k.kid == "k1").unwrap().state,
-        "retired"
+        KeyState::Retired
     );
     assert_eq!(
         s.records(0, 10).await.unwrap().len(),
@@ -528,7 +535,7 @@ pub async fn checkpoints_and_verify(b: &dyn Backend) {
     let s = b.open();
     let clock: SharedClock = Arc::new(ManualClock::new(1_000));
     let master = MasterKey::generate();
-    let signer = AuditSigner::load(s.as_ref(), &master, &clock)
+    let signer = load_audit_signer(s.as_ref(), &master, &clock)
         .await
         .unwrap();
     assert_eq!(s.audit_keys().await.unwrap().len(), 1);
@@ -578,7 +585,7 @@ pub async fn checkpoints_and_verify(b: &dyn Backend) {
     let other = {
         let b2 = sqlite().unwrap();
         let s2 = b2.open();
-        let k = AuditSigner::load(s2.as_ref(), &MasterKey::generate(), &clock)
+        let k = load_audit_signer(s2.as_ref(), &MasterKey::generate(), &clock)
             .await
             .unwrap();
         k.keys().clone()

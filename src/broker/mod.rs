@@ -3,7 +3,9 @@
 //! (renew, revoke, bulk revoke, list, introspect) are in [`leases`].
 
 mod audit;
+pub mod checkpoint;
 mod health;
+pub mod keys;
 mod leases;
 pub mod reaper;
 mod rotation;

@@ -12,7 +12,7 @@
 use super::{Broker, BrokerError};
 use crate::audit::AuditEntry;
 use crate::identity::WorkloadIdentity;
-use crate::keys::new_stored_key;
+use crate::keys::{new_stored_key, KeyState};
 use crate::policy::Role;
 use crate::rotation::{
     item_name, jitter_for, next_due, ItemKind, ItemResult, Outcome, Schedule, ScheduledItem,
@@ -254,7 +254,7 @@ impl Broker {
             let mine: Vec<&StoredKey> = keys.iter().filter(|k| k.target == item.target).collect();
             let last = last_run(&states, &name, item.kind, &mine);
             let signing = item.kind == ItemKind::SigningKey;
-            let kid = |state: &str| {
+            let kid = |state: KeyState| {
                 mine.iter()
                     .find(|k| k.state == state)
                     .map(|k| k.kid.clone())
@@ -269,11 +269,11 @@ impl Broker {
                 next_due: item
                     .schedule
                     .map(|s| next_due(&s, last, now, jitter_for(&name, s.jitter))),
-                current_kid: kid("current"),
-                next_kid: kid("next"),
+                current_kid: kid(KeyState::Current),
+                next_kid: kid(KeyState::Next),
                 retired: mine
                     .iter()
-                    .filter(|k| signing && k.state == "retired")
+                    .filter(|k| signing && k.state == KeyState::Retired)
                     .map(|k| (k.kid.clone(), k.remove_at.unwrap_or(now)))
                     .collect(),
                 item: name,
@@ -330,8 +330,7 @@ impl Broker {
             .commit_rotation(step)
             .await
             .map_err(BrokerError::Audit)?;
-        self.keys
-            .reload(self.store.as_ref(), &self.master)
+        super::keys::reload_key_ring(&self.keys, self.store.as_ref(), &self.master)
             .await
             .map_err(|e| BrokerError::Mint(crate::mint::MintError::Signing(e.to_string())))
     }
@@ -364,7 +363,7 @@ impl Broker {
         // Housekeeping on every run: retired keys whose tokens have all expired go.
         let gone: Vec<&StoredKey> = keys
             .iter()
-            .filter(|k| k.state == "retired" && k.remove_at.is_some_and(|t| t <= now))
+            .filter(|k| k.state == KeyState::Retired && k.remove_at.is_some_and(|t| t <= now))
             .collect();
         if !gone.is_empty() {
             let step = RotationStep {
@@ -405,11 +404,11 @@ impl Broker {
             }
         }
         let drop_old = force.is_some_and(|f| f.drop_old);
-        let current = keys.iter().find(|k| k.state == "current");
-        let Some(next) = keys.iter().find(|k| k.state == "next") else {
+        let current = keys.iter().find(|k| k.state == KeyState::Current);
+        let Some(next) = keys.iter().find(|k| k.state == KeyState::Next) else {
             // No key published ahead (a store from before rotation): publish one now;
             // it may sign once verifiers' cached JWKS have expired.
-            let k = new_stored_key(&self.master, &item.target, alg, "next", now)
+            let k = new_stored_key(&self.master, &item.target, alg, KeyState::Next, now)
                 .map_err(|e| BrokerError::Mint(crate::mint::MintError::Signing(e.to_string())))?;
             let mut e = self.rotation_entry(
                 who,
@@ -448,13 +447,13 @@ impl Broker {
             });
         }
 
-        let fresh = new_stored_key(&self.master, &item.target, alg, "next", now)
+        let fresh = new_stored_key(&self.master, &item.target, alg, KeyState::Next, now)
             .map_err(|e| BrokerError::Mint(crate::mint::MintError::Signing(e.to_string())))?;
         let mut step = RotationStep {
             update: vec![KeyUpdate {
                 kid: next.kid.clone(),
-                expect_state: "next".into(),
-                state: "current".into(),
+                expect_state: KeyState::Next,
+                state: KeyState::Current,
                 activated_at: Some(now),
                 remove_at: None,
             }],
@@ -501,8 +500,8 @@ impl Broker {
                 let remove_at = now + target.cfg.max_ttl.as_secs() as i64 + RETIRE_LEEWAY_SECS;
                 step.update.push(KeyUpdate {
                     kid: cur.kid.clone(),
-                    expect_state: "current".into(),
-                    state: "retired".into(),
+                    expect_state: KeyState::Current,
+                    state: KeyState::Retired,
                     activated_at: None,
                     remove_at: Some(remove_at),
                 });
@@ -659,7 +658,7 @@ fn last_run(
     states.get(name).copied().or_else(|| match kind {
         ItemKind::SigningKey => keys
             .iter()
-            .find(|k| k.state == "current")
+            .find(|k| k.state == KeyState::Current)
             .map(|k| k.activated_at.unwrap_or(k.created_at)),
         ItemKind::Root => None,
     })

@@ -78,7 +78,7 @@ pub async fn run(cmd: Command) -> anyhow::Result<i32> {
     let keys = store.signing_keys().await?;
     let Some(stored) = keys
         .iter()
-        .find(|k| k.target == t.name && k.state == args.state)
+        .find(|k| k.target == t.name && k.state.as_str() == args.state)
     else {
         anyhow::bail!(
             "no {} key for target {} in {} (start the broker once to create it)",

@@ -5,19 +5,76 @@ mod master;
 
 pub use master::{MasterKey, MasterKeyError};
 
-use crate::clock::SharedClock;
 use crate::jose::{Alg, SigningKey};
-use crate::store::{KeyUpdate, Store, StoreError, StoredKey};
 use serde_json::{json, Value};
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 
+/// Where a signing key is in its life: `next` (published ahead, so verifiers that cache
+/// the JWKS know it before it signs) → `current` (signing) → `retired` (published until
+/// every token it signed has expired, then removed).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum KeyState {
+    /// Published, not signing yet.
+    Next,
+    /// Signing.
+    Current,
+    /// No longer signing; published until `remove_at`.
+    Retired,
+}
+
+impl KeyState {
+    /// The stored name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KeyState::Next => "next",
+            KeyState::Current => "current",
+            KeyState::Retired => "retired",
+        }
+    }
+
+    /// Parses a stored name.
+    pub fn parse(s: &str) -> Option<KeyState> {
+        Some(match s {
+            "next" => KeyState::Next,
+            "current" => KeyState::Current,
+            "retired" => KeyState::Retired,
+            _ => return None,
+        })
+    }
+}
+
+impl std::fmt::Display for KeyState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A signing key as stored: public facts in the clear, the private key sealed under the
+/// master key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredKey {
+    /// Key id (JWK thumbprint).
+    pub kid: String,
+    /// Target the key signs for.
+    pub target: String,
+    /// JOSE algorithm name.
+    pub alg: String,
+    /// Where it is in its life.
+    pub state: KeyState,
+    /// Creation time (seconds since the epoch); a `next` key is published from then.
+    pub created_at: i64,
+    /// AES-256-GCM sealed PKCS#8.
+    pub sealed: Vec<u8>,
+    /// When it started signing.
+    pub activated_at: Option<i64>,
+    /// For a retired key: when every token it signed has expired and it may go.
+    pub remove_at: Option<i64>,
+}
+
 /// Key ring failures.
 #[derive(Debug, thiserror::Error)]
 pub enum KeyError {
-    /// The store failed.
-    #[error(transparent)]
-    Store(#[from] StoreError),
     /// A sealed key does not open under this master key.
     #[error("signing key {kid} cannot be decrypted: the master key does not match this store")]
     WrongMasterKey {
@@ -40,8 +97,8 @@ pub enum KeyError {
 /// Signing keys by target, and the published JWKS. Each target has a `current` key
 /// (signing), a `next` key (published ahead, so verifiers that cache the JWKS know it
 /// before it signs) and any `retired` keys still published until every token they signed
-/// has expired. Rotation (`crate::rotation`) moves keys between the states in the store
-/// and then calls [`KeyRing::reload`].
+/// has expired. Rotation moves keys between the states in the store and then installs
+/// the stored keys again ([`KeyRing::install`]).
 #[derive(Debug)]
 pub struct KeyRing {
     current: RwLock<HashMap<String, Arc<SigningKey>>>,
@@ -55,7 +112,7 @@ pub fn new_stored_key(
     master: &MasterKey,
     target: &str,
     alg: Alg,
-    state: &str,
+    state: KeyState,
     now: i64,
 ) -> Result<StoredKey, KeyError> {
     let (key, pkcs8) = SigningKey::generate(alg).map_err(|e| KeyError::Invalid {
@@ -66,10 +123,10 @@ pub fn new_stored_key(
         kid: key.kid().to_string(),
         target: target.to_string(),
         alg: alg.as_str().to_string(),
-        state: state.to_string(),
+        state,
         created_at: now,
         sealed: master.seal(&pkcs8, aad(key.kid()).as_bytes()),
-        activated_at: (state == "current").then_some(now),
+        activated_at: (state == KeyState::Current).then_some(now),
         remove_at: None,
     })
 }
@@ -104,74 +161,25 @@ fn open_key(master: &MasterKey, sk: &StoredKey) -> Result<SigningKey, KeyError> 
 }
 
 impl KeyRing {
-    /// Loads every stored key (opening it with `master`) and generates, for each
-    /// `(target, alg)`, a current key and a next key where there are none. Fails when a
-    /// stored key does not open (wrong master key) or the store fails.
-    pub async fn load(
-        store: &dyn Store,
-        master: &MasterKey,
-        wanted: &[(String, Alg)],
-        clock: &SharedClock,
-    ) -> Result<KeyRing, KeyError> {
-        let stored = store.signing_keys().await?;
-        // A target whose algorithm changed in the config: its old keys retire (still
-        // published until tokens they signed are gone: max_ttl is at most 24h).
-        let changed: Vec<KeyUpdate> = stored
-            .iter()
-            .filter(|k| k.state == "current" || k.state == "next")
-            .filter(|k| {
-                wanted
-                    .iter()
-                    .any(|(t, a)| *t == k.target && a.as_str() != k.alg)
-            })
-            .map(|k| KeyUpdate {
-                kid: k.kid.clone(),
-                expect_state: k.state.clone(),
-                state: "retired".into(),
-                activated_at: None,
-                remove_at: Some(clock.now() + 24 * 3600),
-            })
-            .collect();
-        if !changed.is_empty() {
-            store
-                .commit_rotation(crate::store::RotationStep {
-                    update: changed,
-                    ..Default::default()
-                })
-                .await?;
-        }
-        for (target, alg) in wanted {
-            let has = |state: &str| {
-                stored
-                    .iter()
-                    .any(|k| k.target == *target && k.state == state && k.alg == alg.as_str())
-            };
-            for state in ["current", "next"] {
-                if !has(state) {
-                    let k = new_stored_key(master, target, *alg, state, clock.now())?;
-                    tracing::info!(target = %target, kid = %k.kid, alg = %alg, state, "generated signing key");
-                    store.insert_signing_key(k).await?;
-                }
-            }
-        }
-        let ring = KeyRing {
+    /// An empty ring: no signers, an empty JWKS.
+    pub fn empty() -> KeyRing {
+        KeyRing {
             current: RwLock::new(HashMap::new()),
             published: RwLock::new(Arc::new(Vec::new())),
             jwks_json: RwLock::new(Arc::new(Vec::new())),
-        };
-        ring.reload(store, master).await?;
-        Ok(ring)
+        }
     }
 
-    /// Rebuilds the ring from the store: signers from `current` keys, the JWKS from
-    /// every current, next and retired key. On failure the ring in service stays.
-    pub async fn reload(&self, store: &dyn Store, master: &MasterKey) -> Result<(), KeyError> {
+    /// Puts the stored keys in service: signers from `current` keys, the JWKS from every
+    /// current, next and retired key. Fails when a key does not open under `master` or
+    /// is unusable; the ring in service then stays as it was.
+    pub fn install(&self, stored: &[StoredKey], master: &MasterKey) -> Result<(), KeyError> {
         let mut current = HashMap::new();
         let mut published = Vec::new();
-        for sk in store.signing_keys().await? {
-            let key = open_key(master, &sk)?;
+        for sk in stored {
+            let key = open_key(master, sk)?;
             published.push(key.public_jwk());
-            if sk.state == "current" {
+            if sk.state == KeyState::Current {
                 current.insert(sk.target.clone(), Arc::new(key));
             }
         }
@@ -243,53 +251,35 @@ fn aad(kid: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::clock::SystemClock;
-    use crate::store::sqlite::{Config, SqliteStore};
-    use std::time::Duration;
 
-    #[tokio::test]
-    async fn keys_persist_sealed_and_need_the_same_master_key() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = SqliteStore::open(&Config {
-            path: dir.path().join("k.db"),
-            busy_timeout: Duration::from_secs(1),
-        })
-        .unwrap();
-        let clock: SharedClock = Arc::new(SystemClock);
+    #[test]
+    fn key_states_round_trip_their_stored_names() {
+        for st in [KeyState::Next, KeyState::Current, KeyState::Retired] {
+            assert_eq!(KeyState::parse(st.as_str()), Some(st));
+            assert_eq!(st.to_string(), st.as_str());
+        }
+        assert_eq!(KeyState::parse("Current"), None);
+        assert_eq!(KeyState::parse(""), None);
+    }
+
+    #[test]
+    fn a_key_that_does_not_open_leaves_the_ring_as_it_was() {
         let master = MasterKey::generate();
-        let wanted = vec![("a".to_string(), Alg::ES256), ("b".to_string(), Alg::EdDSA)];
-        let ring = KeyRing::load(&store, &master, &wanted, &clock)
-            .await
-            .unwrap();
-        let kid_a = ring.signer("a").unwrap().kid().to_string();
-        let jwks: Value = serde_json::from_slice(&ring.jwks_json()).unwrap();
-        assert_eq!(
-            jwks["keys"].as_array().unwrap().len(),
-            4,
-            "a current and a next key per target"
-        );
-        assert!(
-            !String::from_utf8_lossy(&ring.jwks_json()).contains("\"d\""),
-            "no private members"
-        );
-
-        // Same master key: same keys, nothing new generated.
-        let again = KeyRing::load(&store, &master, &wanted, &clock)
-            .await
-            .unwrap();
-        assert_eq!(again.signer("a").unwrap().kid(), kid_a);
-        assert_eq!(store.signing_keys().await.unwrap().len(), 4);
-
-        // Other master key: refused with a clear error.
-        let err = KeyRing::load(&store, &MasterKey::generate(), &wanted, &clock)
-            .await
-            .unwrap_err();
+        let k = new_stored_key(&master, "a", Alg::ES256, KeyState::Current, 1).unwrap();
+        let ring = KeyRing::empty();
+        ring.install(std::slice::from_ref(&k), &master).unwrap();
+        let kid = ring.signer("a").unwrap().kid().to_string();
+        let other = new_stored_key(
+            &MasterKey::generate(),
+            "a",
+            Alg::ES256,
+            KeyState::Current,
+            2,
+        )
+        .unwrap();
+        let err = ring.install(&[other], &master).unwrap_err();
         assert!(matches!(err, KeyError::WrongMasterKey { .. }), "{err}");
-        assert!(err.to_string().contains("master key does not match"));
-
-        // The private key is not in the database file in the clear.
-        let sealed = &store.signing_keys().await.unwrap()[0].sealed;
-        assert!(master.open(sealed, b"wrong aad").is_err());
-        assert!(ring.signer("zzz").is_err());
+        assert_eq!(ring.signer("a").unwrap().kid(), kid);
+        assert!(ring.signer("b").is_err());
     }
 }

@@ -123,27 +123,7 @@ pub struct Appended {
     pub hash: String,
 }
 
-/// A signing key as stored: public facts in the clear, the private key sealed under the
-/// master key.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct StoredKey {
-    /// Key id (JWK thumbprint).
-    pub kid: String,
-    /// Target the key signs for.
-    pub target: String,
-    /// JOSE algorithm name.
-    pub alg: String,
-    /// `current` (signing), `next`, `retired`.
-    pub state: String,
-    /// Creation time (seconds since the epoch); a `next` key is published from then.
-    pub created_at: i64,
-    /// AES-256-GCM sealed PKCS#8.
-    pub sealed: Vec<u8>,
-    /// When it started signing.
-    pub activated_at: Option<i64>,
-    /// For a retired key: when every token it signed has expired and it may go.
-    pub remove_at: Option<i64>,
-}
+pub use crate::keys::{KeyState, StoredKey};
 
 /// A change of a signing key's state (rotation).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -151,9 +131,9 @@ pub struct KeyUpdate {
     /// The key.
     pub kid: String,
     /// Its state now must be this, or nothing is changed and the step fails.
-    pub expect_state: String,
+    pub expect_state: KeyState,
     /// The new state.
-    pub state: String,
+    pub state: KeyState,
     /// Set when it starts signing.
     pub activated_at: Option<i64>,
     /// Set when it retires.

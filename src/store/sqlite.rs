@@ -639,7 +639,7 @@ impl Writer {
                     .conn
                     .execute(
                         "INSERT INTO signing_keys (kid, target, alg, state, created_at, sealed, activated_at, remove_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-                        params![k.kid, k.target, k.alg, k.state, k.created_at, k.sealed, k.activated_at, k.remove_at],
+                        params![k.kid, k.target, k.alg, k.state.as_str(), k.created_at, k.sealed, k.activated_at, k.remove_at],
                     )
                     .map(|_| ())
                     .map_err(unavailable);
@@ -829,14 +829,14 @@ fn apply_rotation(
     for k in &step.insert {
         conn.execute(
             "INSERT INTO signing_keys (kid, target, alg, state, created_at, sealed, activated_at, remove_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-            params![k.kid, k.target, k.alg, k.state, k.created_at, k.sealed, k.activated_at, k.remove_at],
+            params![k.kid, k.target, k.alg, k.state.as_str(), k.created_at, k.sealed, k.activated_at, k.remove_at],
         )
         .map_err(unavailable)?;
     }
     for u in &step.update {
         conn.execute(
             "UPDATE signing_keys SET state = ?2, activated_at = COALESCE(?3, activated_at), remove_at = COALESCE(?4, remove_at) WHERE kid = ?1",
-            params![u.kid, u.state, u.activated_at, u.remove_at],
+            params![u.kid, u.state.as_str(), u.activated_at, u.remove_at],
         )
         .map_err(unavailable)?;
     }
@@ -1093,19 +1093,30 @@ fn read_keys(conn: &Connection) -> Result<Vec<StoredKey>, StoreError> {
         .map_err(unavailable)?;
     let rows = stmt
         .query_map([], |r| {
-            Ok(StoredKey {
-                kid: r.get(0)?,
-                target: r.get(1)?,
-                alg: r.get(2)?,
-                state: r.get(3)?,
-                created_at: r.get(4)?,
-                sealed: r.get(5)?,
-                activated_at: r.get(6)?,
-                remove_at: r.get(7)?,
-            })
+            let state: String = r.get(3)?;
+            Ok((
+                StoredKey {
+                    kid: r.get(0)?,
+                    target: r.get(1)?,
+                    alg: r.get(2)?,
+                    state: crate::keys::KeyState::Next,
+                    created_at: r.get(4)?,
+                    sealed: r.get(5)?,
+                    activated_at: r.get(6)?,
+                    remove_at: r.get(7)?,
+                },
+                state,
+            ))
         })
         .map_err(unavailable)?;
-    rows.map(|r| r.map_err(unavailable)).collect()
+    rows.map(|r| {
+        let (mut k, state) = r.map_err(unavailable)?;
+        k.state = crate::keys::KeyState::parse(&state).ok_or_else(|| {
+            StoreError::Corrupt(format!("signing key {} has state {state:?}", k.kid))
+        })?;
+        Ok(k)
+    })
+    .collect()
 }
 
 #[async_trait]
