@@ -127,9 +127,15 @@ async fn main() {
             .expect("keys"),
     );
     let broker = Arc::new(
-        Broker::build(&cfg, store.clone(), keys, master, clock.clone())
-            .await
-            .expect("broker"),
+        Broker::build(
+            &cfg.broker_settings(),
+            store.clone(),
+            keys,
+            master,
+            clock.clone(),
+        )
+        .await
+        .expect("broker"),
     );
 
     // Seed: concurrent commits, so the writer group-commits them.

@@ -37,6 +37,8 @@ pub mod devissuer;
 pub mod identity;
 pub mod jose;
 pub mod keys;
+#[cfg(test)]
+mod layering;
 pub mod lease;
 pub mod metrics;
 pub mod mint;

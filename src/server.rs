@@ -285,9 +285,9 @@ pub async fn start(
     master: &MasterKey,
     clock: SharedClock,
 ) -> Result<Running, StartError> {
-    let store = crate::store::open(
+    let store = crate::store::backend::open(
         &cfg.store.location,
-        &crate::store::OpenOptions {
+        &crate::store::backend::OpenOptions {
             busy_timeout: cfg.store.busy_timeout,
         },
     )
@@ -361,8 +361,15 @@ pub async fn start_with_minters(
             })?;
         built.insert(t.name.clone(), m);
     }
-    let broker = Broker::new(cfg, store.clone(), keys, master, clock, built)
-        .with_audit(signer.keys().clone(), status.clone());
+    let broker = Broker::new(
+        &cfg.broker_settings(),
+        store.clone(),
+        keys,
+        master,
+        clock,
+        built,
+    )
+    .with_audit(signer.keys().clone(), status.clone());
     let broker = Arc::new(broker);
     store.attach_metrics(broker.metrics().store.clone());
 
@@ -379,7 +386,14 @@ pub async fn start_with_minters(
 
     let (stop, stopped) = watch::channel(false);
     let tls = match &cfg.server.tls {
-        Some(files) => Some(Tls::load(files).map_err(|e| StartError::Tls(e.to_string()))?),
+        Some(files) => Some(
+            Tls::load(&listen::TlsPaths {
+                cert_file: files.cert_file.clone(),
+                key_file: files.key_file.clone(),
+                client_ca_file: files.client_ca_file.clone(),
+            })
+            .map_err(|e| StartError::Tls(e.to_string()))?,
+        ),
         None => None,
     };
     let limiter = broker.clone();

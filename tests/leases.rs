@@ -270,7 +270,7 @@ async fn renewal_stops_when_the_granting_rule_is_removed() {
         .collect();
     cfg.policy = latchkey::policy::Policy::new(rules);
     let changed = latchkey::broker::Broker::build(
-        &cfg,
+        &cfg.broker_settings(),
         broker.store().clone(),
         broker.keys().clone(),
         Arc::new(latchkey::keys::MasterKey::generate()),

@@ -16,15 +16,17 @@ pub use leases::{
     Introspection, LeaseLister, LeaseProof, RenewRequest, Renewed, RevokeMatching, RevokeSummary,
     Revoked,
 };
-pub use rotation::{Force, RotationCaller};
+pub use rotation::{Force, RotationCaller, RotationConfig};
 
 use crate::audit::checkpoint::{AuditStatus, CheckpointKeys};
 use crate::audit::AuditEntry;
 use crate::clock::SharedClock;
-use crate::config::{Config, LeaseConfig, TargetConfig};
+use crate::identity::IssuerConfig;
 use crate::identity::{IdentityError, Verifier, WorkloadIdentity};
 use crate::keys::{KeyRing, MasterKey};
+use crate::lease::LeaseConfig;
 use crate::lease::{self, LeaseRecord, LeaseState, MintGuard, ReplayGuard};
+use crate::mint::TargetConfig;
 use crate::mint::{Credential, MintContext, MintError, Minter};
 use crate::policy::{Denied, Policy, Request, Role};
 use crate::secret::SecretString;
@@ -322,6 +324,27 @@ impl BrokerError {
     }
 }
 
+/// What a broker is built from (the assembling layer makes it from the configuration).
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// The broker's issuer URL (`iss` of what it signs).
+    pub issuer_url: String,
+    /// Trusted issuers of callers' tokens.
+    pub issuers: Vec<IssuerConfig>,
+    /// Targets.
+    pub targets: Vec<TargetConfig>,
+    /// The rules.
+    pub policy: Policy,
+    /// Lease bookkeeping.
+    pub leases: LeaseConfig,
+    /// Per-identity and per-source rate limits.
+    pub rate: crate::ratelimit::Limits,
+    /// The rotation scheduler.
+    pub rotation: RotationConfig,
+    /// Claims replaced in audit records.
+    pub redact_claims: Vec<String>,
+}
+
 struct Target {
     cfg: TargetConfig,
     minter: Arc<dyn Minter>,
@@ -333,7 +356,7 @@ pub struct Broker {
     /// Replaced whole on config reload; a request uses the policy it started with.
     policy: std::sync::RwLock<Arc<Policy>>,
     rate_limits: crate::ratelimit::RateLimits,
-    rotation_cfg: crate::config::RotationConfig,
+    rotation_cfg: RotationConfig,
     targets: HashMap<String, Target>,
     store: Arc<dyn Store>,
     keys: Arc<KeyRing>,
@@ -370,14 +393,14 @@ impl Broker {
     /// [`Broker::new`] with every target's minter built from the config (reading the
     /// targets' upstream secrets). Fails, naming the target, when one cannot be built.
     pub async fn build(
-        cfg: &Config,
+        cfg: &Settings,
         store: Arc<dyn Store>,
         keys: Arc<KeyRing>,
         master: Arc<MasterKey>,
         clock: SharedClock,
     ) -> Result<Broker, String> {
         let deps = crate::mint::Deps {
-            issuer_url: cfg.server.issuer_url.clone(),
+            issuer_url: cfg.issuer_url.clone(),
             keys: keys.clone(),
             store: store.clone(),
             master: master.clone(),
@@ -391,7 +414,7 @@ impl Broker {
     /// targets' minters ([`crate::mint::build_all`]). A target without a minter here
     /// cannot be minted for.
     pub fn new(
-        cfg: &Config,
+        cfg: &Settings,
         store: Arc<dyn Store>,
         keys: Arc<KeyRing>,
         master: Arc<MasterKey>,
@@ -423,14 +446,14 @@ impl Broker {
             reaper,
             verifier: Verifier::new(&cfg.issuers, clock.clone()),
             policy: std::sync::RwLock::new(Arc::new(cfg.policy.clone())),
-            rate_limits: crate::ratelimit::RateLimits::new(cfg.limits.rate),
+            rate_limits: crate::ratelimit::RateLimits::new(cfg.rate),
             rotation_cfg: cfg.rotation.clone(),
             targets,
             store,
             keys,
             master,
             clock,
-            issuer_url: cfg.server.issuer_url.clone(),
+            issuer_url: cfg.issuer_url.clone(),
             replay_limits: cfg
                 .issuers
                 .iter()
@@ -438,7 +461,7 @@ impl Broker {
                 .collect(),
             lease_cfg: cfg.leases.clone(),
             audit: AuditParts {
-                redact: cfg.audit.redact_claims.clone(),
+                redact: cfg.redact_claims.clone(),
                 ..AuditParts::default()
             },
             stopping: tokio::sync::watch::channel(false).0,

@@ -21,6 +21,34 @@ use crate::store::{KeyUpdate, RotationState, RotationStep, StoredKey};
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
+/// The rotation scheduler (`[rotation]`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct RotationConfig {
+    /// Whether the broker runs due rotations by itself (a cron can run them too).
+    pub scheduler: bool,
+    /// How often the in-process scheduler looks for due work.
+    pub check_interval: Duration,
+    /// How long verifiers may cache the JWKS: the `Cache-Control` of the JWKS, and how
+    /// long a next key is published before it may sign.
+    pub jwks_cache: Duration,
+    /// How long a rotation run's lock lasts if its holder dies.
+    pub lock_ttl: Duration,
+    /// Spread of due times across items with the same period.
+    pub jitter: Duration,
+}
+
+impl Default for RotationConfig {
+    fn default() -> Self {
+        RotationConfig {
+            scheduler: true,
+            check_interval: Duration::from_secs(60),
+            jwks_cache: Duration::from_secs(300),
+            lock_ttl: Duration::from_secs(300),
+            jitter: Duration::ZERO,
+        }
+    }
+}
+
 /// The lock rotation runs hold.
 const LOCK: &str = "rotation";
 /// Clock skew allowed to verifiers of tokens signed by a retired key.

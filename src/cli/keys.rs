@@ -69,9 +69,9 @@ pub async fn run(cmd: Command) -> anyhow::Result<i32> {
         return Ok(super::EXIT_CONFIG);
     }
     let master = MasterKey::load(cfg.store.master_key_file.as_deref())?;
-    let store = crate::store::open(
+    let store = crate::store::backend::open(
         &cfg.store.location,
-        &crate::store::OpenOptions {
+        &crate::store::backend::OpenOptions {
             busy_timeout: cfg.store.busy_timeout,
         },
     )?;

@@ -6,6 +6,7 @@
 mod raw;
 mod targets;
 
+pub use crate::broker::RotationConfig;
 pub use crate::identity::IssuerConfig;
 pub use crate::lease::LeaseConfig;
 pub use crate::mint::{
@@ -68,34 +69,6 @@ pub struct Config {
     pub limits: LimitsConfig,
     /// The rotation scheduler.
     pub rotation: RotationConfig,
-}
-
-/// The rotation scheduler (`[rotation]`).
-#[derive(Debug, Clone, PartialEq)]
-pub struct RotationConfig {
-    /// Whether the broker runs due rotations by itself (a cron can run them too).
-    pub scheduler: bool,
-    /// How often the in-process scheduler looks for due work.
-    pub check_interval: Duration,
-    /// How long verifiers may cache the JWKS: the `Cache-Control` of the JWKS, and how
-    /// long a next key is published before it may sign.
-    pub jwks_cache: Duration,
-    /// How long a rotation run's lock lasts if its holder dies.
-    pub lock_ttl: Duration,
-    /// Spread of due times across items with the same period.
-    pub jitter: Duration,
-}
-
-impl Default for RotationConfig {
-    fn default() -> Self {
-        RotationConfig {
-            scheduler: true,
-            check_interval: Duration::from_secs(60),
-            jwks_cache: Duration::from_secs(300),
-            lock_ttl: Duration::from_secs(300),
-            jitter: Duration::ZERO,
-        }
-    }
 }
 
 /// Rate limits, timeouts and connection caps (`[limits]`).
@@ -178,6 +151,20 @@ const MAX_TTL_CEILING: Duration = Duration::from_secs(24 * 3600);
 const MAX_LIFETIME_CEILING: Duration = Duration::from_secs(30 * 24 * 3600);
 
 impl Config {
+    /// What the broker is built from: the parts of this configuration it uses.
+    pub fn broker_settings(&self) -> crate::broker::Settings {
+        crate::broker::Settings {
+            issuer_url: self.server.issuer_url.clone(),
+            issuers: self.issuers.clone(),
+            targets: self.targets.clone(),
+            policy: self.policy.clone(),
+            leases: self.leases.clone(),
+            rate: self.limits.rate,
+            rotation: self.rotation.clone(),
+            redact_claims: self.audit.redact_claims.clone(),
+        }
+    }
+
     /// Reads and checks a file. Fails with the file, key and reason.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let file = path.display().to_string();

@@ -2,11 +2,10 @@
 //! signing keys. SQLite ([`sqlite`]) is the embedded default; a PostgreSQL backend for
 //! several replicas sharing one store implements the same trait.
 
+pub mod backend;
 pub mod sqlite;
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::time::Duration;
 
 use crate::audit::checkpoint::Checkpoint;
 use crate::audit::verify::{Report, VerifyOptions};
@@ -73,24 +72,6 @@ impl std::fmt::Display for Location {
         match self {
             Location::Sqlite(p) => write!(f, "sqlite://{}", p.display()),
         }
-    }
-}
-
-/// How a store is opened, whatever its backend.
-#[derive(Debug, Clone)]
-pub struct OpenOptions {
-    /// How long a write waits for a lock held elsewhere before failing closed.
-    pub busy_timeout: Duration,
-}
-
-/// Opens the store at `location`: the one place a backend is chosen. Fails when the
-/// store cannot be opened or is not one this version can use.
-pub fn open(location: &Location, opts: &OpenOptions) -> Result<Arc<dyn Store>, StoreError> {
-    match location {
-        Location::Sqlite(path) => Ok(Arc::new(sqlite::SqliteStore::open(&sqlite::Config {
-            path: path.clone(),
-            busy_timeout: opts.busy_timeout,
-        })?)),
     }
 }
 

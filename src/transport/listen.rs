@@ -5,7 +5,6 @@
 //! files; open ones keep theirs), and the HTTP/1 server with header size and header read
 //! time limits and a draining graceful shutdown.
 
-use crate::config::TlsConfig;
 use axum::extract::ConnectInfo;
 use axum::Router;
 use rustls::pki_types::pem::PemObject;
@@ -60,7 +59,7 @@ fn file_err(p: &std::path::Path, e: impl std::fmt::Display) -> TlsError {
     }
 }
 
-fn server_config(cfg: &TlsConfig, alpn: &[u8]) -> Result<ServerConfig, TlsError> {
+fn server_config(cfg: &TlsPaths, alpn: &[u8]) -> Result<ServerConfig, TlsError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&cfg.cert_file)
         .map_err(|e| file_err(&cfg.cert_file, e))?
@@ -96,10 +95,21 @@ fn server_config(cfg: &TlsConfig, alpn: &[u8]) -> Result<ServerConfig, TlsError>
     Ok(sc)
 }
 
+/// The PEM files TLS is read from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsPaths {
+    /// Certificate chain.
+    pub cert_file: std::path::PathBuf,
+    /// Private key.
+    pub key_file: std::path::PathBuf,
+    /// CA bundle; when set, clients must present a certificate it signed.
+    pub client_ca_file: Option<std::path::PathBuf>,
+}
+
 /// TLS for both ports from one set of files, replaceable while serving.
 #[derive(Debug)]
 pub struct Tls {
-    files: TlsConfig,
+    files: TlsPaths,
     grpc: RwLock<Arc<ServerConfig>>,
     http: RwLock<Arc<ServerConfig>>,
 }
@@ -127,7 +137,7 @@ pub enum Port {
 
 impl Tls {
     /// Loads the files. Fails when any is unreadable or they do not fit together.
-    pub fn load(files: &TlsConfig) -> Result<Arc<Tls>, TlsError> {
+    pub fn load(files: &TlsPaths) -> Result<Arc<Tls>, TlsError> {
         Ok(Arc::new(Tls {
             grpc: RwLock::new(Arc::new(server_config(files, b"h2")?)),
             http: RwLock::new(Arc::new(server_config(files, b"http/1.1")?)),
