@@ -19,6 +19,7 @@ use latchkey::broker::checkpoint::{load_audit_signer, Checkpointer};
 use latchkey::clock::{SharedClock, SystemClock};
 use latchkey::keys::MasterKey;
 use latchkey::store::sqlite::{self, SqliteStore};
+use latchkey::store::AuditLog;
 use latchkey::store::Store;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;

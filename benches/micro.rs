@@ -21,7 +21,7 @@ use latchkey::identity::Verifier;
 use latchkey::jose::{Alg, SigningKey};
 use latchkey::policy::Request;
 use latchkey::store::sqlite::{self, SqliteStore};
-use latchkey::store::Store;
+use latchkey::store::AuditLog;
 use serde_json::{json, Map, Value};
 use std::sync::Arc;
 use std::time::Duration;

@@ -10,7 +10,7 @@ mod common;
 use common::{all_bytes_under, authed, contains, Env};
 use latchkey::clock::{Clock, ManualClock, SystemClock};
 use latchkey::devissuer::DEV_REPOSITORY;
-use latchkey::store::Store;
+use latchkey::store::{Coordination, RootSecrets};
 use latchkey::transport::pb::{RenewRequest, RevokeRequest};
 use std::sync::Arc;
 use tokio_postgres::NoTls;
@@ -465,7 +465,7 @@ async fn admin_password_rotates_two_phase_and_minting_goes_on() {
     }
     // The new password is sealed in the store.
     let stored = env.store.as_ref();
-    let s = latchkey::store::Store::root_secret(stored, "warehouse")
+    let s = RootSecrets::root_secret(stored, "warehouse")
         .await
         .unwrap()
         .unwrap();

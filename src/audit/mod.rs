@@ -88,6 +88,63 @@ pub struct AuditRecord {
     pub hash: String,
 }
 
+/// An entry ready to be chained, rendered on the caller's thread: its JSON-valued
+/// columns (the canonical serde_json text the hash covers) and the SHA-256 of its
+/// canonical JSON. A backend stores these columns and links the record with
+/// [`chain_hash`]`(seq, prev_hash, &entry_sha256)`; it never renders or hashes an entry
+/// its own way.
+#[derive(Debug)]
+pub struct PreparedEntry {
+    /// The entry.
+    pub entry: AuditEntry,
+    /// [`entry_digest`] of its canonical JSON.
+    pub entry_sha256: [u8; 32],
+    /// `requested_scopes` as stored.
+    pub requested_scopes: String,
+    /// `granted_scopes` as stored.
+    pub granted_scopes: String,
+    /// `context` as stored.
+    pub context: String,
+    /// `claims` as stored.
+    pub claims: String,
+}
+
+impl PreparedEntry {
+    /// Renders the entry's columns and its digest (the claims are serialised once).
+    pub fn new(entry: AuditEntry) -> PreparedEntry {
+        let (requested_scopes, granted_scopes, context, claims) = (
+            column_json(&entry.requested_scopes),
+            column_json(&entry.granted_scopes),
+            column_json(&entry.context),
+            column_json(&entry.claims),
+        );
+        // The entry's canonical JSON from the columns just rendered (the same bytes as
+        // `serde_json::to_vec(&entry)`), so the claims are not serialised a second time.
+        let mut canonical = Vec::with_capacity(1024);
+        stored_entry_json(
+            &mut canonical,
+            &StoredEntry::of(
+                &entry,
+                [&requested_scopes, &granted_scopes, &context, &claims],
+            ),
+        );
+        PreparedEntry {
+            entry_sha256: entry_digest(&canonical),
+            requested_scopes,
+            granted_scopes,
+            context,
+            claims,
+            entry,
+        }
+    }
+}
+
+/// The stored text of a JSON-valued column: the canonical serde_json form the hash covers,
+/// so reading it back reproduces the hash input exactly.
+pub fn column_json<T: serde::Serialize>(v: &T) -> String {
+    serde_json::to_string(v).unwrap_or_else(|_| "null".into())
+}
+
 /// SHA-256 of an entry's canonical JSON (`serde_json::to_vec(&entry)`: fields in
 /// declaration order, serde_json's escaping). Computed by the caller before the record's
 /// place in the chain is known, so the one writer only hashes a short chain input.

@@ -91,6 +91,7 @@ mod tests {
     use super::*;
     use crate::clock::SystemClock;
     use crate::store::sqlite::{Config, SqliteStore};
+    use crate::store::Keys;
     use serde_json::Value;
     use std::sync::Arc;
     use std::time::Duration;

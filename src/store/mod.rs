@@ -1,6 +1,9 @@
-//! Persistent state behind one narrow interface: the audit chain and the broker's sealed
-//! signing keys. SQLite ([`sqlite`]) is the embedded default; a PostgreSQL backend for
-//! several replicas sharing one store implements the same trait.
+//! Persistent state behind ports named after what the domain needs: [`AuditLog`],
+//! [`Leases`], [`Keys`], [`Coordination`] and [`RootSecrets`] ([`Store`] is all of them).
+//! Each method's doc says the isolation it needs, so a backend shared by several
+//! replicas knows what it must guarantee; `tests/store_conformance.rs` checks every
+//! backend against them. SQLite ([`sqlite`]) is the embedded default; [`backend::open`]
+//! chooses a backend by [`Location`].
 
 pub mod backend;
 pub mod sqlite;
@@ -183,28 +186,78 @@ impl std::fmt::Debug for StoredRootSecret {
     }
 }
 
-/// The storage interface the broker needs.
+/// The audit chain: append-only, gapless, totally ordered, hash-linked. The chain itself
+/// (canonical JSON, digests, hash links, verification) is domain code in
+/// [`crate::audit`]: a backend orders and stores records and calls that code, it does not
+/// compute or check the chain its own way.
 #[async_trait]
-pub trait Store: Send + Sync + std::fmt::Debug + 'static {
-    /// Appends a record to the chain; returns once it is durably committed. Fails
-    /// (and the caller must fail closed) when it cannot be committed.
+pub trait AuditLog: Send + Sync {
+    /// Appends a record; returns once it is durably committed. Sequence numbers are
+    /// gapless and totally ordered across every writer of the store (every replica): the
+    /// record links to the head committed before it (serialised against other writers,
+    /// e.g. by a chain-head row lock or one writer thread). Fails, writing nothing, when
+    /// it cannot commit; the caller must then fail closed.
     async fn append(&self, entry: AuditEntry) -> Result<Appended, StoreError>;
 
-    /// Records with `seq > after`, in order, at most `limit`.
+    /// Committed records with `seq > after`, in order, at most `limit`.
     async fn records(&self, after: i64, limit: usize) -> Result<Vec<AuditRecord>, StoreError>;
 
-    /// Every stored signing key.
-    async fn signing_keys(&self) -> Result<Vec<StoredKey>, StoreError>;
+    /// The committed head: `(seq, hash)`, `(0, GENESIS_HASH)` when empty. Reads what any
+    /// writer has committed, not only this process.
+    async fn audit_head(&self) -> Result<(i64, String), StoreError>;
 
-    /// Adds a signing key. Fails if the kid exists.
-    async fn insert_signing_key(&self, key: StoredKey) -> Result<(), StoreError>;
+    /// Records matching `query`, in sequence order, at most `limit`. Never blocks
+    /// appends for longer than a read needs.
+    async fn query_audit(
+        &self,
+        query: &AuditQuery,
+        limit: usize,
+    ) -> Result<Vec<AuditRecord>, StoreError>;
 
-    /// Whether the store can commit right now (for readiness).
-    async fn check_writable(&self) -> Result<(), StoreError>;
+    /// Every stored audit checkpoint key.
+    async fn audit_keys(&self) -> Result<Vec<StoredAuditKey>, StoreError>;
 
+    /// Adds an audit checkpoint key. Fails if the kid exists.
+    async fn insert_audit_key(&self, key: StoredAuditKey) -> Result<(), StoreError>;
+
+    /// Stores a checkpoint. Fails, atomically against other writers, unless it is the
+    /// next id and attests a stored record with that record's hash (two replicas
+    /// checkpointing at once: one wins, the other gets [`StoreError::Conflict`] or an
+    /// error and tries again later).
+    async fn insert_checkpoint(&self, checkpoint: Checkpoint) -> Result<(), StoreError>;
+
+    /// Checkpoints with `id > after`, oldest first, at most `limit`.
+    async fn checkpoints(&self, after: i64, limit: usize) -> Result<Vec<Checkpoint>, StoreError>;
+
+    /// The newest checkpoint.
+    async fn checkpoints_newest(&self) -> Result<Option<Checkpoint>, StoreError>;
+
+    /// Id of the newest checkpoint the witness has.
+    async fn witness_position(&self) -> Result<i64, StoreError>;
+
+    /// Records that the witness has every checkpoint up to `id`.
+    async fn set_witness_position(&self, id: i64) -> Result<(), StoreError>;
+
+    /// Walks the whole chain and every checkpoint with the domain's walker
+    /// ([`crate::audit::verify::Walker`]) without holding up writers. Fails only when the
+    /// store cannot be read; a tampered log is a report with a problem.
+    async fn verify_audit(&self, opts: VerifyOptions) -> Result<Report, StoreError>;
+
+    /// Lets the store report its writer's batch sizes and commit latency (a backend
+    /// without such a writer ignores it).
+    fn attach_metrics(&self, metrics: crate::metrics::StoreMetrics) {
+        let _ = metrics;
+    }
+}
+
+/// Lease rows: every issued credential, with the limits checked when it is committed.
+#[async_trait]
+pub trait Leases: Send + Sync {
     /// Commits a mint: checks `guard` (live-lease quota of the lease's identity key on
     /// its target, the token's replay counter), inserts the lease and appends its audit
-    /// record, all in one transaction. Nothing is written when a check fails.
+    /// record, all in one transaction. The checks and the insert are atomic against
+    /// every other writer (every replica): concurrent mints never exceed the quota or
+    /// the replay limit. Nothing is written when a check fails.
     async fn commit_mint(
         &self,
         lease: LeaseRecord,
@@ -213,8 +266,8 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
         now: i64,
     ) -> Result<Appended, CommitError>;
 
-    /// The same checks as [`Store::commit_mint`], without writing: lets the broker refuse
-    /// before it creates anything upstream.
+    /// The same checks as [`Leases::commit_mint`], without writing: lets the broker refuse
+    /// before it creates anything upstream (a hint; `commit_mint` decides).
     async fn check_mint_guard(
         &self,
         identity_key: &str,
@@ -223,7 +276,7 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
         now: i64,
     ) -> Result<(), CommitError>;
 
-    /// One lease.
+    /// One lease, as committed by any writer.
     async fn lease(&self, id: &str) -> Result<Option<LeaseRecord>, StoreError>;
 
     /// Leases matching `filter` at `now`, newest first, after the `(issued_at, id)`
@@ -249,7 +302,9 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     async fn leases_by_id(&self, ids: &[String]) -> Result<Vec<LeaseRecord>, StoreError>;
 
     /// Applies each compare-and-set change, appending its audit record only when the
-    /// change applied; one transaction. Answers, per change, whether it applied.
+    /// change applied; one transaction. Each compare-and-set is atomic against every
+    /// other writer: of two racing changes of one lease in one state, one applies.
+    /// Answers, per change, whether it applied.
     async fn commit_changes(
         &self,
         changes: Vec<(LeaseChange, Option<AuditEntry>)>,
@@ -263,20 +318,40 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
         -> Result<Vec<LeaseRecord>, StoreError>;
 
     /// Deletes revoked and expired leases that ended (were revoked, or ran out) and whose
-    /// original expiry passed before `before`, and replay counters
-    /// of tokens expired before `now`; at most `limit` leases. Answers how many leases.
+    /// original expiry passed before `before`, and replay counters of tokens expired
+    /// before `now`; at most `limit` leases. Never touches a live lease or an audit
+    /// record. Answers how many leases.
     async fn purge(&self, before: i64, now: i64, limit: usize) -> Result<usize, StoreError>;
 
+    /// Live leases per target at `now`.
+    async fn live_lease_counts(&self, now: i64) -> Result<Vec<(String, u64)>, StoreError>;
+}
+
+/// The broker's signing keys and rotation state.
+#[async_trait]
+pub trait Keys: Send + Sync {
+    /// Every stored signing key.
+    async fn signing_keys(&self) -> Result<Vec<StoredKey>, StoreError>;
+
+    /// Adds a signing key. Fails if the kid exists.
+    async fn insert_signing_key(&self, key: StoredKey) -> Result<(), StoreError>;
+
     /// Commits a rotation step: keys added, changed and removed, the item's state and the
-    /// step's audit records, all or nothing. Fails (changing nothing) when a key is not in
-    /// the state the step expects (another replica rotated first).
+    /// step's audit records, all or nothing, atomic against every other writer. Fails
+    /// with [`StoreError::Conflict`], changing nothing, when a key is not in the state
+    /// the step expects (another replica rotated first).
     async fn commit_rotation(&self, step: RotationStep) -> Result<(), StoreError>;
 
     /// When each item last rotated.
     async fn rotation_states(&self) -> Result<Vec<RotationState>, StoreError>;
+}
 
+/// What replicas of one store coordinate through.
+#[async_trait]
+pub trait Coordination: Send + Sync {
     /// Takes the named lock for `holder` until `now + ttl_secs`, unless another holder has
-    /// it and it has not expired. Answers whether it was taken.
+    /// it and it has not expired; the holder taking it again extends it. Atomic against
+    /// every other replica: of racing takers, one wins. Answers whether it was taken.
     async fn try_lock(
         &self,
         name: &str,
@@ -285,64 +360,41 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
         ttl_secs: i64,
     ) -> Result<bool, StoreError>;
 
-    /// The rotated root credential of a target, if it was ever rotated.
-    async fn root_secret(&self, target: &str) -> Result<Option<StoredRootSecret>, StoreError>;
-
-    /// Stores (replaces) a target's rotated root credential.
-    async fn put_root_secret(&self, secret: StoredRootSecret) -> Result<(), StoreError>;
-
-    /// Releases the lock if `holder` holds it.
+    /// Releases the lock if `holder` holds it (another holder's lock is left alone).
     async fn unlock(&self, name: &str, holder: &str) -> Result<(), StoreError>;
 
-    /// Live leases per target at `now`.
-    async fn live_lease_counts(&self, now: i64) -> Result<Vec<(String, u64)>, StoreError>;
-
-    /// Lets the store report its writer's batch sizes and commit latency.
-    fn attach_metrics(&self, metrics: crate::metrics::StoreMetrics) {
-        let _ = metrics;
-    }
-
-    /// Follows the sequence number of the committed chain head.
+    /// Follows the sequence number of the committed chain head, including appends made
+    /// by other processes on the same store (within a bound a backend states), so Tail
+    /// and the checkpointer see every replica's records.
     fn subscribe_head(&self) -> tokio::sync::watch::Receiver<i64>;
 
-    /// The committed head: `(seq, hash)`, `(0, GENESIS_HASH)` when empty.
-    async fn audit_head(&self) -> Result<(i64, String), StoreError>;
-
-    /// Records matching `query`, in sequence order, at most `limit`.
-    async fn query_audit(
-        &self,
-        query: &AuditQuery,
-        limit: usize,
-    ) -> Result<Vec<AuditRecord>, StoreError>;
-
-    /// Every stored audit checkpoint key.
-    async fn audit_keys(&self) -> Result<Vec<StoredAuditKey>, StoreError>;
-
-    /// Adds an audit checkpoint key. Fails if the kid exists.
-    async fn insert_audit_key(&self, key: StoredAuditKey) -> Result<(), StoreError>;
-
-    /// Stores a checkpoint. Fails unless it is the next id and attests a stored record
-    /// with that record's hash.
-    async fn insert_checkpoint(&self, checkpoint: Checkpoint) -> Result<(), StoreError>;
-
-    /// Checkpoints with `id > after`, oldest first, at most `limit`.
-    async fn checkpoints(&self, after: i64, limit: usize) -> Result<Vec<Checkpoint>, StoreError>;
-
-    /// The newest checkpoint.
-    async fn checkpoints_newest(&self) -> Result<Option<Checkpoint>, StoreError>;
+    /// Whether the store can commit right now (for readiness).
+    async fn check_writable(&self) -> Result<(), StoreError>;
 
     /// A random id made when the store was created, the same for every replica on it and
     /// kept across restarts: it marks what the broker creates upstream, so a reconciler
     /// removes only what this store's leases made.
     async fn store_id(&self) -> Result<String, StoreError>;
+}
 
-    /// Id of the newest checkpoint the witness has.
-    async fn witness_position(&self) -> Result<i64, StoreError>;
+/// Upstream root credentials the broker rotated, sealed under the master key.
+#[async_trait]
+pub trait RootSecrets: Send + Sync {
+    /// The rotated root credential of a target, if it was ever rotated.
+    async fn root_secret(&self, target: &str) -> Result<Option<StoredRootSecret>, StoreError>;
 
-    /// Records that the witness has every checkpoint up to `id`.
-    async fn set_witness_position(&self, id: i64) -> Result<(), StoreError>;
+    /// Stores (replaces) a target's rotated root credential.
+    async fn put_root_secret(&self, secret: StoredRootSecret) -> Result<(), StoreError>;
+}
 
-    /// Walks the whole chain and every checkpoint without holding up writers. Fails only
-    /// when the store cannot be read; a tampered log is a report with a problem.
-    async fn verify_audit(&self, opts: VerifyOptions) -> Result<Report, StoreError>;
+/// Everything the broker needs from its store: one value implementing every port. A
+/// backend implements the ports; this follows.
+pub trait Store:
+    AuditLog + Leases + Keys + Coordination + RootSecrets + std::fmt::Debug + 'static
+{
+}
+
+impl<T> Store for T where
+    T: AuditLog + Leases + Keys + Coordination + RootSecrets + std::fmt::Debug + 'static
+{
 }

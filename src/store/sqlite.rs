@@ -8,7 +8,10 @@
 pub mod audit;
 mod wal;
 
-use super::{Appended, Store, StoreError, StoredAuditKey, StoredKey, StoredRootSecret};
+use super::{
+    Appended, AuditLog, Coordination, Keys, Leases, RootSecrets, StoreError, StoredAuditKey,
+    StoredKey, StoredRootSecret,
+};
 use crate::audit::checkpoint::Checkpoint;
 use crate::audit::verify::{Report, VerifyOptions};
 use crate::audit::{AuditEntry, AuditQuery, AuditRecord, GENESIS_HASH};
@@ -142,30 +145,15 @@ struct Prepared {
 
 impl Prepared {
     fn new(entry: AuditEntry) -> Prepared {
-        let (requested_scopes, granted_scopes, context, claims) = (
-            json(&entry.requested_scopes),
-            json(&entry.granted_scopes),
-            json(&entry.context),
-            json(&entry.claims),
-        );
-        // The entry's canonical JSON from the columns just rendered (the same bytes as
-        // `serde_json::to_vec(&entry)`), so the claims are not serialised a second time.
-        let mut canonical = Vec::with_capacity(1024);
-        crate::audit::stored_entry_json(
-            &mut canonical,
-            &crate::audit::StoredEntry::of(
-                &entry,
-                [&requested_scopes, &granted_scopes, &context, &claims],
-            ),
-        );
+        let p = crate::audit::PreparedEntry::new(entry);
         Prepared {
-            entry_sha256: crate::audit::entry_digest(&canonical),
-            terms: audit::RecordTerms::of(&entry),
-            requested_scopes,
-            granted_scopes,
-            context,
-            claims,
-            entry,
+            terms: audit::RecordTerms::of(&p.entry),
+            entry_sha256: p.entry_sha256,
+            requested_scopes: p.requested_scopes,
+            granted_scopes: p.granted_scopes,
+            context: p.context,
+            claims: p.claims,
+            entry: p.entry,
         }
     }
 }
@@ -781,7 +769,7 @@ fn insert_lease(conn: &Connection, l: &LeaseRecord) -> Result<(), StoreError> {
                 l.target,
                 l.kind,
                 l.rule,
-                json(&l.scopes),
+                crate::audit::column_json(&l.scopes),
                 l.issued_at,
                 l.expires_at,
                 l.max_expires_at,
@@ -1021,12 +1009,6 @@ fn purge(conn: &Connection, before: i64, now: i64, limit: usize) -> Result<usize
     Ok(n)
 }
 
-/// JSON text for the JSON-valued columns: the same canonical serde_json form the hash
-/// covers, so reading back reproduces the hash input exactly.
-fn json<T: serde::Serialize>(v: &T) -> String {
-    serde_json::to_string(v).unwrap_or_else(|_| "null".into())
-}
-
 fn read_records(
     conn: &Connection,
     after: i64,
@@ -1120,7 +1102,7 @@ fn read_keys(conn: &Connection) -> Result<Vec<StoredKey>, StoreError> {
 }
 
 #[async_trait]
-impl Store for SqliteStore {
+impl AuditLog for SqliteStore {
     async fn append(&self, entry: AuditEntry) -> Result<Appended, StoreError> {
         let p = Arc::new(Prepared::new(entry));
         let answer = self.call(|r| Cmd::Write(Write::Append(p.clone(), r))).await;
@@ -1132,18 +1114,65 @@ impl Store for SqliteStore {
         self.read(move |c| read_records(c, after, limit)).await
     }
 
-    async fn signing_keys(&self) -> Result<Vec<StoredKey>, StoreError> {
-        self.read(read_keys).await
+    async fn audit_head(&self) -> Result<(i64, String), StoreError> {
+        self.read(load_head).await
     }
 
-    async fn insert_signing_key(&self, key: StoredKey) -> Result<(), StoreError> {
-        self.call(|r| Cmd::InsertKey(Box::new(key), r)).await
+    async fn query_audit(
+        &self,
+        query: &AuditQuery,
+        limit: usize,
+    ) -> Result<Vec<AuditRecord>, StoreError> {
+        let q = query.clone();
+        self.read_only(move |c| audit::query(c, &q, limit)).await
     }
 
-    async fn check_writable(&self) -> Result<(), StoreError> {
-        self.call(Cmd::CheckWritable).await
+    async fn audit_keys(&self) -> Result<Vec<StoredAuditKey>, StoreError> {
+        self.read(audit::audit_keys).await
     }
 
+    async fn insert_audit_key(&self, key: StoredAuditKey) -> Result<(), StoreError> {
+        self.read(move |c| audit::insert_audit_key(c, &key)).await
+    }
+
+    async fn insert_checkpoint(&self, checkpoint: Checkpoint) -> Result<(), StoreError> {
+        self.read(move |c| audit::insert_checkpoint(c, &checkpoint))
+            .await
+    }
+
+    async fn checkpoints(&self, after: i64, limit: usize) -> Result<Vec<Checkpoint>, StoreError> {
+        self.read(move |c| audit::checkpoints(c, after, limit))
+            .await
+    }
+
+    async fn checkpoints_newest(&self) -> Result<Option<Checkpoint>, StoreError> {
+        self.read(audit::newest_checkpoint).await
+    }
+
+    async fn witness_position(&self) -> Result<i64, StoreError> {
+        self.read(|c| audit::meta_int(c, "witness_delivered")).await
+    }
+
+    async fn set_witness_position(&self, id: i64) -> Result<(), StoreError> {
+        self.read(move |c| audit::set_meta_int(c, "witness_delivered", id))
+            .await
+    }
+
+    async fn verify_audit(&self, opts: VerifyOptions) -> Result<Report, StoreError> {
+        // Its own read-only connection: a long walk never holds up the writer.
+        let path = self.path.clone();
+        tokio::task::spawn_blocking(move || audit::verify_file(&path, &opts))
+            .await
+            .map_err(|_| StoreError::Unavailable("verification task failed".into()))?
+    }
+
+    fn attach_metrics(&self, metrics: crate::metrics::StoreMetrics) {
+        let _ = self.metrics.set(metrics);
+    }
+}
+
+#[async_trait]
+impl Leases for SqliteStore {
     async fn commit_mint(
         &self,
         lease: LeaseRecord,
@@ -1290,8 +1319,29 @@ impl Store for SqliteStore {
         self.read(move |c| purge(c, before, now, limit)).await
     }
 
-    fn subscribe_head(&self) -> watch::Receiver<i64> {
-        self.head.subscribe()
+    async fn live_lease_counts(&self, now: i64) -> Result<Vec<(String, u64)>, StoreError> {
+        // On the read-only connection: a scrape never waits for, or holds up, a commit.
+        self.read_only(move |c| {
+            let mut st = c
+                .prepare_cached("SELECT target, count(*) FROM leases WHERE state = 'live' AND expires_at > ? GROUP BY target ORDER BY target")
+                .map_err(unavailable)?;
+            let rows = st
+                .query_map([now], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64)))
+                .map_err(unavailable)?;
+            rows.collect::<Result<Vec<_>, _>>().map_err(unavailable)
+        })
+        .await
+    }
+}
+
+#[async_trait]
+impl Keys for SqliteStore {
+    async fn signing_keys(&self) -> Result<Vec<StoredKey>, StoreError> {
+        self.read(read_keys).await
+    }
+
+    async fn insert_signing_key(&self, key: StoredKey) -> Result<(), StoreError> {
+        self.call(|r| Cmd::InsertKey(Box::new(key), r)).await
     }
 
     async fn commit_rotation(&self, step: crate::store::RotationStep) -> Result<(), StoreError> {
@@ -1318,7 +1368,10 @@ impl Store for SqliteStore {
         })
         .await
     }
+}
 
+#[async_trait]
+impl Coordination for SqliteStore {
     async fn try_lock(
         &self,
         name: &str,
@@ -1342,6 +1395,40 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn unlock(&self, name: &str, holder: &str) -> Result<(), StoreError> {
+        let (name, holder) = (name.to_string(), holder.to_string());
+        self.read(move |c| {
+            c.execute(
+                "DELETE FROM locks WHERE name = ?1 AND holder = ?2",
+                params![name, holder],
+            )
+            .map(|_| ())
+            .map_err(unavailable)
+        })
+        .await
+    }
+
+    fn subscribe_head(&self) -> watch::Receiver<i64> {
+        self.head.subscribe()
+    }
+
+    async fn check_writable(&self) -> Result<(), StoreError> {
+        self.call(Cmd::CheckWritable).await
+    }
+
+    async fn store_id(&self) -> Result<String, StoreError> {
+        self.read(|c| {
+            c.query_row("SELECT value FROM meta WHERE key = 'store_id'", [], |r| {
+                r.get(0)
+            })
+            .map_err(unavailable)
+        })
+        .await
+    }
+}
+
+#[async_trait]
+impl RootSecrets for SqliteStore {
     async fn root_secret(&self, target: &str) -> Result<Option<StoredRootSecret>, StoreError> {
         let target = target.to_string();
         self.read(move |c| {
@@ -1375,99 +1462,6 @@ impl Store for SqliteStore {
             .map_err(unavailable)
         })
         .await
-    }
-
-    async fn unlock(&self, name: &str, holder: &str) -> Result<(), StoreError> {
-        let (name, holder) = (name.to_string(), holder.to_string());
-        self.read(move |c| {
-            c.execute(
-                "DELETE FROM locks WHERE name = ?1 AND holder = ?2",
-                params![name, holder],
-            )
-            .map(|_| ())
-            .map_err(unavailable)
-        })
-        .await
-    }
-
-    async fn live_lease_counts(&self, now: i64) -> Result<Vec<(String, u64)>, StoreError> {
-        // On the read-only connection: a scrape never waits for, or holds up, a commit.
-        self.read_only(move |c| {
-            let mut st = c
-                .prepare_cached("SELECT target, count(*) FROM leases WHERE state = 'live' AND expires_at > ? GROUP BY target ORDER BY target")
-                .map_err(unavailable)?;
-            let rows = st
-                .query_map([now], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64)))
-                .map_err(unavailable)?;
-            rows.collect::<Result<Vec<_>, _>>().map_err(unavailable)
-        })
-        .await
-    }
-
-    fn attach_metrics(&self, metrics: crate::metrics::StoreMetrics) {
-        let _ = self.metrics.set(metrics);
-    }
-
-    async fn audit_head(&self) -> Result<(i64, String), StoreError> {
-        self.read(load_head).await
-    }
-
-    async fn query_audit(
-        &self,
-        query: &AuditQuery,
-        limit: usize,
-    ) -> Result<Vec<AuditRecord>, StoreError> {
-        let q = query.clone();
-        self.read_only(move |c| audit::query(c, &q, limit)).await
-    }
-
-    async fn audit_keys(&self) -> Result<Vec<StoredAuditKey>, StoreError> {
-        self.read(audit::audit_keys).await
-    }
-
-    async fn insert_audit_key(&self, key: StoredAuditKey) -> Result<(), StoreError> {
-        self.read(move |c| audit::insert_audit_key(c, &key)).await
-    }
-
-    async fn insert_checkpoint(&self, checkpoint: Checkpoint) -> Result<(), StoreError> {
-        self.read(move |c| audit::insert_checkpoint(c, &checkpoint))
-            .await
-    }
-
-    async fn checkpoints(&self, after: i64, limit: usize) -> Result<Vec<Checkpoint>, StoreError> {
-        self.read(move |c| audit::checkpoints(c, after, limit))
-            .await
-    }
-
-    async fn checkpoints_newest(&self) -> Result<Option<Checkpoint>, StoreError> {
-        self.read(audit::newest_checkpoint).await
-    }
-
-    async fn store_id(&self) -> Result<String, StoreError> {
-        self.read(|c| {
-            c.query_row("SELECT value FROM meta WHERE key = 'store_id'", [], |r| {
-                r.get(0)
-            })
-            .map_err(unavailable)
-        })
-        .await
-    }
-
-    async fn witness_position(&self) -> Result<i64, StoreError> {
-        self.read(|c| audit::meta_int(c, "witness_delivered")).await
-    }
-
-    async fn set_witness_position(&self, id: i64) -> Result<(), StoreError> {
-        self.read(move |c| audit::set_meta_int(c, "witness_delivered", id))
-            .await
-    }
-
-    async fn verify_audit(&self, opts: VerifyOptions) -> Result<Report, StoreError> {
-        // Its own read-only connection: a long walk never holds up the writer.
-        let path = self.path.clone();
-        tokio::task::spawn_blocking(move || audit::verify_file(&path, &opts))
-            .await
-            .map_err(|_| StoreError::Unavailable("verification task failed".into()))?
     }
 }
 
