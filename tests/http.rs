@@ -228,7 +228,7 @@ async fn token_exchange_errors_follow_rfc_6749() {
     assert_eq!(r.status(), 431);
 
     // The store cannot commit: nothing is issued, and the caller is told to retry.
-    env.store.set_read_only(true).await.unwrap();
+    env.sqlite.set_read_only(true).await.unwrap();
     let (s, body) = exchange(&env, &good, &[("audience", "orders-api")]).await;
     assert_eq!(
         (s, body["error"].as_str().unwrap()),
@@ -236,7 +236,7 @@ async fn token_exchange_errors_follow_rfc_6749() {
         "{body}"
     );
     assert!(body.get("access_token").is_none());
-    env.store.set_read_only(false).await.unwrap();
+    env.sqlite.set_read_only(false).await.unwrap();
 
     // The service kept running through all of it.
     let (s, body) = exchange(&env, &good, &[("resource", "orders-api")]).await;

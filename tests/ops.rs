@@ -47,7 +47,7 @@ async fn grpc_health_follows_readiness() {
 
     // A store that cannot commit makes the broker unready on both faces, and it
     // recovers without a restart.
-    env.store.set_read_only(true).await.unwrap();
+    env.sqlite.set_read_only(true).await.unwrap();
     wait_health(&env, "", ServingStatus::NotServing).await;
     let r = reqwest::get(format!("{}/readyz", env.http)).await.unwrap();
     assert_eq!(r.status(), 503);
@@ -55,7 +55,7 @@ async fn grpc_health_follows_readiness() {
     assert_eq!(body["checks"]["store"]["ok"], false, "{body}");
     assert_eq!(body["checks"]["issuers"]["bb"]["ok"], true, "{body}");
     assert_eq!(body["checks"]["signing_keys"]["ok"], true, "{body}");
-    env.store.set_read_only(false).await.unwrap();
+    env.sqlite.set_read_only(false).await.unwrap();
     wait_health(&env, "", ServingStatus::Serving).await;
     assert_eq!(
         reqwest::get(format!("{}/readyz", env.http))

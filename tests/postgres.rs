@@ -10,7 +10,7 @@ mod common;
 use common::{all_bytes_under, authed, contains, Env};
 use latchkey::clock::{Clock, ManualClock, SystemClock};
 use latchkey::devissuer::DEV_REPOSITORY;
-use latchkey::store::{Coordination, RootSecrets};
+use latchkey::store::RootSecrets;
 use latchkey::transport::pb::{RenewRequest, RevokeRequest};
 use std::sync::Arc;
 use tokio_postgres::NoTls;

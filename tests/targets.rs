@@ -788,7 +788,7 @@ timeout = "300ms"
         .all(|r| r.entry.reason.as_deref().unwrap_or("").contains("upstream")));
 
     // The audit log cannot commit: the credential made upstream is revoked again.
-    env.store.set_read_only(true).await.unwrap();
+    env.sqlite.set_read_only(true).await.unwrap();
     let e = env.mint(&caller, "vercel", &["s"], None).await.unwrap_err();
     assert_eq!(e.code(), Code::Unavailable, "{e:?}");
     assert!(
@@ -796,7 +796,7 @@ timeout = "300ms"
         "{}",
         e.message()
     );
-    env.store.set_read_only(false).await.unwrap();
+    env.sqlite.set_read_only(false).await.unwrap();
     let live_after: Vec<_> = vercel.live().into_iter().collect();
     assert_eq!(
         live_after.len(),

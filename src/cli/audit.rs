@@ -7,7 +7,8 @@ use crate::audit::checkpoint::{Checkpoint, CheckpointKeys};
 use crate::audit::verify::{Report, VerifyOptions, Walker};
 use crate::audit::{AuditQuery, AuditRecord};
 use crate::clock::{rfc3339, Clock, SystemClock};
-use crate::store::sqlite::audit as sqlite_audit;
+use crate::store::backend;
+use crate::store::Location;
 use crate::transport::pb::{self, audit_client::AuditClient};
 use clap::Subcommand;
 use std::io::{BufRead, Write};
@@ -188,7 +189,7 @@ pub struct ExportArgs {
     /// Connection (or --db).
     #[command(flatten)]
     pub server: Server,
-    /// Read a database file (a copy) instead of asking a broker.
+    /// Read a store (a copy: a file path or a sqlite:// URL) instead of asking a broker.
     #[arg(long, conflicts_with = "server")]
     pub db: Option<PathBuf>,
     /// Filters.
@@ -328,8 +329,9 @@ async fn print_stream(
 async fn export(a: ExportArgs) -> Result<i32, String> {
     let mut q = a.filter.to_query();
     if let Some(db) = &a.db {
+        let db = Location::parse(&db.to_string_lossy()).map_err(|e| format!("--db: {e}"))?;
         loop {
-            let page = sqlite_audit::query_file(db, &q, 10_000).map_err(|e| e.to_string())?;
+            let page = backend::query_offline(&db, &q, 10_000).map_err(|e| e.to_string())?;
             let Some(last) = page.last().map(|r| r.seq) else {
                 return Ok(0);
             };
@@ -449,20 +451,20 @@ async fn verify_report(a: &VerifyArgs) -> Result<Report, String> {
     let Some(db) = &a.db else {
         return Err("give --db, --file or --server".into());
     };
+    let db = Location::parse(&db.to_string_lossy()).map_err(|e| format!("--db: {e}"))?;
     let keys = a.audit_keys.as_deref().map(read_keys).transpose()?;
     if keys.is_none() {
         eprintln!(
             "note: checking checkpoints with the audit keys stored in {} itself; pass --audit-keys to pin them",
-            db.display()
+            db.sqlite_path().map(|p| p.display().to_string()).unwrap_or_else(|| db.to_string())
         );
     }
     let witnessed: Vec<Checkpoint> = match &a.witness {
         Some(w) => read_lines(w)?,
         None => Vec::new(),
     };
-    let db = db.clone();
     tokio::task::spawn_blocking(move || {
-        sqlite_audit::verify_file(&db, &VerifyOptions { keys, witnessed })
+        backend::verify_offline(&db, &VerifyOptions { keys, witnessed })
     })
     .await
     .map_err(|_| "verification failed to run".to_string())?

@@ -25,8 +25,11 @@ pub struct Env {
     pub http: String,
     pub db: PathBuf,
     pub config: Config,
-    /// The broker's store (tests make it read-only to simulate a full disk).
-    pub store: Arc<latchkey::store::sqlite::SqliteStore>,
+    /// The broker's store, through its ports.
+    pub store: Arc<dyn latchkey::store::Store>,
+    /// The same store as the SQLite backend it is, for SQLite-only fault injection (made
+    /// read-only to simulate a full disk).
+    pub sqlite: Arc<latchkey::store::sqlite::SqliteStore>,
     /// The master key, base64 (for the CLI's tools that open the store).
     pub master_b64: String,
     /// The configuration text.
@@ -164,7 +167,7 @@ impl Env {
             store_extra,
         ) + extra;
         let config = Config::parse(&text, "test.toml").unwrap();
-        let store = Arc::new(
+        let sqlite = Arc::new(
             latchkey::store::sqlite::SqliteStore::open(&latchkey::store::sqlite::Config {
                 path: config
                     .store
@@ -176,6 +179,7 @@ impl Env {
             })
             .unwrap(),
         );
+        let store: Arc<dyn latchkey::store::Store> = sqlite.clone();
         let master = MasterKey::generate();
         let master_b64 = master.to_base64().expose().clone();
         let running =
@@ -198,6 +202,7 @@ impl Env {
             db,
             config,
             store,
+            sqlite,
             master_b64,
             text,
         }
