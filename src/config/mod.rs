@@ -144,9 +144,6 @@ pub struct LogConfig {
     pub level: Option<String>,
 }
 
-const RESERVED_CLAIMS: &[&str] = &[
-    "iss", "sub", "aud", "exp", "nbf", "iat", "jti", "scope", "act",
-];
 const MAX_TTL_CEILING: Duration = Duration::from_secs(24 * 3600);
 const MAX_LIFETIME_CEILING: Duration = Duration::from_secs(30 * 24 * 3600);
 
@@ -602,34 +599,7 @@ impl Checker<'_> {
 
     /// An absolute http(s) URL; plain http only to a loopback host.
     fn url(&self, key: &str, s: &str, allow_path: bool) -> Result<String, ConfigError> {
-        let u = reqwest::Url::parse(s)
-            .map_err(|e| self.err(key, format!("{s:?} is not a URL ({e})")))?;
-        let loopback = matches!(
-            u.host_str(),
-            Some("localhost") | Some("127.0.0.1") | Some("[::1]")
-        ) || u.host_str().map(|h| h.starts_with("127.")).unwrap_or(false);
-        match u.scheme() {
-            "https" => {}
-            "http" if loopback => {}
-            "http" => {
-                return Err(self.err(
-                    key,
-                    format!("{s:?} must use https (plain http is allowed only for loopback hosts)"),
-                ))
-            }
-            other => return Err(self.err(key, format!("scheme {other:?} is not http(s)"))),
-        }
-        if u.query().is_some()
-            || u.fragment().is_some()
-            || !u.username().is_empty()
-            || u.password().is_some()
-        {
-            return Err(self.err(key, "must not carry credentials, a query or a fragment"));
-        }
-        if !allow_path && u.path() != "/" {
-            return Err(self.err(key, "must not have a path"));
-        }
-        Ok(s.trim_end_matches('/').to_string())
+        crate::mint::check_url(s, allow_path).map_err(|r| self.err(key, r))
     }
 
     fn issuer(&self, key: &str, r: RawIssuer) -> Result<IssuerConfig, ConfigError> {

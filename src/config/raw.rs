@@ -1,21 +1,9 @@
 //! The raw serde mirror of the TOML file. Unknown keys are errors everywhere.
 
-use serde::{Deserialize, Deserializer};
+use serde::Deserialize;
 use std::collections::BTreeMap;
-use std::time::Duration;
 
-/// A duration written like `"15m"`, `"1h30m"`, `"30s"`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Dur(pub Duration);
-
-impl<'de> Deserialize<'de> for Dur {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        humantime::parse_duration(s.trim()).map(Dur).map_err(|e| {
-            serde::de::Error::custom(format!("invalid duration {s:?} ({e}); write e.g. \"15m\""))
-        })
-    }
-}
+pub use crate::clock::Dur;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -3,13 +3,17 @@
 //! user id under the FAB auth manager), `role` (simple auth manager), `aud`, `iss`,
 //! `iat`, `nbf`, `exp`, `jti`; header `kid`; the algorithm set explicitly.
 
+use super::check::{Check, CheckError};
+use super::*;
 use super::{
     one_mapped, sign_with_ring, subject, Credential, Deps, MintContext, MintError, Minter,
 };
-use super::{AirflowAuthManager, AirflowConfig};
+use crate::jose::Alg;
+
 use crate::keys::KeyRing;
 use crate::secret::SecretString;
 use async_trait::async_trait;
+use serde::Deserialize;
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -92,5 +96,131 @@ impl Minter for AirflowMinter {
             fields.insert("role".into(), r);
         }
         Ok(super::bearer_credential("airflow", token, fields, ctx))
+    }
+}
+
+// ---- settings: what the minter is built from --------------------------------------
+
+/// Which Airflow auth manager reads the token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AirflowAuthManager {
+    /// The simple auth manager: `sub` is a user name, `role` the role.
+    Simple,
+    /// The FAB auth manager: `sub` is the numeric user id.
+    Fab,
+}
+
+/// Settings of an `airflow` target.
+#[derive(Debug, Clone)]
+pub struct AirflowConfig {
+    /// Signing algorithm; Airflow's `jwt_algorithm` must say the same.
+    pub algorithm: Alg,
+    /// `aud` (Airflow's `jwt_audience`).
+    pub audience: String,
+    /// `sub` template; default the caller's identity key.
+    pub subject: Option<Template>,
+    /// The auth manager.
+    pub auth_manager: AirflowAuthManager,
+    /// Role when no `roles` map applies (simple auth manager).
+    pub role: Option<String>,
+    /// Scope → role (simple auth manager).
+    pub roles: BTreeMap<String, String>,
+}
+
+// ---- configuration: the raw form and its checks ----------------------------------
+
+const AIRFLOW_ROLES: &[&str] = &["VIEWER", "USER", "OP", "ADMIN"];
+
+/// The `[[targets]]` keys of this kind, as written (unknown keys are refused).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawAirflow {
+    algorithm: Option<String>,
+    audience: Option<String>,
+    subject: Option<String>,
+    auth_manager: Option<String>,
+    role: Option<String>,
+    #[serde(default)]
+    roles: BTreeMap<String, String>,
+}
+
+impl Check {
+    pub(super) fn airflow(&self, key: &str, r: RawAirflow) -> Result<AirflowConfig, CheckError> {
+        let algorithm = self.alg(
+            &format!("{key}.algorithm"),
+            r.algorithm.as_deref(),
+            None,
+            &["RS256", "ES256"],
+            "Airflow's jwt_algorithm must name it explicitly (left to guess, Airflow picks RS512 for RSA keys); use RS256 or ES256",
+        )?;
+        let auth_manager = match r.auth_manager.as_deref() {
+            None | Some("simple") => AirflowAuthManager::Simple,
+            Some("fab") => AirflowAuthManager::Fab,
+            Some(other) => {
+                return Err(self.err(
+                    format!("{key}.auth_manager"),
+                    format!("{other:?} is not an auth manager; use simple or fab"),
+                ))
+            }
+        };
+        let role_ok = |k: String, v: &str| -> Result<String, CheckError> {
+            let up = v.to_ascii_uppercase();
+            if AIRFLOW_ROLES.contains(&up.as_str()) {
+                Ok(up)
+            } else {
+                Err(self.err(
+                    k,
+                    format!(
+                        "{v:?} is not an Airflow role (Airflow answers 500 for unknown roles); use one of {}",
+                        AIRFLOW_ROLES.join(", ")
+                    ),
+                ))
+            }
+        };
+        let role = r
+            .role
+            .as_deref()
+            .map(|v| role_ok(format!("{key}.role"), v))
+            .transpose()?;
+        let mut roles = BTreeMap::new();
+        for (scope, v) in &r.roles {
+            roles.insert(scope.clone(), role_ok(format!("{key}.roles.{scope}"), v)?);
+        }
+        match auth_manager {
+            AirflowAuthManager::Simple if role.is_none() && roles.is_empty() => {
+                return Err(self.err(
+                    format!("{key}.role"),
+                    "the simple auth manager needs a role: set role or map scopes in roles",
+                ))
+            }
+            AirflowAuthManager::Fab if role.is_some() || !roles.is_empty() => {
+                return Err(self.err(
+                    format!("{key}.role"),
+                    "the FAB auth manager takes roles from its own user database; role and roles do not apply",
+                ))
+            }
+            AirflowAuthManager::Fab if r.subject.is_none() => {
+                return Err(self.err(
+                    format!("{key}.subject"),
+                    "the FAB auth manager needs sub to be the numeric user id: set a subject template",
+                ))
+            }
+            _ => {}
+        }
+        let audience = match r.audience {
+            Some(a) if a.trim().is_empty() => {
+                return Err(self.err(format!("{key}.audience"), "must not be empty"))
+            }
+            Some(a) => a,
+            None => "apache-airflow".into(),
+        };
+        Ok(AirflowConfig {
+            algorithm,
+            audience,
+            subject: self.template(&format!("{key}.subject"), r.subject)?,
+            auth_manager,
+            role,
+            roles,
+        })
     }
 }

@@ -5,13 +5,17 @@
 //! - `pat`: a personal access token with `lifetime_seconds` (never without), created for
 //!   the token's owner or on behalf of a service principal, deleted on revoke.
 
+use super::check::{Check, CheckError};
 use super::oauth::{self, token_request, Client};
 use super::upstream::Http;
-use super::{ClientAuth, DatabricksConfig, DatabricksMode};
+use super::ClientAuth;
+use super::*;
 use super::{Credential, Deps, MintContext, MintError, Minter};
+use crate::jose::Alg;
 use crate::keys::KeyRing;
 use crate::secret::{Secret, SecretString};
 use async_trait::async_trait;
+use serde::Deserialize;
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -214,5 +218,158 @@ impl Minter for DatabricksMinter {
             Some(id) => self.delete_pat(id.expose()).await,
             None => Ok(()),
         }
+    }
+}
+
+// ---- settings: what the minter is built from --------------------------------------
+
+/// Settings of a `databricks` target.
+#[derive(Debug, Clone)]
+pub struct DatabricksConfig {
+    /// `https://<workspace>`.
+    pub workspace_url: String,
+    /// How tokens are obtained.
+    pub mode: DatabricksMode,
+    /// Upstream call timeout.
+    pub timeout: Duration,
+}
+
+/// The three Databricks modes.
+#[derive(Debug, Clone)]
+pub enum DatabricksMode {
+    /// A broker-signed JWT exchanged under a service principal's federation policy.
+    Federation(Federation),
+    /// Client credentials with a stored service-principal secret.
+    M2m {
+        /// The service principal's application id.
+        client_id: String,
+        /// Its OAuth secret.
+        client_secret: SecretRef,
+    },
+    /// A personal access token with a lifetime.
+    Pat {
+        /// The token that creates tokens.
+        token: SecretRef,
+        /// Create on behalf of this service principal (token management API).
+        application_id: Option<String>,
+    },
+}
+
+/// A broker-signed JWT presented to an OAuth2 server by RFC 8693 token exchange.
+#[derive(Debug, Clone)]
+pub struct Federation {
+    /// The OAuth client id sent with the exchange.
+    pub client_id: Option<String>,
+    /// `aud` of the broker's JWT.
+    pub audience: String,
+    /// `sub` template; default the caller's identity key.
+    pub subject: Option<Template>,
+    /// Signing algorithm.
+    pub algorithm: Alg,
+}
+
+// ---- configuration: the raw form and its checks ----------------------------------
+
+/// The `[[targets]]` keys of this kind, as written (unknown keys are refused).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawDatabricks {
+    workspace_url: String,
+    mode: String,
+    client_id: Option<String>,
+    client_secret_file: Option<String>,
+    client_secret_env: Option<String>,
+    audience: Option<String>,
+    subject: Option<String>,
+    algorithm: Option<String>,
+    token_file: Option<String>,
+    token_env: Option<String>,
+    application_id: Option<String>,
+    timeout: Option<crate::clock::Dur>,
+}
+
+impl Check {
+    pub(super) fn databricks(
+        &self,
+        key: &str,
+        r: RawDatabricks,
+    ) -> Result<DatabricksConfig, CheckError> {
+        let workspace_url = self.url(&format!("{key}.workspace_url"), &r.workspace_url, false)?;
+        // Keys that belong to one mode or another; each mode names those it takes.
+        let set = [
+            ("client_id", r.client_id.is_some()),
+            ("client_secret_file", r.client_secret_file.is_some()),
+            ("client_secret_env", r.client_secret_env.is_some()),
+            ("audience", r.audience.is_some()),
+            ("subject", r.subject.is_some()),
+            ("algorithm", r.algorithm.is_some()),
+            ("token_file", r.token_file.is_some()),
+            ("token_env", r.token_env.is_some()),
+            ("application_id", r.application_id.is_some()),
+        ];
+        let only = |mode: &str, takes: &[&str]| -> Result<(), CheckError> {
+            match set.iter().find(|(name, on)| *on && !takes.contains(name)) {
+                Some((name, _)) => Err(self.err(
+                    format!("{key}.{name}"),
+                    format!("does not apply to mode {mode:?}"),
+                )),
+                None => Ok(()),
+            }
+        };
+        let mode = match r.mode.as_str() {
+            "federation" => {
+                only(
+                    "federation",
+                    &["client_id", "audience", "subject", "algorithm"],
+                )?;
+                DatabricksMode::Federation(Federation {
+                    client_id: Some(self.nonempty(key, "client_id", r.client_id)?),
+                    audience: r
+                        .audience
+                        .unwrap_or_else(|| format!("{workspace_url}/oidc/v1/token")),
+                    subject: self.template(&format!("{key}.subject"), r.subject)?,
+                    algorithm: self.alg(
+                        &format!("{key}.algorithm"),
+                        r.algorithm.as_deref(),
+                        Some(Alg::RS256),
+                        &["RS256", "ES256"],
+                        "",
+                    )?,
+                })
+            }
+            "m2m" => {
+                only(
+                    "m2m",
+                    &["client_id", "client_secret_file", "client_secret_env"],
+                )?;
+                DatabricksMode::M2m {
+                    client_id: self.nonempty(key, "client_id", r.client_id)?,
+                    client_secret: self.secret_ref(
+                        key,
+                        "client_secret",
+                        r.client_secret_file,
+                        r.client_secret_env,
+                    )?,
+                }
+            }
+            "pat" => {
+                only("pat", &["token_file", "token_env", "application_id"])?;
+                DatabricksMode::Pat {
+                    token: self.secret_ref(key, "token", r.token_file, r.token_env)?,
+                    application_id: r.application_id,
+                }
+            }
+            other => {
+                return Err(self.err(
+                    format!("{key}.mode"),
+                    format!("{other:?} is not a mode; use federation, m2m or pat"),
+                ))
+            }
+        };
+        Ok(DatabricksConfig {
+            workspace_url,
+            mode,
+            timeout: self.timeout(key, r.timeout)?,
+        })
     }
 }

@@ -1,11 +1,15 @@
 //! The `jwt` target kind: a token signed by the broker's key ring, verifiable by anyone
 //! through the broker's JWKS.
 
-use super::JwtTargetConfig;
+use super::check::RESERVED_CLAIMS;
+use super::check::{Check, CheckError};
+use super::*;
 use super::{Credential, MintContext, MintError, Minter};
+use crate::jose::Alg;
 use crate::keys::KeyRing;
 use crate::secret::SecretString;
 use async_trait::async_trait;
+use serde::Deserialize;
 use serde_json::{json, Map, Value};
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -96,5 +100,68 @@ impl Minter for JwtMinter {
             BTreeMap::from([("kid".to_string(), kid)]),
             ctx,
         ))
+    }
+}
+
+// ---- settings: what the minter is built from --------------------------------------
+
+/// Settings of a `jwt` target.
+#[derive(Debug, Clone)]
+pub struct JwtTargetConfig {
+    /// `aud` of minted tokens.
+    pub audience: String,
+    /// Signing algorithm.
+    pub algorithm: Alg,
+    /// `sub` template; `None` means the caller's stable identity key.
+    pub subject: Option<Template>,
+    /// Extra claims, templated.
+    pub claims: Vec<(String, Template)>,
+}
+
+// ---- configuration: the raw form and its checks ----------------------------------
+
+/// The `[[targets]]` keys of this kind, as written (unknown keys are refused).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawJwt {
+    audience: Option<String>,
+    algorithm: Option<String>,
+    subject: Option<String>,
+    #[serde(default)]
+    claims: BTreeMap<String, String>,
+}
+
+impl Check {
+    pub(super) fn jwt(&self, key: &str, r: RawJwt) -> Result<JwtTargetConfig, CheckError> {
+        let audience = match r.audience {
+            Some(a) if !a.trim().is_empty() => a,
+            _ => return Err(self.err(format!("{key}.audience"), "required for kind \"jwt\"")),
+        };
+        let algorithm = self.alg(
+            &format!("{key}.algorithm"),
+            r.algorithm.as_deref(),
+            Some(Alg::ES256),
+            &["ES256", "EdDSA", "RS256"],
+            "",
+        )?;
+        let subject = self.template(&format!("{key}.subject"), r.subject)?;
+        let mut claims = Vec::new();
+        for (name, tpl) in r.claims {
+            if RESERVED_CLAIMS.contains(&name.as_str()) {
+                return Err(self.err(
+                    format!("{key}.claims.{name}"),
+                    "is set by the broker and cannot be overridden",
+                ));
+            }
+            let t =
+                Template::parse(&tpl).map_err(|e| self.err(format!("{key}.claims.{name}"), e))?;
+            claims.push((name, t));
+        }
+        Ok(JwtTargetConfig {
+            audience,
+            algorithm,
+            subject,
+            claims,
+        })
     }
 }

@@ -2,6 +2,7 @@
 //! targets use to put caller claims into what they mint.
 
 mod airflow;
+mod check;
 mod databricks;
 mod jwt;
 mod oauth;
@@ -14,15 +15,22 @@ mod template;
 mod upstream;
 mod vercel;
 
-pub use airflow::AirflowMinter;
-pub use databricks::DatabricksMinter;
-pub use jwt::JwtMinter;
-pub use oauth::{BitbucketMinter, OAuth2Minter};
-pub use postgres::PostgresMinter;
-pub use prefect::PrefectMinter;
-pub use pulsar::{pulsar_public_key, spki_der, PulsarMinter};
+pub use airflow::{AirflowAuthManager, AirflowConfig, AirflowMinter};
+pub use check::{check_url, Check, CheckError};
+pub use databricks::{DatabricksConfig, DatabricksMinter, DatabricksMode, Federation};
+pub use jwt::{JwtMinter, JwtTargetConfig};
+pub use oauth::{
+    BitbucketMinter, ClientAuth, OAuth2Config, OAuth2Grant, OAuth2Minter, OAuthClientConfig,
+};
+pub use postgres::{PostgresConfig, PostgresMinter};
+pub use prefect::{PrefectConfig, PrefectMinter};
+pub use pulsar::{
+    pulsar_public_key, spki_der, PulsarAdmin, PulsarConfig, PulsarKey, PulsarMinter,
+    PulsarPermission, PulsarResource,
+};
 pub use targets::*;
 pub use template::Template;
+pub use vercel::VercelConfig;
 
 use crate::clock::SharedClock;
 use crate::identity::WorkloadIdentity;

@@ -3,9 +3,12 @@
 //! federation modes. Tokens from these endpoints cannot be revoked through a standard
 //! API; their lifetime is the upstream's, and the lease records that true expiry.
 
+use super::check::{Check, CheckError};
 use super::upstream::Http;
+use super::Federation;
+use super::*;
 use super::{sign_with_ring, subject, Credential, Deps, MintContext, MintError, Minter};
-use super::{ClientAuth, Federation, OAuth2Config, OAuth2Grant, OAuthClientConfig};
+use crate::jose::Alg;
 use crate::keys::KeyRing;
 use crate::secret::{Secret, SecretString};
 use async_trait::async_trait;
@@ -244,5 +247,198 @@ impl Minter for OAuth2Minter {
             ctx,
         )
         .await
+    }
+}
+
+// ---- settings: what the minter is built from --------------------------------------
+
+/// OAuth client credentials (`bitbucket`).
+#[derive(Debug, Clone)]
+pub struct OAuthClientConfig {
+    /// Token endpoint.
+    pub token_url: String,
+    /// Client id (the consumer key).
+    pub client_id: String,
+    /// Client secret.
+    pub client_secret: SecretRef,
+    /// Upstream call timeout.
+    pub timeout: Duration,
+}
+
+/// How a generic OAuth2 client authenticates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientAuth {
+    /// HTTP Basic (`client_secret_basic`).
+    Basic,
+    /// Form fields (`client_secret_post`).
+    Post,
+}
+
+/// The grant a generic `oauth2` target uses.
+#[derive(Debug, Clone)]
+pub enum OAuth2Grant {
+    /// `client_credentials`.
+    ClientCredentials,
+    /// RFC 8693 exchange of a broker-signed JWT.
+    TokenExchange(Federation),
+}
+
+/// Settings of an `oauth2` target.
+#[derive(Debug, Clone)]
+pub struct OAuth2Config {
+    /// Token endpoint.
+    pub token_url: String,
+    /// Grant.
+    pub grant: OAuth2Grant,
+    /// Client id.
+    pub client_id: Option<String>,
+    /// Client secret (required for client credentials).
+    pub client_secret: Option<SecretRef>,
+    /// How the client authenticates.
+    pub client_auth: ClientAuth,
+    /// `audience` parameter.
+    pub audience: Option<String>,
+    /// `resource` parameter.
+    pub resource: Option<String>,
+    /// Scope → upstream scope string; empty passes scopes through.
+    pub scopes: BTreeMap<String, String>,
+    /// Upstream call timeout.
+    pub timeout: Duration,
+}
+
+// ---- configuration: the raw form and its checks ----------------------------------
+
+/// The `[[targets]]` keys of this kind, as written (unknown keys are refused).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawBitbucket {
+    token_url: Option<String>,
+    client_id: String,
+    client_secret_file: Option<String>,
+    client_secret_env: Option<String>,
+    timeout: Option<crate::clock::Dur>,
+}
+
+/// The `[[targets]]` keys of this kind, as written (unknown keys are refused).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawOAuth2 {
+    token_url: String,
+    grant: String,
+    client_id: Option<String>,
+    client_secret_file: Option<String>,
+    client_secret_env: Option<String>,
+    client_auth: Option<String>,
+    audience: Option<String>,
+    resource: Option<String>,
+    #[serde(default)]
+    scopes: BTreeMap<String, String>,
+    subject_audience: Option<String>,
+    subject: Option<String>,
+    algorithm: Option<String>,
+    timeout: Option<crate::clock::Dur>,
+}
+
+impl Check {
+    pub(super) fn oauth2(&self, key: &str, r: RawOAuth2) -> Result<OAuth2Config, CheckError> {
+        let client_secret = self.secret_ref_opt(
+            key,
+            "client_secret",
+            r.client_secret_file,
+            r.client_secret_env,
+        )?;
+        let grant = match r.grant.as_str() {
+            "client_credentials" => {
+                for (name, set) in [
+                    ("subject_audience", r.subject_audience.is_some()),
+                    ("subject", r.subject.is_some()),
+                    ("algorithm", r.algorithm.is_some()),
+                ] {
+                    if set {
+                        return Err(self.err(
+                            format!("{key}.{name}"),
+                            "applies to grant = \"token_exchange\" only",
+                        ));
+                    }
+                }
+                if r.client_id.is_none() || client_secret.is_none() {
+                    return Err(self.err(
+                        format!("{key}.client_id"),
+                        "client_credentials needs client_id and client_secret_file or client_secret_env",
+                    ));
+                }
+                OAuth2Grant::ClientCredentials
+            }
+            "token_exchange" => OAuth2Grant::TokenExchange(Federation {
+                client_id: r.client_id.clone(),
+                audience: self.nonempty(key, "subject_audience", r.subject_audience)?,
+                subject: self.template(&format!("{key}.subject"), r.subject)?,
+                algorithm: self.alg(
+                    &format!("{key}.algorithm"),
+                    r.algorithm.as_deref(),
+                    Some(Alg::RS256),
+                    &["RS256", "ES256"],
+                    "",
+                )?,
+            }),
+            other => {
+                return Err(self.err(
+                    format!("{key}.grant"),
+                    format!("{other:?} is not supported; use client_credentials or token_exchange"),
+                ))
+            }
+        };
+        let client_auth = match r.client_auth.as_deref() {
+            None | Some("basic") => ClientAuth::Basic,
+            Some("post") => ClientAuth::Post,
+            Some(other) => {
+                return Err(self.err(
+                    format!("{key}.client_auth"),
+                    format!("{other:?} is not supported; use basic or post"),
+                ))
+            }
+        };
+        if client_secret.is_some() && r.client_id.is_none() {
+            return Err(self.err(
+                format!("{key}.client_id"),
+                "a client secret needs a client_id",
+            ));
+        }
+        Ok(OAuth2Config {
+            token_url: self.url(&format!("{key}.token_url"), &r.token_url, true)?,
+            grant,
+            client_id: r.client_id,
+            client_secret,
+            client_auth,
+            audience: r.audience,
+            resource: r.resource,
+            scopes: r.scopes,
+            timeout: self.timeout(key, r.timeout)?,
+        })
+    }
+
+    /// Checks a `bitbucket` target's keys.
+    pub(super) fn bitbucket(
+        &self,
+        key: &str,
+        r: RawBitbucket,
+    ) -> Result<OAuthClientConfig, CheckError> {
+        Ok(OAuthClientConfig {
+            token_url: self.url(
+                &format!("{key}.token_url"),
+                r.token_url
+                    .as_deref()
+                    .unwrap_or("https://bitbucket.org/site/oauth2/access_token"),
+                true,
+            )?,
+            client_id: self.nonempty(key, "client_id", Some(r.client_id))?,
+            client_secret: self.secret_ref(
+                key,
+                "client_secret",
+                r.client_secret_file,
+                r.client_secret_env,
+            )?,
+            timeout: self.timeout(key, r.timeout)?,
+        })
     }
 }

@@ -19,12 +19,15 @@
 //! Identifiers are always quoted; nothing from a caller's claims reaches SQL text (role
 //! names are made of the prefix, a timestamp and the lease id).
 
+use super::check::{Check, CheckError};
 use super::root::RootCredential;
-use super::PostgresConfig;
+use super::SecretRef;
 use super::{random_secret, rfc3339, Credential, Deps, MintContext, MintError, Minter, RootStep};
 use crate::secret::{Secret, SecretString};
 use async_trait::async_trait;
+use serde::Deserialize;
 use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::time::Duration;
 use tokio_postgres::NoTls;
 
 /// Roles younger than this are left alone by the reconciler: their lease may not be
@@ -509,6 +512,106 @@ impl Minter for PostgresMinter {
         });
         let user = self.base.get_user().unwrap_or("admin").to_string();
         Ok(format!("password of {user} rotated"))
+    }
+}
+
+// ---- settings: what the minter is built from --------------------------------------
+
+/// Settings of a `postgres` target.
+#[derive(Debug, Clone)]
+pub struct PostgresConfig {
+    /// Admin connection URL, without a password.
+    pub url: String,
+    /// The admin's password, if it logs in with one (needed for root rotation).
+    pub password: Option<SecretRef>,
+    /// Prefix of every role the broker creates; the reconciler owns these names.
+    pub role_prefix: String,
+    /// Scope → group roles granted.
+    pub roles: BTreeMap<String, Vec<String>>,
+    /// Further databases where revocation drops what the role owns.
+    pub databases: Vec<String>,
+    /// Connect and statement timeout.
+    pub timeout: Duration,
+}
+
+// ---- configuration: the raw form and its checks ----------------------------------
+
+/// The `[[targets]]` keys of this kind, as written (unknown keys are refused).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawPostgres {
+    url: String,
+    password_file: Option<String>,
+    password_env: Option<String>,
+    role_prefix: Option<String>,
+    roles: BTreeMap<String, Vec<String>>,
+    #[serde(default)]
+    databases: Vec<String>,
+    timeout: Option<crate::clock::Dur>,
+}
+
+impl Check {
+    pub(super) fn postgres(&self, key: &str, r: RawPostgres) -> Result<PostgresConfig, CheckError> {
+        let u = reqwest::Url::parse(&r.url)
+            .map_err(|e| self.err(format!("{key}.url"), format!("not a URL ({e})")))?;
+        if !matches!(u.scheme(), "postgres" | "postgresql") {
+            return Err(self.err(format!("{key}.url"), "must be a postgres:// URL"));
+        }
+        if u.password().is_some() || r.url.contains("password=") {
+            return Err(self.err(
+                format!("{key}.url"),
+                "must not carry the password: set password_file or password_env",
+            ));
+        }
+        if u.username().is_empty() {
+            return Err(self.err(format!("{key}.url"), "must name the admin user"));
+        }
+        let role_prefix = r.role_prefix.unwrap_or_else(|| "lk_".into());
+        if role_prefix.len() < 2
+            || role_prefix.len() > 20
+            || !role_prefix
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+            || role_prefix.starts_with("pg_")
+        {
+            return Err(self.err(
+                format!("{key}.role_prefix"),
+                "must be 2-20 characters of a-z, 0-9 and '_', not starting with pg_",
+            ));
+        }
+        if r.roles.is_empty() {
+            return Err(self.err(
+                format!("{key}.roles"),
+                "map at least one scope to the group roles it grants",
+            ));
+        }
+        for (scope, groups) in &r.roles {
+            for g in groups {
+                if g.is_empty()
+                    || g.len() > 63
+                    || g.starts_with("pg_")
+                    || g.starts_with(&role_prefix)
+                {
+                    return Err(self.err(
+                        format!("{key}.roles.{scope}"),
+                        format!("{g:?} must be an existing group role (1-63 bytes, not pg_*, not under role_prefix)"),
+                    ));
+                }
+            }
+        }
+        for d in &r.databases {
+            if d.is_empty() || d.len() > 63 {
+                return Err(self.err(format!("{key}.databases"), "names must be 1-63 bytes"));
+            }
+        }
+        Ok(PostgresConfig {
+            url: r.url,
+            password: self.secret_ref_opt(key, "password", r.password_file, r.password_env)?,
+            role_prefix,
+            roles: r.roles,
+            databases: r.databases,
+            timeout: self.timeout(key, r.timeout)?,
+        })
     }
 }
 

@@ -3,11 +3,13 @@
 //! Self-hosted Prefect servers are refused at config time: they have one shared
 //! credential and nothing to scope.
 
+use super::check::{Check, CheckError};
 use super::upstream::Http;
-use super::PrefectConfig;
+use super::*;
 use super::{one_mapped, rfc3339, Credential, MintContext, MintError, Minter};
 use crate::secret::{Secret, SecretString};
 use async_trait::async_trait;
+use serde::Deserialize;
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 
@@ -121,5 +123,75 @@ impl Minter for PrefectMinter {
             Some(id) => self.delete(id.expose()).await,
             None => Ok(()),
         }
+    }
+}
+
+// ---- settings: what the minter is built from --------------------------------------
+
+/// Settings of a `prefect` target.
+#[derive(Debug, Clone)]
+pub struct PrefectConfig {
+    /// API base, default `https://api.prefect.cloud/api`.
+    pub api_url: String,
+    /// Account id.
+    pub account_id: String,
+    /// Account role of created service accounts, unless `roles` maps the scope.
+    pub account_role_id: String,
+    /// Scope → account role id.
+    pub roles: BTreeMap<String, String>,
+    /// API key of an account member allowed to manage service accounts.
+    pub token: SecretRef,
+    /// Upstream call timeout.
+    pub timeout: Duration,
+}
+
+// ---- configuration: the raw form and its checks ----------------------------------
+
+/// The `[[targets]]` keys of this kind, as written (unknown keys are refused).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawPrefect {
+    api_url: Option<String>,
+    account_id: Option<String>,
+    account_role_id: Option<String>,
+    #[serde(default)]
+    roles: BTreeMap<String, String>,
+    token_file: Option<String>,
+    token_env: Option<String>,
+    /// Self-hosted server settings, accepted only to be refused with the reason.
+    auth_string_file: Option<String>,
+    auth_string_env: Option<String>,
+    timeout: Option<crate::clock::Dur>,
+}
+
+impl Check {
+    pub(super) fn prefect(&self, key: &str, r: RawPrefect) -> Result<PrefectConfig, CheckError> {
+        let self_hosted = "a self-hosted Prefect server has one shared basic-auth credential \
+            (PREFECT_SERVER_API_AUTH_STRING) and cannot mint scoped, expiring keys; point this \
+            target at Prefect Cloud, or do not broker that server";
+        if r.auth_string_file.is_some() || r.auth_string_env.is_some() {
+            return Err(self.err(format!("{key}.auth_string_file"), self_hosted));
+        }
+        let api = r
+            .api_url
+            .as_deref()
+            .unwrap_or("https://api.prefect.cloud/api");
+        let api_url = self.url(&format!("{key}.api_url"), api, true)?;
+        let host = reqwest::Url::parse(&api_url)
+            .ok()
+            .and_then(|u| u.host_str().map(str::to_string))
+            .unwrap_or_default();
+        let loopback = host == "localhost" || host.starts_with("127.") || host == "[::1]";
+        if host != "api.prefect.cloud" && !loopback {
+            return Err(self.err(format!("{key}.api_url"), self_hosted));
+        }
+        Ok(PrefectConfig {
+            api_url,
+            account_id: self.nonempty(key, "account_id", r.account_id)?,
+            account_role_id: self.nonempty(key, "account_role_id", r.account_role_id)?,
+            roles: r.roles,
+            token: self.secret_ref(key, "token", r.token_file, r.token_env)?,
+            timeout: self.timeout(key, r.timeout)?,
+        })
     }
 }

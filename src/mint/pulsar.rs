@@ -4,13 +4,17 @@
 //! admin REST credentials configured, each lease gets its own role and mint grants it
 //! the scopes' actions on their namespaces or topics; revoke takes them away again.
 
+use super::check::RESERVED_CLAIMS;
+use super::check::{Check, CheckError};
 use super::upstream::Http;
+use super::*;
 use super::{one_mapped, sign_with_ring, Credential, Deps, MintContext, MintError, Minter};
-use super::{PulsarConfig, PulsarKey};
+
 use crate::jose::{b64, Alg, SigningKey};
 use crate::keys::KeyRing;
 use crate::secret::{Secret, SecretBytes, SecretString};
 use async_trait::async_trait;
+use serde::Deserialize;
 use serde_json::{json, Map, Value};
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -259,6 +263,306 @@ fn hex_bytes(h: &str) -> Vec<u8> {
         .step_by(2)
         .filter_map(|i| u8::from_str_radix(&h[i..i + 2], 16).ok())
         .collect()
+}
+
+// ---- settings: what the minter is built from --------------------------------------
+
+/// How Pulsar tokens are signed.
+#[derive(Debug, Clone)]
+pub enum PulsarKey {
+    /// The broker's own key (RS256 or ES256); Pulsar gets the public key
+    /// (`latchkey keys export --format pulsar`).
+    Broker(Alg),
+    /// An HS256 secret shared with Pulsar (`tokenSecretKey`).
+    Shared(SecretRef),
+}
+
+/// Settings of a `pulsar` target.
+#[derive(Debug, Clone)]
+pub struct PulsarConfig {
+    /// Signing key.
+    pub key: PulsarKey,
+    /// Claim carrying the role (`tokenAuthClaim`), default `sub`.
+    pub role_claim: String,
+    /// Claim carrying the audience (`tokenAudienceClaim`), if Pulsar checks one.
+    pub audience_claim: Option<String>,
+    /// The audience value (`tokenAudience`).
+    pub audience: Option<String>,
+    /// Role template when no `roles` map applies; default the caller's identity key.
+    pub role: Option<Template>,
+    /// Scope → role.
+    pub roles: BTreeMap<String, String>,
+    /// Per-lease permissions through the admin REST API.
+    pub admin: Option<PulsarAdmin>,
+}
+
+/// Pulsar admin REST settings for per-lease permissions.
+#[derive(Debug, Clone)]
+pub struct PulsarAdmin {
+    /// Admin REST base URL (`http://pulsar:8080`).
+    pub url: String,
+    /// Admin token.
+    pub token: SecretRef,
+    /// Scope → what it grants.
+    pub permissions: BTreeMap<String, PulsarPermission>,
+    /// Upstream call timeout.
+    pub timeout: Duration,
+}
+
+/// One scope's Pulsar permission grant.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PulsarPermission {
+    /// `tenant/namespace` or `persistent://tenant/namespace/topic`.
+    pub resource: PulsarResource,
+    /// Actions granted.
+    pub actions: Vec<String>,
+}
+
+/// A namespace or a topic.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PulsarResource {
+    /// `tenant/namespace`.
+    Namespace {
+        /// Tenant.
+        tenant: String,
+        /// Namespace.
+        namespace: String,
+    },
+    /// `persistent://tenant/namespace/topic`.
+    Topic {
+        /// Tenant.
+        tenant: String,
+        /// Namespace.
+        namespace: String,
+        /// Topic.
+        topic: String,
+    },
+}
+
+impl PulsarResource {
+    /// The admin REST path of its permission for `role` (segments percent-encoded).
+    pub fn permission_path(&self, role: &str) -> String {
+        let enc = |s: &str| -> String {
+            form_urlencoded::byte_serialize(s.as_bytes())
+                .collect::<String>()
+                .replace('+', "%20")
+        };
+        match self {
+            PulsarResource::Namespace { tenant, namespace } => format!(
+                "/admin/v2/namespaces/{}/{}/permissions/{}",
+                enc(tenant),
+                enc(namespace),
+                enc(role)
+            ),
+            PulsarResource::Topic {
+                tenant,
+                namespace,
+                topic,
+            } => format!(
+                "/admin/v2/persistent/{}/{}/{}/permissions/{}",
+                enc(tenant),
+                enc(namespace),
+                enc(topic),
+                enc(role)
+            ),
+        }
+    }
+}
+
+// ---- configuration: the raw form and its checks ----------------------------------
+
+const PULSAR_ACTIONS: &[&str] = &[
+    "produce",
+    "consume",
+    "functions",
+    "sources",
+    "sinks",
+    "packages",
+];
+
+/// The `[[targets]]` keys of this kind, as written (unknown keys are refused).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawPulsar {
+    algorithm: Option<String>,
+    secret_key_file: Option<String>,
+    secret_key_env: Option<String>,
+    role_claim: Option<String>,
+    audience_claim: Option<String>,
+    audience: Option<String>,
+    role: Option<String>,
+    #[serde(default)]
+    roles: BTreeMap<String, String>,
+    admin_url: Option<String>,
+    admin_token_file: Option<String>,
+    admin_token_env: Option<String>,
+    #[serde(default)]
+    permissions: BTreeMap<String, RawPulsarPermission>,
+    timeout: Option<crate::clock::Dur>,
+}
+
+/// The `[[targets]]` keys of this kind, as written (unknown keys are refused).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawPulsarPermission {
+    resource: String,
+    actions: Vec<String>,
+}
+
+impl Check {
+    pub(super) fn pulsar(&self, key: &str, r: RawPulsar) -> Result<PulsarConfig, CheckError> {
+        let shared = self.secret_ref_opt(key, "secret_key", r.secret_key_file, r.secret_key_env)?;
+        let key_cfg = match (r.algorithm.as_deref(), shared) {
+            (Some("HS256"), Some(s)) => PulsarKey::Shared(s),
+            (Some("HS256"), None) => {
+                return Err(self.err(
+                    format!("{key}.secret_key_file"),
+                    "HS256 needs the secret Pulsar has as tokenSecretKey: set secret_key_file or secret_key_env",
+                ))
+            }
+            (a, None) => PulsarKey::Broker(self.alg(
+                &format!("{key}.algorithm"),
+                a,
+                Some(Alg::RS256),
+                &["RS256", "ES256", "HS256"],
+                "",
+            )?),
+            (_, Some(_)) => {
+                return Err(self.err(
+                    format!("{key}.secret_key_file"),
+                    "a shared secret is used only with algorithm = \"HS256\"",
+                ))
+            }
+        };
+        let claim_name = |k: &str, v: Option<String>, default: Option<&str>| match v
+            .or(default.map(str::to_string))
+        {
+            Some(c) if RESERVED_CLAIMS.contains(&c.as_str()) && c != "sub" && c != "aud" => {
+                Err(self.err(format!("{key}.{k}"), format!("{c:?} is set by the broker")))
+            }
+            Some(c) if c.trim().is_empty() => {
+                Err(self.err(format!("{key}.{k}"), "must not be empty"))
+            }
+            other => Ok(other),
+        };
+        let role_claim = claim_name("role_claim", r.role_claim, Some("sub"))?.unwrap_or_default();
+        let audience_claim = claim_name("audience_claim", r.audience_claim, None)?;
+        if audience_claim.is_some() != r.audience.is_some() {
+            return Err(self.err(
+                format!("{key}.audience"),
+                "audience_claim and audience go together (Pulsar's tokenAudienceClaim and tokenAudience)",
+            ));
+        }
+        if audience_claim.as_deref() == Some(role_claim.as_str()) {
+            return Err(self.err(
+                format!("{key}.audience_claim"),
+                "must differ from role_claim",
+            ));
+        }
+        for (scope, role) in &r.roles {
+            if role.trim().is_empty() {
+                return Err(self.err(format!("{key}.roles.{scope}"), "must not be empty"));
+            }
+        }
+        let admin_token =
+            self.secret_ref_opt(key, "admin_token", r.admin_token_file, r.admin_token_env)?;
+        let admin = match (r.admin_url, admin_token) {
+            (None, None) if r.permissions.is_empty() => None,
+            (Some(url), Some(token)) => {
+                if r.permissions.is_empty() {
+                    return Err(self.err(
+                        format!("{key}.permissions"),
+                        "admin_url is for per-lease permissions: map at least one scope to a resource and actions",
+                    ));
+                }
+                if !r.roles.is_empty() || r.role.is_some() {
+                    return Err(self.err(
+                        format!("{key}.roles"),
+                        "with per-lease permissions each lease gets its own role; roles and role do not apply",
+                    ));
+                }
+                let mut permissions = BTreeMap::new();
+                for (scope, p) in r.permissions {
+                    let pk = format!("{key}.permissions.{scope}");
+                    let resource = self.pulsar_resource(&format!("{pk}.resource"), &p.resource)?;
+                    if p.actions.is_empty() {
+                        return Err(self.err(format!("{pk}.actions"), "must list at least one action"));
+                    }
+                    for a in &p.actions {
+                        if !PULSAR_ACTIONS.contains(&a.as_str()) {
+                            return Err(self.err(
+                                format!("{pk}.actions"),
+                                format!("unknown action {a:?}; Pulsar knows {}", PULSAR_ACTIONS.join(", ")),
+                            ));
+                        }
+                    }
+                    permissions.insert(
+                        scope,
+                        PulsarPermission {
+                            resource,
+                            actions: p.actions,
+                        },
+                    );
+                }
+                Some(PulsarAdmin {
+                    url: self.url(&format!("{key}.admin_url"), &url, true)?,
+                    token,
+                    permissions,
+                    timeout: self.timeout(key, r.timeout)?,
+                })
+            }
+            _ => {
+                return Err(self.err(
+                    format!("{key}.admin_url"),
+                    "per-lease permissions need admin_url, admin_token_file or admin_token_env, and permissions",
+                ))
+            }
+        };
+        Ok(PulsarConfig {
+            key: key_cfg,
+            role_claim,
+            audience_claim,
+            audience: r.audience,
+            role: self.template(&format!("{key}.role"), r.role)?,
+            roles: r.roles,
+            admin,
+        })
+    }
+
+    pub(super) fn pulsar_resource(&self, key: &str, s: &str) -> Result<PulsarResource, CheckError> {
+        let ok = |p: &str| {
+            !p.is_empty()
+                && p.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '='))
+        };
+        let bad = || {
+            self.err(
+                key,
+                format!("{s:?} must be tenant/namespace or persistent://tenant/namespace/topic"),
+            )
+        };
+        if let Some(t) = s.strip_prefix("persistent://") {
+            let parts: Vec<&str> = t.split('/').collect();
+            match parts.as_slice() {
+                [tenant, ns, topic] if ok(tenant) && ok(ns) && ok(topic) => {
+                    Ok(PulsarResource::Topic {
+                        tenant: tenant.to_string(),
+                        namespace: ns.to_string(),
+                        topic: topic.to_string(),
+                    })
+                }
+                _ => Err(bad()),
+            }
+        } else {
+            match s.split('/').collect::<Vec<_>>().as_slice() {
+                [tenant, ns] if ok(tenant) && ok(ns) => Ok(PulsarResource::Namespace {
+                    tenant: tenant.to_string(),
+                    namespace: ns.to_string(),
+                }),
+                _ => Err(bad()),
+            }
+        }
+    }
 }
 
 #[cfg(test)]

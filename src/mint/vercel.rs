@@ -3,12 +3,14 @@
 //! creates a new full-account token, checks it works, switches to it and deletes the
 //! old one.
 
+use super::check::{Check, CheckError};
 use super::root::RootCredential;
 use super::upstream::Http;
-use super::VercelConfig;
+use super::*;
 use super::{Credential, Deps, MintContext, MintError, Minter, RootStep};
 use crate::secret::{Secret, SecretString};
 use async_trait::async_trait;
+use serde::Deserialize;
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 
@@ -213,5 +215,49 @@ impl Minter for VercelMinter {
                 ))
             }
         }
+    }
+}
+
+// ---- settings: what the minter is built from --------------------------------------
+
+/// Settings of a `vercel` target.
+#[derive(Debug, Clone)]
+pub struct VercelConfig {
+    /// API base, default `https://api.vercel.com`.
+    pub api_url: String,
+    /// Team the tokens are created for.
+    pub team_id: Option<String>,
+    /// The full-account token that creates tokens.
+    pub token: SecretRef,
+    /// Upstream call timeout.
+    pub timeout: Duration,
+}
+
+// ---- configuration: the raw form and its checks ----------------------------------
+
+/// The `[[targets]]` keys of this kind, as written (unknown keys are refused).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawVercel {
+    api_url: Option<String>,
+    team_id: Option<String>,
+    token_file: Option<String>,
+    token_env: Option<String>,
+    timeout: Option<crate::clock::Dur>,
+}
+
+impl Check {
+    /// Checks a `vercel` target's keys.
+    pub(super) fn vercel(&self, key: &str, r: RawVercel) -> Result<VercelConfig, CheckError> {
+        Ok(VercelConfig {
+            api_url: self.url(
+                &format!("{key}.api_url"),
+                r.api_url.as_deref().unwrap_or("https://api.vercel.com"),
+                true,
+            )?,
+            team_id: r.team_id,
+            token: self.secret_ref(key, "token", r.token_file, r.token_env)?,
+            timeout: self.timeout(key, r.timeout)?,
+        })
     }
 }
