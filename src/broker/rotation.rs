@@ -12,7 +12,7 @@
 use super::{Broker, BrokerError};
 use crate::audit::AuditEntry;
 use crate::identity::WorkloadIdentity;
-use crate::keys::{new_stored_key, KeyState};
+use crate::keys::{new_stored_key, plan_rotation, removable, KeyState, OldKey, RotationPlan};
 use crate::policy::Role;
 use crate::rotation::{
     item_name, jitter_for, next_due, ItemKind, ItemResult, Outcome, Schedule, ScheduledItem,
@@ -389,10 +389,7 @@ impl Broker {
             .collect();
 
         // Housekeeping on every run: retired keys whose tokens have all expired go.
-        let gone: Vec<&StoredKey> = keys
-            .iter()
-            .filter(|k| k.state == KeyState::Retired && k.remove_at.is_some_and(|t| t <= now))
-            .collect();
+        let gone = removable(&keys, now);
         if !gone.is_empty() {
             let step = RotationStep {
                 remove: gone.iter().map(|k| k.kid.clone()).collect(),
@@ -432,54 +429,63 @@ impl Broker {
             }
         }
         let drop_old = force.is_some_and(|f| f.drop_old);
-        let current = keys.iter().find(|k| k.state == KeyState::Current);
-        let Some(next) = keys.iter().find(|k| k.state == KeyState::Next) else {
-            // No key published ahead (a store from before rotation): publish one now;
-            // it may sign once verifiers' cached JWKS have expired.
-            let k = new_stored_key(&self.master, &item.target, alg, KeyState::Next, now)
-                .map_err(|e| BrokerError::Mint(crate::mint::MintError::Signing(e.to_string())))?;
-            let mut e = self.rotation_entry(
-                who,
-                request_id,
-                item,
-                "publish",
-                "allowed",
-                format!("next key {} published", k.kid),
-            );
-            e.context.insert("kid".into(), k.kid.clone());
-            let ready = now + self.rotation_cfg.jwks_cache.as_secs() as i64;
-            let kid = k.kid.clone();
-            self.commit_step(RotationStep {
-                insert: vec![k],
-                audit: vec![e],
-                ..Default::default()
-            })
-            .await?;
-            return Ok(ItemResult {
-                item: name,
-                outcome: Outcome::Deferred,
-                detail: format!("published next key {kid}; it signs from {ready}"),
-                next_due: Some(ready),
-            });
+        let cache_secs = self.rotation_cfg.jwks_cache.as_secs() as i64;
+        let token_secs = target.cfg.max_ttl.as_secs() as i64 + RETIRE_LEEWAY_SECS;
+        let (next_kid, current, ready) = match plan_rotation(
+            &keys, now, cache_secs, token_secs, drop_old,
+        ) {
+            RotationPlan::PublishNext { ready } => {
+                // No key published ahead (a store from before rotation): publish one
+                // now; it may sign once verifiers' cached JWKS have expired.
+                let k = new_stored_key(&self.master, &item.target, alg, KeyState::Next, now)
+                    .map_err(|e| {
+                        BrokerError::Mint(crate::mint::MintError::Signing(e.to_string()))
+                    })?;
+                let mut e = self.rotation_entry(
+                    who,
+                    request_id,
+                    item,
+                    "publish",
+                    "allowed",
+                    format!("next key {} published", k.kid),
+                );
+                e.context.insert("kid".into(), k.kid.clone());
+                let kid = k.kid.clone();
+                self.commit_step(RotationStep {
+                    insert: vec![k],
+                    audit: vec![e],
+                    ..Default::default()
+                })
+                .await?;
+                return Ok(ItemResult {
+                    item: name,
+                    outcome: Outcome::Deferred,
+                    detail: format!("published next key {kid}; it signs from {ready}"),
+                    next_due: Some(ready),
+                });
+            }
+            RotationPlan::Wait { next, ready } => {
+                return Ok(ItemResult {
+                        item: name,
+                        outcome: Outcome::Deferred,
+                        detail: format!(
+                            "next key {next} has been published for less than the JWKS cache period; it may sign from {ready}"
+                        ),
+                        next_due: Some(ready),
+                    });
+            }
+            RotationPlan::Activate {
+                next,
+                current,
+                ready,
+            } => (next, current, ready),
         };
-        let ready = next.created_at + self.rotation_cfg.jwks_cache.as_secs() as i64;
-        if ready > now && !drop_old {
-            return Ok(ItemResult {
-                item: name,
-                outcome: Outcome::Deferred,
-                detail: format!(
-                    "next key {} has been published for less than the JWKS cache period; it may sign from {ready}",
-                    next.kid
-                ),
-                next_due: Some(ready),
-            });
-        }
 
         let fresh = new_stored_key(&self.master, &item.target, alg, KeyState::Next, now)
             .map_err(|e| BrokerError::Mint(crate::mint::MintError::Signing(e.to_string())))?;
         let mut step = RotationStep {
             update: vec![KeyUpdate {
-                kid: next.kid.clone(),
+                kid: next_kid.clone(),
                 expect_state: KeyState::Next,
                 state: KeyState::Current,
                 activated_at: Some(now),
@@ -500,34 +506,31 @@ impl Broker {
             }
             audit.push(e);
         };
-        phase("activate", &next.kid, format!("key {} now signs", next.kid));
-        let mut detail = format!("now signing with {}", next.kid);
-        if let Some(cur) = current {
-            if drop_old {
-                step.remove.push(cur.kid.clone());
+        phase("activate", &next_kid, format!("key {next_kid} now signs"));
+        let mut detail = format!("now signing with {next_kid}");
+        match current {
+            Some((cur, OldKey::Drop)) => {
+                step.remove.push(cur.clone());
                 phase(
                     "drop",
-                    &cur.kid,
+                    &cur,
                     format!(
-                        "key {} removed at once (forced): tokens it signed no longer verify",
-                        cur.kid
+                        "key {cur} removed at once (forced): tokens it signed no longer verify"
                     ),
                 );
                 detail.push_str(&format!(
-                    "; {} removed at once, tokens it signed no longer verify",
-                    cur.kid
+                    "; {cur} removed at once, tokens it signed no longer verify"
                 ));
                 if ready > now {
                     detail.push_str(&format!(
-                        "; {} signs before a full JWKS cache period: verifiers may refuse its tokens until their cache expires (up to {}s)",
-                        next.kid,
+                        "; {next_kid} signs before a full JWKS cache period: verifiers may refuse its tokens until their cache expires (up to {}s)",
                         ready - now
                     ));
                 }
-            } else {
-                let remove_at = now + target.cfg.max_ttl.as_secs() as i64 + RETIRE_LEEWAY_SECS;
+            }
+            Some((cur, OldKey::Retire { remove_at })) => {
                 step.update.push(KeyUpdate {
-                    kid: cur.kid.clone(),
+                    kid: cur.clone(),
                     expect_state: KeyState::Current,
                     state: KeyState::Retired,
                     activated_at: None,
@@ -535,14 +538,14 @@ impl Broker {
                 });
                 phase(
                     "retire",
-                    &cur.kid,
+                    &cur,
                     format!(
-                        "key {} retired; published until {remove_at}, when every token it signed has expired",
-                        cur.kid
+                        "key {cur} retired; published until {remove_at}, when every token it signed has expired"
                     ),
                 );
-                detail.push_str(&format!("; {} retired until {remove_at}", cur.kid));
+                detail.push_str(&format!("; {cur} retired until {remove_at}"));
             }
+            None => {}
         }
         phase(
             "publish",

@@ -72,6 +72,91 @@ pub struct StoredKey {
     pub remove_at: Option<i64>,
 }
 
+/// What happens to the key that signed until a rotation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OldKey {
+    /// Retired: still published until `remove_at`, when every token it signed has expired.
+    Retire {
+        /// When it may be removed.
+        remove_at: i64,
+    },
+    /// Removed at once (forced): tokens it signed no longer verify.
+    Drop,
+}
+
+/// What a signing-key rotation of one target does now, decided from its stored keys.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RotationPlan {
+    /// No key is published ahead (a store from before rotation): publish one; it may
+    /// sign from `ready`.
+    PublishNext {
+        /// When the new next key may sign.
+        ready: i64,
+    },
+    /// The next key has been published for less than the verifiers' cache period.
+    Wait {
+        /// The next key.
+        next: String,
+        /// When it may sign.
+        ready: i64,
+    },
+    /// The next key signs from now, a fresh next key is published, and the current key
+    /// (if any) goes as `old` says.
+    Activate {
+        /// The key that signs from now.
+        next: String,
+        /// The key that signed until now.
+        current: Option<(String, OldKey)>,
+        /// When the next key would have been ready: later than now only when forced.
+        ready: i64,
+    },
+}
+
+/// Retired keys whose tokens have all expired at `now`: they may be removed.
+pub fn removable(keys: &[StoredKey], now: i64) -> Vec<&StoredKey> {
+    keys.iter()
+        .filter(|k| k.state == KeyState::Retired && k.remove_at.is_some_and(|t| t <= now))
+        .collect()
+}
+
+/// Plans a rotation of one target's keys at `now`. A next key signs only once it has
+/// been published for `cache_secs` (verifiers cache the JWKS that long), unless
+/// `drop_old` forces it; the current key stays published for `token_secs` (the longest a
+/// token it signed lives) unless `drop_old`. Pure: the caller writes the plan.
+pub fn plan_rotation(
+    keys: &[StoredKey],
+    now: i64,
+    cache_secs: i64,
+    token_secs: i64,
+    drop_old: bool,
+) -> RotationPlan {
+    let current = keys.iter().find(|k| k.state == KeyState::Current);
+    let Some(next) = keys.iter().find(|k| k.state == KeyState::Next) else {
+        return RotationPlan::PublishNext {
+            ready: now.saturating_add(cache_secs),
+        };
+    };
+    let ready = next.created_at.saturating_add(cache_secs);
+    if ready > now && !drop_old {
+        return RotationPlan::Wait {
+            next: next.kid.clone(),
+            ready,
+        };
+    }
+    let old = if drop_old {
+        OldKey::Drop
+    } else {
+        OldKey::Retire {
+            remove_at: now.saturating_add(token_secs),
+        }
+    };
+    RotationPlan::Activate {
+        next: next.kid.clone(),
+        current: current.map(|c| (c.kid.clone(), old)),
+        ready,
+    }
+}
+
 /// Key ring failures.
 #[derive(Debug, thiserror::Error)]
 pub enum KeyError {
@@ -251,6 +336,101 @@ fn aad(kid: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn stored(kid: &str, state: KeyState, created_at: i64, remove_at: Option<i64>) -> StoredKey {
+        StoredKey {
+            kid: kid.into(),
+            target: "t".into(),
+            alg: "ES256".into(),
+            state,
+            created_at,
+            sealed: Vec::new(),
+            activated_at: None,
+            remove_at,
+        }
+    }
+
+    #[test]
+    fn a_rotation_publishes_waits_then_activates_and_retires() {
+        let cur = stored("c", KeyState::Current, 0, None);
+        assert_eq!(
+            plan_rotation(std::slice::from_ref(&cur), 100, 300, 3600, false),
+            RotationPlan::PublishNext { ready: 400 }
+        );
+        let keys = [cur, stored("n", KeyState::Next, 50, None)];
+        assert_eq!(
+            plan_rotation(&keys, 100, 300, 3600, false),
+            RotationPlan::Wait {
+                next: "n".into(),
+                ready: 350
+            }
+        );
+        assert_eq!(
+            plan_rotation(&keys, 350, 300, 3600, false),
+            RotationPlan::Activate {
+                next: "n".into(),
+                current: Some(("c".into(), OldKey::Retire { remove_at: 3950 })),
+                ready: 350
+            }
+        );
+        assert_eq!(
+            plan_rotation(&keys, 100, 300, 3600, true),
+            RotationPlan::Activate {
+                next: "n".into(),
+                current: Some(("c".into(), OldKey::Drop)),
+                ready: 350
+            }
+        );
+    }
+
+    #[test]
+    fn only_retired_keys_past_their_time_are_removable() {
+        let keys = [
+            stored("a", KeyState::Retired, 0, Some(10)),
+            stored("b", KeyState::Retired, 0, Some(11)),
+            stored("c", KeyState::Current, 0, Some(1)),
+            stored("d", KeyState::Retired, 0, None),
+        ];
+        let kids: Vec<&str> = removable(&keys, 10)
+            .iter()
+            .map(|k| k.kid.as_str())
+            .collect();
+        assert_eq!(kids, ["a"]);
+    }
+
+    proptest::proptest! {
+        /// Without force, a key never signs before it has been published for the cache
+        /// period, and a retired key stays published for every token it signed.
+        #[test]
+        fn no_key_signs_early_and_no_token_outlives_its_key(
+            created in 0i64..10_000,
+            now in 0i64..20_000,
+            cache in 0i64..5_000,
+            token in 0i64..100_000,
+        ) {
+            let keys = [
+                stored("c", KeyState::Current, 0, None),
+                stored("n", KeyState::Next, created, None),
+            ];
+            match plan_rotation(&keys, now, cache, token, false) {
+                RotationPlan::Activate { ready, current, .. } => {
+                    proptest::prop_assert!(ready <= now);
+                    proptest::prop_assert!(created + cache <= now);
+                    match current {
+                        Some((_, OldKey::Retire { remove_at })) => {
+                            proptest::prop_assert!(remove_at >= now + token)
+                        }
+                        other => proptest::prop_assert!(false, "{other:?}"),
+                    }
+                }
+                RotationPlan::Wait { ready, .. } => {
+                    proptest::prop_assert!(ready > now);
+                    proptest::prop_assert_eq!(ready, created + cache);
+                }
+                RotationPlan::PublishNext { .. } => proptest::prop_assert!(false),
+            }
+        }
+    }
 
     #[test]
     fn key_states_round_trip_their_stored_names() {
