@@ -18,7 +18,7 @@ pub use crate::mint::{
 
 use crate::identity::Preset;
 use crate::jose::Alg;
-use crate::policy::{ClaimPath, Effect, Grant, Matcher, Policy, Role, Rule};
+use crate::policy::{KnownTarget, Policy, Rule};
 use raw::*;
 use std::fmt;
 use std::net::SocketAddr;
@@ -308,10 +308,21 @@ impl Checker<'_> {
             }
             targets.push(t);
         }
+        let issuer_names: Vec<&str> = issuers.iter().map(|i| i.name.as_str()).collect();
+        let known: Vec<KnownTarget<'_>> = targets
+            .iter()
+            .map(|t| KnownTarget {
+                name: &t.name,
+                max_ttl: t.max_ttl,
+                max_lifetime: t.max_lifetime,
+                known_scopes: t.kind.known_scopes(),
+            })
+            .collect();
         let mut rules: Vec<Rule> = Vec::new();
         for (i, rr) in raw.rules.into_iter().enumerate() {
             let key = format!("rules[{i}]");
-            let r = self.rule(&key, rr, &issuers, &targets)?;
+            let r = Rule::parse(&key, rr, &issuer_names, &known)
+                .map_err(|e| self.err(e.key, e.reason))?;
             if rules.iter().any(|x| x.name == r.name) {
                 return Err(self.err(
                     format!("{key}.name"),
@@ -712,19 +723,7 @@ impl Checker<'_> {
     }
 
     fn name(&self, key: &str, name: &str) -> Result<(), ConfigError> {
-        let ok = !name.is_empty()
-            && name.len() <= 64
-            && name
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
-        if ok {
-            Ok(())
-        } else {
-            Err(self.err(
-                key,
-                format!("{name:?} must be 1-64 characters of letters, digits, '-', '_' or '.'"),
-            ))
-        }
+        crate::policy::check_name(name).map_err(|r| self.err(key, r))
     }
 
     fn target(&self, key: &str, r: RawTarget) -> Result<TargetConfig, ConfigError> {
@@ -803,226 +802,6 @@ impl Checker<'_> {
             root_rotation,
             kind,
         })
-    }
-
-    fn rule(
-        &self,
-        key: &str,
-        r: RawRule,
-        issuers: &[IssuerConfig],
-        targets: &[TargetConfig],
-    ) -> Result<Rule, ConfigError> {
-        self.name(&format!("{key}.name"), &r.name)?;
-        if !issuers.iter().any(|i| i.name == r.issuer) {
-            return Err(self.err(
-                format!("{key}.issuer"),
-                format!("no issuer named {:?}", r.issuer),
-            ));
-        }
-        let effect = match r.effect.as_deref() {
-            None | Some("allow") => Effect::Allow,
-            Some("deny") => Effect::Deny,
-            Some(other) => {
-                return Err(self.err(
-                    format!("{key}.effect"),
-                    format!("{other:?} is not \"allow\" or \"deny\""),
-                ))
-            }
-        };
-        let mut claims = Vec::new();
-        for (claim, v) in &r.claims {
-            let ck = format!("{key}.claims.{claim}");
-            let path = ClaimPath::parse(claim).map_err(|e| self.err(&ck, e.to_string()))?;
-            claims.push((path, self.matcher(&ck, v)?));
-        }
-        let mut grants = Vec::new();
-        for (j, g) in r.grants.into_iter().enumerate() {
-            let gk = format!("{key}.grants[{j}]");
-            let Some(t) = targets.iter().find(|t| t.name == g.target) else {
-                return Err(self.err(
-                    format!("{gk}.target"),
-                    format!("no target named {:?}", g.target),
-                ));
-            };
-            for (s, scope) in g.scopes.iter().enumerate() {
-                if scope.is_empty()
-                    || scope.len() > 256
-                    || scope.chars().any(|c| c.is_whitespace() || c.is_control())
-                {
-                    return Err(self.err(
-                        format!("{gk}.scopes[{s}]"),
-                        "a scope is 1-256 characters with no whitespace",
-                    ));
-                }
-            }
-            if let Some(cap) = g.max_ttl {
-                if cap.0 > t.max_ttl {
-                    return Err(self.err(
-                        format!("{gk}.max_ttl"),
-                        format!(
-                            "{} exceeds target {}'s max_ttl {}",
-                            humantime::format_duration(cap.0),
-                            t.name,
-                            humantime::format_duration(t.max_ttl)
-                        ),
-                    ));
-                }
-                if cap.0 < Duration::from_secs(1) {
-                    return Err(self.err(format!("{gk}.max_ttl"), "must be at least 1s"));
-                }
-            }
-            if let Some(cap) = g.max_lifetime {
-                if cap.0 > t.max_lifetime || cap.0 < Duration::from_secs(1) {
-                    return Err(self.err(
-                        format!("{gk}.max_lifetime"),
-                        format!(
-                            "must be between 1s and target {}'s max_lifetime {}",
-                            t.name,
-                            humantime::format_duration(t.max_lifetime)
-                        ),
-                    ));
-                }
-            }
-            if let Some(known) = t.kind.known_scopes() {
-                if g.scopes.is_empty() {
-                    return Err(self.err(
-                        format!("{gk}.scopes"),
-                        format!(
-                            "target {} maps scopes to what it grants; list the scopes granted (known: {})",
-                            t.name,
-                            known.join(", ")
-                        ),
-                    ));
-                }
-                for (k, sc) in g.scopes.iter().enumerate() {
-                    if !known.contains(&sc.as_str()) {
-                        return Err(self.err(
-                            format!("{gk}.scopes[{k}]"),
-                            format!(
-                                "target {} knows no scope {sc:?} (known: {})",
-                                t.name,
-                                known.join(", ")
-                            ),
-                        ));
-                    }
-                }
-            }
-            grants.push(Grant {
-                target: g.target,
-                scopes: g.scopes,
-                max_ttl: g.max_ttl.map(|d| d.0),
-                max_lifetime: g.max_lifetime.map(|d| d.0),
-            });
-        }
-        for (j, t) in r.targets.iter().enumerate() {
-            if !targets.iter().any(|x| &x.name == t) {
-                return Err(self.err(
-                    format!("{key}.targets[{j}]"),
-                    format!("no target named {t:?}"),
-                ));
-            }
-        }
-        for (j, t) in r.role_targets.iter().enumerate() {
-            if !targets.iter().any(|x| &x.name == t) {
-                return Err(self.err(
-                    format!("{key}.role_targets[{j}]"),
-                    format!("no target named {t:?}"),
-                ));
-            }
-        }
-        let mut roles = Vec::new();
-        for (j, role) in r.roles.iter().enumerate() {
-            roles.push(Role::parse(role).ok_or_else(|| {
-                self.err(
-                    format!("{key}.roles[{j}]"),
-                    format!("unknown role {role:?}; use rotator, auditor, admin or introspect"),
-                )
-            })?);
-        }
-        match effect {
-            Effect::Allow => {
-                if !r.targets.is_empty() {
-                    return Err(self.err(
-                        format!("{key}.targets"),
-                        "only deny rules list targets; allow rules use grants",
-                    ));
-                }
-                if roles.is_empty() && !r.role_targets.is_empty() {
-                    return Err(self.err(
-                        format!("{key}.role_targets"),
-                        "role_targets narrows the rule's roles; this rule grants none",
-                    ));
-                }
-                if grants.is_empty() && roles.is_empty() {
-                    return Err(self.err(
-                        format!("{key}.grants"),
-                        "an allow rule must grant at least one target or role",
-                    ));
-                }
-            }
-            Effect::Deny => {
-                if !grants.is_empty() {
-                    return Err(self.err(format!("{key}.grants"), "deny rules do not grant; list refused targets in `targets` (empty refuses everything)"));
-                }
-                if !roles.is_empty() || !r.role_targets.is_empty() {
-                    return Err(self.err(format!("{key}.roles"), "deny rules do not grant roles"));
-                }
-            }
-        }
-        Ok(Rule {
-            name: r.name,
-            issuer: r.issuer,
-            effect,
-            claims,
-            grants,
-            deny_targets: r.targets,
-            roles,
-            role_targets: r.role_targets,
-        })
-    }
-
-    fn matcher(&self, key: &str, v: &toml::Value) -> Result<Matcher, ConfigError> {
-        match v {
-            toml::Value::String(s) => Ok(Matcher::Exact(s.clone())),
-            toml::Value::Array(items) => {
-                let mut out = Vec::new();
-                for (i, item) in items.iter().enumerate() {
-                    out.push(self.matcher(&format!("{key}[{i}]"), item)?);
-                }
-                Matcher::any_of(out).map_err(|e| self.err(key, e.to_string()))
-            }
-            toml::Value::Table(t) if t.len() == 1 => {
-                let (op, arg) = t.iter().next().expect("len checked");
-                let text = |a: &toml::Value| {
-                    a.as_str()
-                        .map(str::to_string)
-                        .ok_or_else(|| self.err(format!("{key}.{op}"), "must be a string"))
-                };
-                match op.as_str() {
-                    "glob" => Matcher::glob(&text(arg)?)
-                        .map_err(|e| self.err(format!("{key}.glob"), e.to_string())),
-                    "regex" => Matcher::regex(&text(arg)?)
-                        .map_err(|e| self.err(format!("{key}.regex"), e.to_string())),
-                    "not" => Ok(Matcher::Not(Box::new(
-                        self.matcher(&format!("{key}.not"), arg)?,
-                    ))),
-                    other => Err(self.err(
-                        format!("{key}.{other}"),
-                        "unknown matcher; use glob, regex or not",
-                    )),
-                }
-            }
-            toml::Value::Table(_) => {
-                Err(self.err(key, "a matcher table has exactly one of glob, regex, not"))
-            }
-            other => Err(self.err(
-                key,
-                format!(
-                    "a {} is not a matcher (claims are compared as strings: quote it)",
-                    other.type_str()
-                ),
-            )),
-        }
     }
 }
 

@@ -1,9 +1,9 @@
 //! The raw serde mirror of the TOML file. Unknown keys are errors everywhere.
 
 use serde::Deserialize;
-use std::collections::BTreeMap;
 
 pub use crate::clock::Dur;
+pub use crate::policy::RawRule;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -144,35 +144,4 @@ pub struct RawTarget {
     pub root_rotation_window: Option<String>,
     #[serde(flatten)]
     pub settings: toml::Table,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RawRule {
-    pub name: String,
-    pub issuer: String,
-    pub effect: Option<String>,
-    #[serde(default)]
-    pub claims: BTreeMap<String, toml::Value>,
-    #[serde(default)]
-    pub grants: Vec<RawGrant>,
-    #[serde(default)]
-    pub targets: Vec<String>,
-    #[serde(default)]
-    pub roles: Vec<String>,
-    #[serde(default)]
-    pub role_targets: Vec<String>,
-    /// Free text for humans; not used by the broker.
-    #[allow(dead_code)]
-    pub description: Option<String>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RawGrant {
-    pub target: String,
-    #[serde(default)]
-    pub scopes: Vec<String>,
-    pub max_ttl: Option<Dur>,
-    pub max_lifetime: Option<Dur>,
 }

@@ -8,8 +8,10 @@
 //!   and TTL, never widen them.
 
 mod matcher;
+mod parse;
 
 pub use matcher::{ClaimPath, Matcher, MatcherError};
+pub use parse::{check_name, KnownTarget, RawGrant, RawRule, RuleError};
 
 use serde_json::{Map, Value};
 use std::borrow::Cow;
