@@ -697,6 +697,20 @@ impl Checker<'_> {
                 "must be at least jwks_refresh",
             ));
         }
+        let jwks_max_bytes = r.jwks_max_bytes.unwrap_or(256 * 1024);
+        if !(1024..=16 * 1024 * 1024).contains(&jwks_max_bytes) {
+            return Err(self.err(
+                format!("{key}.jwks_max_bytes"),
+                "must be between 1024 and 16777216 (16 MiB)",
+            ));
+        }
+        let jwks_max_keys = r.jwks_max_keys.unwrap_or(100);
+        if !(1..=10_000).contains(&jwks_max_keys) {
+            return Err(self.err(
+                format!("{key}.jwks_max_keys"),
+                "must be between 1 and 10000",
+            ));
+        }
         Ok(IssuerConfig {
             name: r.name,
             preset,
@@ -709,6 +723,8 @@ impl Checker<'_> {
             jwks_refresh,
             jwks_cooldown,
             jwks_max_staleness,
+            jwks_max_bytes,
+            jwks_max_keys,
             ca_file,
             max_mints_per_token: match r.max_mints_per_token {
                 Some(0) => {

@@ -124,6 +124,8 @@ pub struct RawIssuer {
     pub jwks_refresh: Option<Dur>,
     pub jwks_cooldown: Option<Dur>,
     pub jwks_max_staleness: Option<Dur>,
+    pub jwks_max_bytes: Option<usize>,
+    pub jwks_max_keys: Option<usize>,
     pub max_mints_per_token: Option<u32>,
     pub ca_file: Option<String>,
 }

@@ -684,3 +684,31 @@ fn the_store_is_chosen_by_url_and_path_stays_an_alias() {
         assert!(e.reason.contains(reason), "{store}: {e}");
     }
 }
+
+#[test]
+fn issuer_document_caps_parse_with_safe_defaults_and_bounds() {
+    let with = |extra: &str| {
+        GOOD.replace(
+            "audiences = [\"ari:cloud:bitbucket::workspace/1234\"]",
+            &format!("audiences = [\"ari:cloud:bitbucket::workspace/1234\"]\n{extra}"),
+        )
+    };
+    let d = Config::parse(&with(""), "t.toml").unwrap();
+    assert_eq!(
+        (d.issuers[0].jwks_max_bytes, d.issuers[0].jwks_max_keys),
+        (262_144, 100)
+    );
+    let c = Config::parse(&with("jwks_max_bytes = 4096\njwks_max_keys = 5"), "t.toml").unwrap();
+    assert_eq!(
+        (c.issuers[0].jwks_max_bytes, c.issuers[0].jwks_max_keys),
+        (4096, 5)
+    );
+    for (extra, key) in [
+        ("jwks_max_bytes = 10", "issuers[0].jwks_max_bytes"),
+        ("jwks_max_bytes = 100000000", "issuers[0].jwks_max_bytes"),
+        ("jwks_max_keys = 0", "issuers[0].jwks_max_keys"),
+    ] {
+        let e = Config::parse(&with(extra), "t.toml").unwrap_err();
+        assert_eq!(e.key, key, "{extra}: {e}");
+    }
+}

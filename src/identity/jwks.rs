@@ -11,7 +11,6 @@ use super::IssuerConfig;
 use crate::clock::SharedClock;
 use crate::jose::{b64_decode, Alg, KeyFamily};
 use openidconnect::core::CoreJsonWebKeySet;
-use openidconnect::JsonWebKeySetUrl;
 use ring::signature;
 use serde_json::Value;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -280,10 +279,16 @@ impl IssuerKeys {
                 u
             }
         };
-        let url = JsonWebKeySetUrl::new(url).map_err(|e| format!("bad jwks url: {e}"))?;
-        let set = CoreJsonWebKeySet::fetch_async(&url, &self.http)
-            .await
-            .map_err(|e| format!("jwks fetch: {}", short_error(&e)))?;
+        let body = get_bounded(&self.http, &url, self.cfg.jwks_max_bytes, "jwks").await?;
+        let set: CoreJsonWebKeySet =
+            serde_json::from_slice(&body).map_err(|_| "jwks: not a JWK set".to_string())?;
+        if set.keys().len() > self.cfg.jwks_max_keys {
+            return Err(format!(
+                "jwks: {} keys; at most {} are accepted (jwks_max_keys)",
+                set.keys().len(),
+                self.cfg.jwks_max_keys
+            ));
+        }
         let keys: Vec<VerifyKey> = set
             .keys()
             .iter()
@@ -309,18 +314,8 @@ impl IssuerKeys {
             "{}/.well-known/openid-configuration",
             self.cfg.issuer.trim_end_matches('/')
         );
-        let resp = self
-            .http
-            .get(&url)
-            .send()
-            .await
-            .map_err(|e| format!("discovery: {}", short_error(&e)))?;
-        if !resp.status().is_success() {
-            return Err(format!("discovery: HTTP {}", resp.status().as_u16()));
-        }
-        let doc: Doc = resp
-            .json()
-            .await
+        let body = get_bounded(&self.http, &url, self.cfg.jwks_max_bytes, "discovery").await?;
+        let doc: Doc = serde_json::from_slice(&body)
             .map_err(|_| "discovery: not an OIDC configuration document".to_string())?;
         if doc.issuer != self.cfg.issuer {
             return Err("discovery: document names a different issuer".into());
@@ -354,6 +349,42 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 fn short_error(e: &dyn std::error::Error) -> String {
     let s = e.to_string();
     s.chars().take(200).collect()
+}
+
+/// GETs `url` and reads at most `max` bytes of its body: refused at once when its
+/// Content-Length says more, and as soon as more arrives otherwise, so a hostile issuer
+/// cannot make the broker hold a large document. The client's timeout bounds the whole
+/// exchange. Errors name `what` and the reason, never the body.
+async fn get_bounded(
+    http: &reqwest::Client,
+    url: &str,
+    max: usize,
+    what: &str,
+) -> Result<Vec<u8>, String> {
+    let too_big = || format!("{what}: document larger than {max} bytes (jwks_max_bytes)");
+    let mut resp = http
+        .get(url)
+        .send()
+        .await
+        .map_err(|e| format!("{what}: {}", short_error(&e)))?;
+    if !resp.status().is_success() {
+        return Err(format!("{what}: HTTP {}", resp.status().as_u16()));
+    }
+    if resp.content_length().is_some_and(|n| n > max as u64) {
+        return Err(too_big());
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = resp
+        .chunk()
+        .await
+        .map_err(|e| format!("{what}: {}", short_error(&e)))?
+    {
+        if body.len() + chunk.len() > max {
+            return Err(too_big());
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
 }
 
 #[cfg(test)]
@@ -419,5 +450,106 @@ mod tests {
             Some("b")
         );
         assert!(two.find(Some("c"), KeyFamily::P256).is_none());
+    }
+
+    /// A local issuer whose JWKS answer changes with `mode`: 0 a good set, 1 a 2 MiB
+    /// document with its Content-Length, 2 the same streamed without one, 3 a set of 200
+    /// keys that fits the byte cap, 4 a discovery document of 2 MiB.
+    async fn hostile_issuer(good: String, mode: Arc<AtomicU64>) -> std::net::SocketAddr {
+        use axum::body::Body;
+        let app = axum::Router::new()
+            .route(
+                "/keys",
+                axum::routing::get({
+                    let mode = mode.clone();
+                    move || {
+                        let (mode, good) = (mode.clone(), good.clone());
+                        async move {
+                            match mode.load(Ordering::SeqCst) {
+                                1 => Body::from(vec![b' '; 2 << 20]),
+                                2 => Body::from_stream(tokio_stream::iter(
+                                    (0..32).map(|_| Ok::<_, std::io::Error>(vec![b' '; 64 << 10])),
+                                )),
+                                3 => {
+                                    let one: Value = serde_json::from_str::<Value>(&good).unwrap()
+                                        ["keys"][0]
+                                        .clone();
+                                    Body::from(
+                                        serde_json::json!({ "keys": vec![one; 200] }).to_string(),
+                                    )
+                                }
+                                _ => Body::from(good),
+                            }
+                        }
+                    }
+                }),
+            )
+            .route(
+                "/.well-known/openid-configuration",
+                axum::routing::get(|| async { Body::from(vec![b' '; 2 << 20]) }),
+            );
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(l, app).await });
+        addr
+    }
+
+    #[tokio::test]
+    async fn oversized_documents_and_key_floods_are_refused_and_the_last_good_keys_serve() {
+        let (sk, _) = SigningKey::generate(Alg::ES256).unwrap();
+        let good = serde_json::json!({ "keys": [sk.public_jwk()] }).to_string();
+        let mode = Arc::new(AtomicU64::new(0));
+        let addr = hostile_issuer(good, mode.clone()).await;
+        let cfg = |jwks_url: Option<String>| {
+            Arc::new(IssuerConfig {
+                name: "hostile".into(),
+                preset: super::super::Preset::Generic,
+                issuer: format!("http://{addr}"),
+                audiences: vec!["a".into()],
+                jwks_url,
+                leeway: Duration::from_secs(30),
+                max_token_age: None,
+                algorithms: vec![Alg::ES256],
+                jwks_refresh: Duration::from_secs(300),
+                jwks_cooldown: Duration::ZERO,
+                jwks_max_staleness: Duration::from_secs(3600),
+                jwks_max_bytes: 64 * 1024,
+                jwks_max_keys: 100,
+                max_mints_per_token: None,
+                ca_file: None,
+            })
+        };
+        let clock: SharedClock = Arc::new(crate::clock::SystemClock);
+        let http = super::super::verifier::issuer_http_client(&cfg(None)).unwrap();
+        let keys = IssuerKeys::new(
+            cfg(Some(format!("http://{addr}/keys"))),
+            http.clone(),
+            clock.clone(),
+        );
+        keys.refresh(true).await.unwrap();
+        assert_eq!(keys.status().keys, 1);
+        for (m, want) in [
+            (1, "jwks: document larger than 65536 bytes"),
+            (2, "jwks: document larger than 65536 bytes"),
+            (3, "jwks: 200 keys; at most 100 are accepted"),
+        ] {
+            mode.store(m, Ordering::SeqCst);
+            let e = keys.refresh(true).await.unwrap_err();
+            assert!(e.starts_with(want), "mode {m}: {e}");
+            let st = keys.status();
+            assert_eq!(
+                (st.keys, st.usable),
+                (1, true),
+                "mode {m}: the last good set serves"
+            );
+            assert!(keys.key_for(Some(sk.kid()), KeyFamily::P256).await.is_ok());
+        }
+        // Discovery documents are bounded the same way.
+        let discovering = IssuerKeys::new(cfg(None), http, clock);
+        let e = discovering.refresh(true).await.unwrap_err();
+        assert!(
+            e.starts_with("discovery: document larger than 65536 bytes"),
+            "{e}"
+        );
     }
 }

@@ -45,6 +45,11 @@ pub struct IssuerConfig {
     pub jwks_cooldown: Duration,
     /// How long the last good key set keeps serving while the issuer is unreachable.
     pub jwks_max_staleness: Duration,
+    /// Largest discovery or JWKS document accepted, in bytes; a larger one is refused
+    /// while it streams and the last good keys keep serving.
+    pub jwks_max_bytes: usize,
+    /// Most keys a JWKS may hold; a larger set is refused as a whole.
+    pub jwks_max_keys: usize,
     /// Replay guard: how many credentials one identity token (by `jti`, else by its
     /// fingerprint) may mint; `None` means unlimited.
     pub max_mints_per_token: Option<u32>,

@@ -267,6 +267,8 @@ mod tests {
             jwks_refresh: Duration::from_secs(300),
             jwks_cooldown: Duration::from_secs(30),
             jwks_max_staleness: Duration::from_secs(3600),
+            jwks_max_bytes: 256 * 1024,
+            jwks_max_keys: 100,
             max_mints_per_token: None,
             ca_file: None,
         }
