@@ -16,6 +16,7 @@ const LAYERS: &[(&str, u8)] = &[
     ("ratelimit", 0),
     ("metrics", 0),
     ("telemetry", 0),
+    ("net", 0),
     ("devissuer", 1),
     // models
     ("identity", 1),

@@ -24,7 +24,7 @@
 //! | [`server`] | starting/stopping listeners |
 //! | [`cli`] | the `latchkey` command |
 //! | [`devissuer`] | the development issuer used by `latchkey dev` and the tests |
-//! | [`jose`], [`secret`], [`clock`] | JOSE helpers, redacted secrets, injectable time |
+//! | [`jose`], [`secret`], [`clock`], [`net`] | JOSE helpers, redacted secrets, injectable time, loopback checks |
 
 #![warn(missing_docs)]
 
@@ -42,6 +42,7 @@ mod layering;
 pub mod lease;
 pub mod metrics;
 pub mod mint;
+pub mod net;
 pub mod policy;
 pub mod ratelimit;
 pub mod rotation;

@@ -671,3 +671,51 @@ async fn a_socket_without_the_http2_preface_is_closed_at_the_handshake_deadline(
         .unwrap();
     env.stop().await;
 }
+
+#[tokio::test]
+async fn readyz_shows_an_issuer_whose_refreshes_fail_while_its_last_keys_serve() {
+    let env = Env::start().await;
+    env.mint(&env.token("main"), "orders-api", &["orders:read"], None)
+        .await
+        .unwrap();
+    let issuer = |env: &Env| {
+        let url = format!("{}/readyz", env.http);
+        async move {
+            let r = reqwest::get(url).await.unwrap();
+            let status = r.status().as_u16();
+            let body: serde_json::Value = r.json().await.unwrap();
+            (status, body["checks"]["issuers"]["bb"].clone())
+        }
+    };
+    let (status, bb) = issuer(&env).await;
+    assert_eq!(
+        (status, &bb["ok"], &bb["serving"]),
+        (200, &true.into(), &true.into()),
+        "{bb}"
+    );
+    assert!(bb.get("reason").is_none(), "{bb}");
+
+    // The issuer goes down; a token with a key it never published makes the broker try.
+    env.issuer.set_down(true);
+    env.issuer.rotate(latchkey::jose::Alg::RS256, true);
+    assert!(env
+        .mint(&env.token("main"), "orders-api", &["orders:read"], None)
+        .await
+        .is_err());
+    let (status, bb) = issuer(&env).await;
+    assert_eq!(status, 200, "the last good keys still serve: {bb}");
+    assert_eq!(bb["ok"], false, "{bb}");
+    assert_eq!(bb["serving"], true, "{bb}");
+    assert!(bb["reason"].as_str().unwrap().contains("jwks"), "{bb}");
+    assert!(bb["failures"].as_u64().unwrap() >= 1, "{bb}");
+
+    // Back up: the next refresh clears it.
+    env.issuer.set_down(false);
+    env.mint(&env.token("main"), "orders-api", &["orders:read"], None)
+        .await
+        .unwrap();
+    let (_, bb) = issuer(&env).await;
+    assert_eq!(bb["ok"], true, "{bb}");
+    assert!(bb.get("reason").is_none(), "{bb}");
+    env.stop().await;
+}

@@ -31,17 +31,24 @@ impl Broker {
         let now = self.clock.now();
         let mut issuers = serde_json::Map::new();
         for (name, st) in self.verifier.status() {
+            // `ok` only while the keys are usable and the last refresh worked; keys that
+            // still serve after failed refreshes are `serving` but not `ok`, with the
+            // reason, so a failing issuer shows before its keys go stale.
             let mut c = json!({
-                "ok": st.usable,
+                "ok": st.usable && st.last_error.is_none(),
+                "serving": st.usable,
                 "keys": st.keys,
                 "fetched_at": st.fetched_at,
                 "age_secs": st.fetched_at.map(|t| now - t),
             });
-            if !st.usable {
+            if !st.usable || st.last_error.is_some() {
                 c["reason"] = json!(st
                     .last_error
                     .clone()
                     .unwrap_or_else(|| "no keys fetched yet".into()));
+            }
+            if st.usable && st.last_error.is_some() {
+                c["failures"] = json!(st.failures);
             }
             if st.fetched_at.is_none() {
                 ready = false;

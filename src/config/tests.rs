@@ -712,3 +712,27 @@ fn issuer_document_caps_parse_with_safe_defaults_and_bounds() {
         assert_eq!(e.key, key, "{extra}: {e}");
     }
 }
+
+#[test]
+fn plain_http_is_allowed_only_to_addresses_that_are_loopback() {
+    for (url, ok) in [
+        ("http://127.0.0.1:8080/keys", true),
+        ("http://127.9.9.9/keys", true),
+        ("http://localhost:9/keys", true),
+        ("http://[::1]:9/keys", true),
+        ("http://127.attacker.example/keys", false),
+        ("http://127.0.0.1.nip.io/keys", false),
+        ("http://localhost.example/keys", false),
+    ] {
+        let text = GOOD.replace(
+            "audiences = [\"ari:cloud:bitbucket::workspace/1234\"]",
+            &format!("audiences = [\"ari:cloud:bitbucket::workspace/1234\"]\njwks_url = \"{url}\""),
+        );
+        let r = Config::parse(&text, "t.toml");
+        assert_eq!(r.is_ok(), ok, "{url}: {r:?}");
+        if !ok {
+            let e = r.unwrap_err();
+            assert!(e.reason.contains("must use https"), "{url}: {e}");
+        }
+    }
+}

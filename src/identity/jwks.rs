@@ -324,7 +324,7 @@ impl IssuerKeys {
             .map_err(|_| "discovery: jwks_uri is not a URL".to_string())?;
         let local = u
             .host_str()
-            .map(|h| h == "localhost" || h.starts_with("127.") || h == "[::1]")
+            .map(crate::net::is_loopback_host)
             .unwrap_or(false);
         if u.scheme() != "https" && !(u.scheme() == "http" && local) {
             return Err("discovery: jwks_uri must be https".into());

@@ -54,7 +54,12 @@ impl Preset {
         let s = |k: &str| claims.get(k).and_then(Value::as_str).map(str::to_string);
         let sub = s("sub").ok_or(IdentityError::Claim("sub"))?;
         let iss = s("iss").ok_or(IdentityError::Claim("iss"))?;
-        let exp = claims.get("exp").and_then(Value::as_i64).unwrap_or(0);
+        // The same reading of `exp` as verification's (fractional seconds included): the
+        // replay guard keeps a token's counter until this time.
+        let exp = claims
+            .get("exp")
+            .and_then(super::verifier::numeric_date)
+            .unwrap_or(0);
         let (key, repository, git_ref, environment, pipeline, commit) = match self {
             Preset::Bitbucket => {
                 let repo = s("repositoryUuid").ok_or(IdentityError::Claim("repositoryUuid"))?;
@@ -192,6 +197,20 @@ mod tests {
         assert_eq!(
             norm(Preset::Bitbucket, missing).unwrap_err(),
             IdentityError::Claim("repositoryUuid")
+        );
+    }
+
+    #[test]
+    fn a_fractional_exp_is_the_token_expiry_not_zero() {
+        let v = json!({"iss": "i", "sub": "s", "repositoryUuid": "{repo}", "workspaceUuid": "{ws}", "exp": 1_900_000_000.75});
+        assert_eq!(
+            norm(Preset::Bitbucket, v).unwrap().expires_at,
+            1_900_000_000
+        );
+        let v = json!({"iss": "i", "sub": "s", "repositoryUuid": "{repo}", "exp": 1_900_000_000});
+        assert_eq!(
+            norm(Preset::Bitbucket, v).unwrap().expires_at,
+            1_900_000_000
         );
     }
 

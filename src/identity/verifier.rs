@@ -174,15 +174,21 @@ impl Verifier {
     }
 }
 
+/// A NumericDate claim (RFC 7519: seconds, possibly fractional) as whole seconds,
+/// truncated; `None` when it is not a finite number.
+pub(crate) fn numeric_date(v: &Value) -> Option<i64> {
+    match v {
+        Value::Number(n) => n
+            .as_i64()
+            .or_else(|| n.as_f64().filter(|f| f.is_finite()).map(|f| f as i64)),
+        _ => None,
+    }
+}
+
 fn num(claims: &Map<String, Value>, name: &'static str) -> Result<Option<i64>, IdentityError> {
     match claims.get(name) {
         None => Ok(None),
-        Some(Value::Number(n)) => n
-            .as_i64()
-            .or_else(|| n.as_f64().filter(|f| f.is_finite()).map(|f| f as i64))
-            .map(Some)
-            .ok_or(IdentityError::Claim(name)),
-        Some(_) => Err(IdentityError::Claim(name)),
+        Some(v) => numeric_date(v).map(Some).ok_or(IdentityError::Claim(name)),
     }
 }
 

@@ -37,10 +37,7 @@ pub(crate) const RESERVED_CLAIMS: &[&str] = &[
 /// slash, or the reason it is refused.
 pub fn check_url(s: &str, allow_path: bool) -> Result<String, String> {
     let u = reqwest::Url::parse(s).map_err(|e| format!("{s:?} is not a URL ({e})"))?;
-    let loopback = matches!(
-        u.host_str(),
-        Some("localhost") | Some("127.0.0.1") | Some("[::1]")
-    ) || u.host_str().map(|h| h.starts_with("127.")).unwrap_or(false);
+    let loopback = u.host_str().is_some_and(crate::net::is_loopback_host);
     match u.scheme() {
         "https" => {}
         "http" if loopback => {}

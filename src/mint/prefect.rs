@@ -181,7 +181,7 @@ impl Check {
             .ok()
             .and_then(|u| u.host_str().map(str::to_string))
             .unwrap_or_default();
-        let loopback = host == "localhost" || host.starts_with("127.") || host == "[::1]";
+        let loopback = crate::net::is_loopback_host(&host);
         if host != "api.prefect.cloud" && !loopback {
             return Err(self.err(format!("{key}.api_url"), self_hosted));
         }
