@@ -54,6 +54,35 @@ pub struct SqliteStore {
     metrics: Arc<std::sync::OnceLock<crate::metrics::StoreMetrics>>,
 }
 
+/// Makes a new store private to the broker's user: a missing directory is created 0700
+/// and a missing database file 0600 (SQLite gives its WAL and shared-memory files the
+/// database file's permissions). Existing files and directories keep theirs.
+fn create_private(path: &Path) -> Result<(), StoreError> {
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    let fail = |what: &str, e: std::io::Error| {
+        StoreError::Unavailable(format!("{what} {}: {}", path.display(), e.kind()))
+    };
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        if !dir.exists() {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .map_err(|e| fail("cannot create the directory of", e))?;
+        }
+    }
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+    {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(fail("cannot create", e)),
+    }
+}
+
 fn unavailable(e: rusqlite::Error) -> StoreError {
     StoreError::Unavailable(match &e {
         rusqlite::Error::SqliteFailure(f, _) => format!("sqlite: {}", f),
@@ -69,6 +98,7 @@ impl SqliteStore {
     /// Opens (creating if needed) the database and starts the writer thread. Fails when
     /// the file cannot be opened or the schema cannot be applied.
     pub fn open(cfg: &Config) -> Result<SqliteStore, StoreError> {
+        create_private(&cfg.path)?;
         let conn = open_conn(&cfg.path, cfg.busy_timeout)?;
         let head = load_head(&conn)?;
         let terms_through = audit::terms_through(&conn)?.min(head.0);
@@ -697,6 +727,25 @@ mod tests {
         let recs = s.records(0, 5000).await.unwrap();
         assert_eq!(recs.len(), 1920);
         assert!(verify_chain(&recs, (0, GENESIS_HASH)).is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_new_store_is_private_to_the_broker() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let sub = dir.path().join("state/latchkey");
+        let path = sub.join("l.db");
+        let s = SqliteStore::open(&Config {
+            path: path.clone(),
+            busy_timeout: Duration::from_millis(200),
+        })
+        .unwrap();
+        s.append(entry(1)).await.unwrap();
+        let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&sub), 0o700);
+        assert_eq!(mode(&path), 0o600);
+        assert_eq!(mode(&sub.join("l.db-wal")), 0o600);
+        assert_eq!(mode(&sub.join("l.db-shm")), 0o600);
     }
 
     #[tokio::test]
