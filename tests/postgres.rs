@@ -525,3 +525,81 @@ async fn two_brokers_on_one_prefix_never_remove_each_others_live_roles() {
     b.stop().await;
     fx.cleanup().await;
 }
+
+/// The real binary at debug level: the minted role's password and its SCRAM verifier
+/// never reach the log (tokio-postgres logs every statement it sends at debug).
+#[tokio::test(flavor = "multi_thread")]
+async fn debug_logs_never_carry_the_role_password_or_its_verifier() {
+    let Some(url) = pg_url() else { return };
+    let fx = Fixture::new(&url).await;
+    let issuer = latchkey::devissuer::DevIssuer::spawn(
+        "127.0.0.1:0".parse().unwrap(),
+        latchkey::jose::Alg::RS256,
+    )
+    .await
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (grpc, http) = (common::free_port(), common::free_port());
+    let db = dir.path().join("latchkey.db").display().to_string();
+    let text = common::config_text(issuer.issuer_url(), &issuer.audience(), &db, "", "")
+        .replace(
+            "grpc_addr = \"127.0.0.1:0\"",
+            &format!("grpc_addr = \"127.0.0.1:{grpc}\""),
+        )
+        .replace(
+            "http_addr = \"127.0.0.1:0\"",
+            &format!("http_addr = \"127.0.0.1:{http}\""),
+        )
+        + &fx.config("");
+    let cfg = dir.path().join("latchkey.toml");
+    std::fs::write(&cfg, text).unwrap();
+    let master = latchkey::keys::MasterKey::generate().to_base64();
+    let log_path = dir.path().join("serve.log");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_latchkey"))
+        .args(["--log-format", "json", "serve", "--config"])
+        .arg(&cfg)
+        .env("LATCHKEY_MASTER_KEY", master.expose())
+        .env("RUST_LOG", "debug")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log_path).unwrap())
+        .spawn()
+        .unwrap();
+    tokio::task::block_in_place(|| common::wait_for_port(grpc));
+    let channel = tonic::transport::Channel::from_shared(format!("http://127.0.0.1:{grpc}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut client =
+        latchkey::transport::pb::credential_broker_client::CredentialBrokerClient::new(channel);
+    let req = latchkey::transport::pb::MintRequest {
+        target: "warehouse".into(),
+        scopes: vec!["read".into()],
+        ..Default::default()
+    };
+    let cred = client
+        .mint(authed(req, &issuer.sign(&issuer.bitbucket_claims("main"))))
+        .await
+        .unwrap()
+        .into_inner()
+        .credential
+        .unwrap();
+    assert!(fx.login(&cred.username, &cred.password).await.is_ok());
+    let _ = child.kill();
+    let _ = child.wait();
+    let log = std::fs::read_to_string(&log_path).unwrap();
+    assert!(
+        log.contains("\"level\":\"DEBUG\""),
+        "the log is at debug level"
+    );
+    assert!(!log.contains(&cred.password), "the password is in the log");
+    assert!(
+        !log.contains("SCRAM-SHA-256$"),
+        "a SCRAM verifier is in the log"
+    );
+    assert!(
+        !log.contains("CREATE ROLE"),
+        "role statements are in the log"
+    );
+    fx.cleanup().await;
+}
