@@ -48,6 +48,13 @@ issuer = "bb"
 claims = {{ branchName = "ops/audit" }}
 roles = ["auditor", "introspect"]
 
+[[rules]]
+name = "report-introspectors"
+issuer = "bb"
+claims = {{ branchName = "ops/reports" }}
+roles = ["introspect"]
+role_targets = ["reports"]
+
 # The property tests mint far faster than any one CI identity would.
 [limits]
 identity_rate = 0
@@ -861,4 +868,52 @@ async fn upstream_revocations_are_retried_until_the_target_answers() {
     let bytes = common::all_bytes_under(env.dir.path());
     assert!(!common::contains(&bytes, "handle-"));
     assert!(!common::contains(&bytes, "upstream-token-"));
+}
+
+#[tokio::test]
+async fn a_caller_introspecting_some_targets_cannot_tell_a_genuine_token_of_another_from_a_forged_one(
+) {
+    let now = SystemClock.now();
+    let env = start(Arc::new(SystemClock), "").await;
+    let mine = token_at(&env, "main", DEV_REPOSITORY, now);
+    let narrow = token_at(&env, "ops/reports", DEV_REPOSITORY, now);
+    let other_target = mint(&env, &mine, "lease-api", None)
+        .await
+        .credential
+        .unwrap()
+        .token;
+    let report = mint(&env, &mine, "reports", None)
+        .await
+        .credential
+        .unwrap()
+        .token;
+    let mut forged = other_target.clone();
+    forged.push('A');
+    let genuine = introspect(&env, &narrow, &other_target).await;
+    let fake = introspect(&env, &narrow, &forged).await;
+    for r in [&genuine, &fake] {
+        assert!(!r.active);
+        assert_eq!(r.reason, "", "an inactive answer says nothing more");
+        assert!(r.lease.is_none());
+    }
+    assert_eq!(genuine, fake, "the two answers are the same");
+    // Its own target: active, with the lease.
+    let r = introspect(&env, &narrow, &report).await;
+    assert!(r.active, "{}", r.reason);
+    assert!(r.lease.is_some());
+    // The audit record keeps the real reason.
+    let refused = env
+        .records()
+        .await
+        .into_iter()
+        .filter(|r| r.entry.action == "introspect")
+        .any(|r| {
+            r.entry
+                .reason
+                .as_deref()
+                .unwrap_or("")
+                .contains("introspect")
+        });
+    assert!(refused, "the refusal is audited with its reason");
+    env.stop().await;
 }

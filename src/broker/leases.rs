@@ -629,6 +629,14 @@ impl Broker {
             return self.fail(entry, d.into(), started).await;
         }
         entry.credential_fingerprint = Some(crate::jose::sha256_hex(checked.as_bytes()));
+        // A caller whose role covers only some targets learns whether a token is active
+        // and nothing else when it is not: a reason (or a lease) would tell a genuine
+        // token of another target from a forged one. The audit record keeps the reason.
+        let narrowed = self.targets.keys().any(|t| {
+            self.policy()
+                .has_role_for(&caller.issuer_name, &caller.claims, Role::Introspect, t)
+                .is_err()
+        });
         let mut out = self.check_own_token(checked).await?;
         if let Some(l) = &out.lease {
             entry.lease_id = Some(l.id.clone());
@@ -650,7 +658,7 @@ impl Broker {
                 return Ok(Introspection {
                     active: false,
                     lease: None,
-                    reason: "caller may not introspect tokens of this target".into(),
+                    reason: String::new(),
                     subject: None,
                     audience: Vec::new(),
                 });
@@ -662,6 +670,10 @@ impl Broker {
         }
         entry.outcome = "allowed".into();
         entry.reason = (!out.reason.is_empty()).then(|| out.reason.clone());
+        if narrowed && !out.active {
+            out.reason.clear();
+            out.lease = None;
+        }
         entry
             .context
             .insert("active".into(), out.active.to_string());
