@@ -690,3 +690,37 @@ async fn oversized_requests_are_refused_and_the_server_keeps_serving() {
     env.mint(&t, "orders-api", &[], None).await.unwrap();
     env.stop().await;
 }
+
+/// The order of P-256: for a valid ECDSA signature (r, s), (r, n − s) is valid too.
+const P256_N: [u8; 32] = [
+    0xff, 0xff, 0xff, 0xff, 0x00, 0x00, 0x00, 0x00, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
+    0xbc, 0xe6, 0xfa, 0xad, 0xa7, 0x17, 0x9e, 0x84, 0xf3, 0xb9, 0xca, 0xc2, 0xfc, 0x63, 0x25, 0x51,
+];
+
+#[tokio::test]
+async fn a_malleated_es256_signature_is_the_same_token_to_the_replay_guard() {
+    let env = Env::start_with("jwks_cooldown = \"0s\"\nmax_mints_per_token = 1", "").await;
+    env.issuer.rotate(Alg::ES256, true);
+    let mut claims = env.claims("main");
+    claims.as_object_mut().unwrap().remove("jti");
+    let token = env.issuer.sign(&claims);
+    env.mint(&token, "orders-api", &[], None).await.unwrap();
+    // Re-sign the same content with s' = n - s: a different token, equally valid.
+    let (content, sig) = token.rsplit_once('.').unwrap();
+    let mut sig = latchkey::jose::b64_decode(sig).unwrap();
+    assert_eq!(sig.len(), 64, "JOSE ECDSA signature r || s");
+    let mut borrow = 0i16;
+    for i in (0..32).rev() {
+        let d = P256_N[i] as i16 - sig[32 + i] as i16 - borrow;
+        borrow = i16::from(d < 0);
+        sig[32 + i] = d.rem_euclid(256) as u8;
+    }
+    let malleated = format!("{content}.{}", b64(&sig));
+    assert_ne!(malleated, token);
+    let e = env
+        .mint(&malleated, "orders-api", &[], None)
+        .await
+        .unwrap_err();
+    assert!(e.message().contains("already used"), "{e:?}");
+    env.stop().await;
+}

@@ -150,7 +150,9 @@ impl Broker {
                     issuer: identity.issuer_name.clone(),
                     token_key: match &identity.jti {
                         Some(j) => format!("jti:{j}"),
-                        None => format!("sha256:{}", identity.token_fingerprint),
+                        // The signed content, not the token bytes: another valid signature
+                        // over the same claims is the same token.
+                        None => format!("signed:{}", identity.content_fingerprint),
                     },
                     max_uses: n,
                     expires_at: identity.expires_at,

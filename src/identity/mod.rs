@@ -85,6 +85,10 @@ pub struct WorkloadIdentity {
     pub expires_at: i64,
     /// SHA-256 (hex) of the token bytes: identifies the token without revealing it.
     pub token_fingerprint: String,
+    /// SHA-256 (hex) of the token's signed content (header and payload): the same for
+    /// every signature over that content, so a token re-signed or with its ECDSA
+    /// signature malleated (`s` → `n − s`) is still the same token to the replay guard.
+    pub content_fingerprint: String,
     /// Every raw claim, for rules and templates.
     pub claims: Arc<Map<String, Value>>,
 }

@@ -154,6 +154,7 @@ impl Preset {
             jti: s("jti"),
             expires_at: exp,
             token_fingerprint,
+            content_fingerprint: String::new(),
             claims: Arc::new(claims),
         })
     }

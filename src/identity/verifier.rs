@@ -169,8 +169,12 @@ impl Verifier {
         }
 
         check_claims(&parsed.claims, cfg, self.clock.now())?;
-        cfg.preset
-            .normalise(&cfg.name, parsed.claims, sha256_hex(token))
+        let content = sha256_hex(parsed.signing_input);
+        let mut id = cfg
+            .preset
+            .normalise(&cfg.name, parsed.claims, sha256_hex(token))?;
+        id.content_fingerprint = content;
+        Ok(id)
     }
 }
 

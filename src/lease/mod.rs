@@ -253,7 +253,7 @@ pub struct MintGuard {
 pub struct ReplayGuard {
     /// Issuer name.
     pub issuer: String,
-    /// `jti`, else the token's SHA-256.
+    /// `jti`, else the SHA-256 of the token's signed content (header and payload).
     pub token_key: String,
     /// Allowed mints.
     pub max_uses: u32,
