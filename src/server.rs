@@ -558,6 +558,7 @@ async fn report_health(
     use tonic_health::ServingStatus;
     let names = HEALTH_SERVICES;
     let mut was_ready = None;
+    let mut was_ready_once = false;
     loop {
         let r = broker.readiness().await;
         if was_ready != Some(r.ready) {
@@ -577,9 +578,17 @@ async fn report_health(
         for n in names {
             health.set_service_status(n, status).await;
         }
+        // Until the first time it is ready (issuer keys being fetched at start), look
+        // again soon: a probe sees SERVING as soon as Mint works, not an interval later.
+        let wait = if was_ready_once {
+            HEALTH_INTERVAL
+        } else {
+            HEALTH_INTERVAL.min(STARTUP_HEALTH_INTERVAL)
+        };
+        was_ready_once |= r.ready;
         tokio::select! {
             _ = stop.wait_for(|v| *v) => break,
-            _ = tokio::time::sleep(HEALTH_INTERVAL) => {}
+            _ = tokio::time::sleep(wait) => {}
         }
     }
     for n in names {
@@ -618,6 +627,8 @@ const HEALTH_SERVICES: [&str; 5] = [
 
 /// How often the gRPC health status is recomputed.
 const HEALTH_INTERVAL: Duration = Duration::from_secs(2);
+/// How often readiness is checked while the broker has not yet been ready.
+const STARTUP_HEALTH_INTERVAL: Duration = Duration::from_millis(100);
 
 async fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener, StartError> {
     tokio::net::TcpListener::bind(addr)

@@ -719,3 +719,21 @@ async fn readyz_shows_an_issuer_whose_refreshes_fail_while_its_last_keys_serve()
     assert!(bb.get("reason").is_none(), "{bb}");
     env.stop().await;
 }
+
+#[tokio::test]
+async fn grpc_health_is_serving_as_soon_as_the_broker_is_ready() {
+    let env = Env::start().await;
+    let started = std::time::Instant::now();
+    wait_health(&env, "", ServingStatus::Serving).await;
+    // Readiness is checked every 100 ms until the first time it holds (it was every 2 s,
+    // so probes saw NOT_SERVING for 2 s after a start while Mint already worked).
+    assert!(
+        started.elapsed() < std::time::Duration::from_millis(1500),
+        "SERVING after {:?}",
+        started.elapsed()
+    );
+    env.mint(&env.token("main"), "orders-api", &["orders:read"], None)
+        .await
+        .unwrap();
+    env.stop().await;
+}
