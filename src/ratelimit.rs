@@ -152,9 +152,11 @@ impl RateLimits {
         read(&self.identity).check(&identity_key.to_string())
     }
 
-    /// Counts one request from a source address.
+    /// Counts one request from a source address: an IPv4 address, or the IPv6 /64 it
+    /// belongs to (one host's usual allocation, so a host cannot multiply its budget by
+    /// changing the low bits of its address).
     pub fn check_source(&self, ip: IpAddr) -> Result<(), Exceeded> {
-        read(&self.source_ip).check(&ip)
+        read(&self.source_ip).check(&crate::net::source_key(ip))
     }
 
     /// Forgets callers whose allowance is full again, so the tables stay as small as the
@@ -198,6 +200,33 @@ mod tests {
         for _ in 0..1000 {
             r.check_source("127.0.0.1".parse().unwrap()).unwrap();
         }
+    }
+
+    #[test]
+    fn an_ipv6_slash_64_is_one_source() {
+        let r = RateLimits::new(Limits {
+            identity: Limit::OFF,
+            source_ip: Limit {
+                rate: 0.001,
+                burst: 2,
+            },
+        });
+        r.check_source("2001:db8:1:2::1".parse().unwrap()).unwrap();
+        r.check_source("2001:db8:1:2:ffff::9".parse().unwrap())
+            .unwrap();
+        assert!(
+            r.check_source("2001:db8:1:2:abcd::1".parse().unwrap())
+                .is_err(),
+            "the /64 shares one budget"
+        );
+        r.check_source("2001:db8:1:3::1".parse().unwrap())
+            .expect("another /64 has its own");
+        r.check_source("192.0.2.1".parse().unwrap()).unwrap();
+        r.check_source("::ffff:192.0.2.1".parse().unwrap()).unwrap();
+        assert!(
+            r.check_source("192.0.2.1".parse().unwrap()).is_err(),
+            "an IPv4-mapped address is its IPv4 address"
+        );
     }
 
     #[test]
