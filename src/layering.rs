@@ -246,7 +246,7 @@ fn no_import_cycles() {
 fn the_scanner_reads_paths_groups_and_skips_comments_and_strings() {
     assert_eq!(
         crate_paths(&code_of(
-            "use crate::store::{Store, StoreError}; // crate::config"
+            "use crate::store::{Store, StoreError}; // crate::server"
         )),
         ["store::"]
     );
@@ -256,11 +256,11 @@ fn the_scanner_reads_paths_groups_and_skips_comments_and_strings() {
     );
     assert_eq!(
         crate_paths(&code_of(
-            r#"let s = "crate::config"; f(crate::mint::build)"#
+            r#"let s = "crate::server"; f(crate::mint::build)"#
         )),
         ["mint::build"]
     );
-    assert!(crate_paths(&code_of("mycrate::config::X")).is_empty());
+    assert!(crate_paths(&code_of("mycrate::server::X")).is_empty());
     assert_eq!(target_of("store::sqlite::SqliteStore"), "store::sqlite");
     assert_eq!(target_of("store::Store"), "store");
     assert_eq!(node_of(Path::new("store/sqlite/audit.rs")), "store::sqlite");
