@@ -5,7 +5,7 @@ use latchkey::cli::{self, Cli, Command, LogFormat, PolicyCommand};
 
 /// mimalloc instead of glibc's malloc: under load the broker's request path allocates
 /// and frees small objects on every worker thread, where glibc spent about a tenth of its
-/// CPU (README "Performance").
+/// CPU (docs/performance.md).
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

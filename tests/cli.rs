@@ -625,7 +625,7 @@ async fn sighup_reloads_rules_and_refuses_a_bad_config() {
 }
 
 /// The load generator runs (a second, against a broker it starts) and reports sane fields.
-/// Only that it works: its numbers are benchmarks, read from the README, never asserted.
+/// Only that it works: its numbers are benchmarks, read from docs/performance.md, never asserted.
 #[test]
 fn bench_runs_for_a_second_and_reports_sane_fields() {
     let dir = tempfile::tempdir().unwrap();

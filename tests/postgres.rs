@@ -22,7 +22,7 @@ fn pg_url() -> Option<String> {
         Ok(u) if !u.is_empty() => Some(u),
         _ => {
             eprintln!(
-                "SKIPPED: {VAR} is not set; PostgreSQL target tests need a server (see README)"
+                "SKIPPED: {VAR} is not set; PostgreSQL target tests need a server (see CONTRIBUTING.md)"
             );
             None
         }

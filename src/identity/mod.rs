@@ -88,6 +88,7 @@ pub struct WorkloadIdentity {
     /// SHA-256 (hex) of the token's signed content (header and payload): the same for
     /// every signature over that content, so a token re-signed or with its ECDSA
     /// signature malleated (`s` → `n − s`) is still the same token to the replay guard.
+    /// Computed only for issuers with `max_mints_per_token` (empty otherwise).
     pub content_fingerprint: String,
     /// Every raw claim, for rules and templates.
     pub claims: Arc<Map<String, Value>>,

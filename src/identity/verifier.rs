@@ -169,7 +169,12 @@ impl Verifier {
         }
 
         check_claims(&parsed.claims, cfg, self.clock.now())?;
-        let content = sha256_hex(parsed.signing_input);
+        // Only the replay guard needs it (for tokens without `jti`): not hashed otherwise.
+        let content = if cfg.max_mints_per_token.is_some() {
+            sha256_hex(parsed.signing_input)
+        } else {
+            String::new()
+        };
         let mut id = cfg
             .preset
             .normalise(&cfg.name, parsed.claims, sha256_hex(token))?;
