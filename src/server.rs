@@ -324,6 +324,13 @@ pub async fn start_with_minters(
         .filter_map(|t| t.kind.signing_alg().map(|a| (t.name.clone(), a)))
         .collect();
     let keys = Arc::new(load_key_ring(store.as_ref(), master, &wanted, &clock).await?);
+    keys.set_private_targets(
+        cfg.targets
+            .iter()
+            .filter(|t| t.own_issuer)
+            .map(|t| t.name.clone())
+            .collect(),
+    );
     let signer = Arc::new(load_audit_signer(store.as_ref(), master, &clock).await?);
     let status = Arc::new(AuditStatus::default());
     let checkpointer = Checkpointer::new(

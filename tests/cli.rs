@@ -433,7 +433,7 @@ async fn dev_runs_the_whole_flow_in_one_command() {
     // The dev config also has a Pulsar and an Airflow target, granted to main.
     for (target, scope, field) in [
         ("pulsar", "orders-produce", "orders-writer"),
-        ("airflow", "dags-run", "OP"),
+        ("airflow", "dags-run", "USER"),
     ] {
         let out = tokio::task::block_in_place(|| {
             Command::new(BIN)

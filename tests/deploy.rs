@@ -667,7 +667,7 @@ impl Dev {
             calls,
             [
                 ("pulsar".to_string(), "orders-writer".to_string()),
-                ("airflow".to_string(), "OP".to_string())
+                ("airflow".to_string(), "USER".to_string())
             ],
             "{name}"
         );

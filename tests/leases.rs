@@ -758,6 +758,7 @@ impl latchkey::mint::Minter for FakeUpstream {
         &self,
         _lease_id: &str,
         upstream: Option<&latchkey::secret::SecretString>,
+        _expires_at: i64,
     ) -> Result<(), latchkey::mint::MintError> {
         if self.fail_revoke.load(std::sync::atomic::Ordering::SeqCst) {
             return Err(latchkey::mint::MintError::Upstream {

@@ -355,8 +355,27 @@ async fn a_young_next_key_defers_and_a_leaked_key_can_be_dropped_at_once() {
         "says verifiers may lag: {}",
         r[0].detail
     );
+    assert!(
+        r[0].detail.contains("1 live lease(s) it signed revoked"),
+        "{}",
+        r[0].detail
+    );
     assert!(!jwks_kids(&env).await.contains(&kid(&leaked)));
     assert!(!verifies(&env, &leaked).await);
+    let revoked: Vec<_> = env
+        .records()
+        .await
+        .into_iter()
+        .filter(|r| r.entry.action == "revoke")
+        .collect();
+    assert_eq!(
+        revoked.len(),
+        1,
+        "the leaked key's lease is revoked, audited"
+    );
+    let reason = revoked[0].entry.reason.clone().unwrap_or_default();
+    assert!(reason.contains("dropped (forced rotation)"), "{reason}");
+    assert_eq!(revoked[0].entry.context["kid"], kid(&leaked));
     let intro = env
         .leases()
         .introspect(authed(
@@ -397,6 +416,65 @@ async fn a_young_next_key_defers_and_a_leaked_key_can_be_dropped_at_once() {
         .await
         .iter()
         .any(|r| r.entry.action == "rotation_run" && r.entry.outcome == "denied"));
+    env.stop().await;
+}
+
+#[tokio::test]
+async fn an_airflow_key_waits_an_hour_whatever_jwks_cache_says() {
+    // Airflow reads the JWKS at most hourly: with [rotation] jwks_cache = 5m, the next
+    // key of an airflow target still waits an hour; a jwt target's waits 5 minutes.
+    let t0 = SystemClock.now();
+    let clock = ManualClock::new(t0);
+    let extra = extra().replace(
+        "[rotation]",
+        "[[targets]]\nname = \"rot-air\"\nkind = \"airflow\"\nalgorithm = \"ES256\"\nrole = \"viewer\"\n\n[rotation]",
+    );
+    let env = Env::start_full(
+        "jwks_cooldown = \"0s\"",
+        "",
+        &extra,
+        Arc::new(clock.clone()),
+    )
+    .await;
+    let rotate = |target: &'static str, now: i64| {
+        let env = &env;
+        async move {
+            rotation(env)
+                .rotate(authed(
+                    RotateRequest {
+                        target: target.into(),
+                        root: false,
+                        drop_old: false,
+                    },
+                    &token_at(env, "ops/rotate", now),
+                ))
+                .await
+                .unwrap()
+                .into_inner()
+                .results
+                .remove(0)
+        }
+    };
+    clock.set(t0 + 600);
+    assert_eq!(rotate("rot-api", t0 + 600).await.outcome, "rotated");
+    let r = rotate("rot-air", t0 + 600).await;
+    assert_eq!(r.outcome, "deferred", "{r:?}");
+    assert_eq!(r.next_due.as_ref().unwrap().seconds, t0 + 3600);
+    let when = latchkey::clock::rfc3339(t0 + 3600);
+    assert!(
+        r.detail.contains(&format!("may sign from {when}")),
+        "{}",
+        r.detail
+    );
+    assert!(
+        r.detail
+            .contains("airflow verifiers cache the JWKS for up to 1h")
+            && r.detail.contains("--drop-old"),
+        "{}",
+        r.detail
+    );
+    clock.set(t0 + 3600);
+    assert_eq!(rotate("rot-air", t0 + 3600).await.outcome, "rotated");
     env.stop().await;
 }
 

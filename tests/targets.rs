@@ -12,6 +12,7 @@ use common::{all_bytes_under, authed, contains, Env};
 use latchkey::clock::{Clock, SystemClock};
 use latchkey::devissuer::DEV_REPOSITORY;
 use latchkey::transport::pb::RevokeRequest;
+use serde_json::{json, Value};
 use std::path::Path;
 use std::sync::Arc;
 use tonic::Code;
@@ -300,6 +301,7 @@ roles = { "dags-read" = "viewer", "dags-run" = "Op" }
         .mint(&env.token("main"), "airflow", &["dags-run"], Some(300))
         .await
         .unwrap();
+    let lease_id = m.lease.as_ref().unwrap().id.clone();
     let token = m.credential.unwrap().token;
     // Airflow with trusted_jwks_url, jwt_algorithm=ES256, jwt_audience=apache-airflow,
     // jwt_issuer set: kid required, alg equal to the JWK's, sub/aud/exp/iat/nbf required.
@@ -311,10 +313,115 @@ roles = { "dags-read" = "viewer", "dags-run" = "Op" }
         assert!(claims.get(c).is_some(), "{c} missing: {claims}");
     }
     assert_eq!(claims["role"], "OP");
+    // Airflow keeps revoked ids in 32 characters: the lease id without its hyphens.
+    assert_eq!(claims["jti"], lease_id.replace('-', ""));
+    assert_eq!(claims["jti"].as_str().unwrap().len(), 32);
     assert_eq!(claims["sub"], format!("ci-{DEV_REPOSITORY}"));
     let header = jsonwebtoken::decode_header(&token).unwrap();
     assert_eq!(header.alg, jsonwebtoken::Algorithm::ES256);
     assert!(header.kid.is_some());
+    env.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_target_with_its_own_issuer_is_trusted_only_through_its_own_documents() {
+    // Two airflow targets with one audience: `airflow-a` signs under the broker's issuer
+    // and shared JWKS, `airflow-b` under its own (what the config demands of them).
+    let mut extra = String::from(
+        r#"
+[[targets]]
+name = "airflow-a"
+kind = "airflow"
+algorithm = "ES256"
+role = "viewer"
+
+[[targets]]
+name = "airflow-b"
+kind = "airflow"
+algorithm = "RS256"
+role = "admin"
+token_issuer = "target"
+
+[[rules]]
+name = "introspectors"
+issuer = "bb"
+claims = { branchName = "ops/introspect" }
+roles = ["introspect"]
+"#,
+    );
+    extra += &allow("airflow-a", "airflow-a", &[]);
+    extra += &allow("airflow-b", "airflow-b", &[]);
+    let env = start(&extra).await;
+    let mint = |t: &'static str| {
+        let env = &env;
+        async move {
+            env.mint(&env.token("main"), t, &[], Some(300))
+                .await
+                .unwrap()
+                .credential
+                .unwrap()
+                .token
+        }
+    };
+    let (a, b) = (mint("airflow-a").await, mint("airflow-b").await);
+    let b_iss = format!("{ISSUER_URL}/targets/airflow-b");
+    let shared = format!("{}/latchkey/.well-known/jwks.json", env.http);
+    let jwks = |t: &str| format!("{}/latchkey/targets/{t}/.well-known/jwks.json", env.http);
+
+    // Each verifies through its own documents, with its own iss ...
+    let claims = verify_jwt(&jwks("airflow-b"), &b, &b_iss, "apache-airflow", None)
+        .await
+        .unwrap();
+    assert_eq!(claims["role"], "ADMIN");
+    verify_jwt(&jwks("airflow-a"), &a, ISSUER_URL, "apache-airflow", None)
+        .await
+        .unwrap();
+    verify_jwt(&shared, &a, ISSUER_URL, "apache-airflow", None)
+        .await
+        .unwrap();
+    // ... and nowhere else: b's keys are not in the shared JWKS nor in a's, a's not in b's.
+    let unknown = |r: Result<Value, String>| assert_eq!(r.unwrap_err(), "unknown kid");
+    unknown(verify_jwt(&shared, &b, &b_iss, "apache-airflow", None).await);
+    unknown(verify_jwt(&jwks("airflow-a"), &b, &b_iss, "apache-airflow", None).await);
+    unknown(verify_jwt(&jwks("airflow-b"), &a, ISSUER_URL, "apache-airflow", None).await);
+
+    // b's discovery document names its own issuer and JWKS, as OIDC discovery requires;
+    // a target without its own issuer has none, and unknown targets are 404.
+    let get = |path: String| async move {
+        let r = reqwest::get(path).await.unwrap();
+        let status = r.status().as_u16();
+        (status, r.json::<Value>().await.unwrap_or(Value::Null))
+    };
+    let (status, doc) = get(format!(
+        "{}/latchkey/targets/airflow-b/.well-known/openid-configuration",
+        env.http
+    ))
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(doc["issuer"], b_iss.as_str());
+    assert_eq!(doc["jwks_uri"], format!("{b_iss}/.well-known/jwks.json"));
+    assert_eq!(
+        doc["id_token_signing_alg_values_supported"],
+        json!(["RS256"])
+    );
+    for path in [
+        "airflow-a/.well-known/openid-configuration",
+        "nope/.well-known/openid-configuration",
+        "nope/.well-known/jwks.json",
+    ] {
+        let (status, _) = get(format!("{}/latchkey/targets/{path}", env.http)).await;
+        assert_eq!(status, 404, "{path}");
+    }
+    // Introspection knows both issuers.
+    let introspector = env.token("ops/introspect");
+    for t in [&a, &b] {
+        let i = env
+            .broker()
+            .introspect(Some(&introspector), t, "r")
+            .await
+            .unwrap();
+        assert!(i.active, "{}", i.reason);
+    }
     env.stop().await;
 }
 

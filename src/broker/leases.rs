@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 /// behind one commit waits milliseconds.
 const REVOKE_PAGE: usize = 250;
 /// Most leases one bulk revocation takes (run it again for more).
-const MAX_BULK: usize = 5_000_000;
+pub(super) const MAX_BULK: usize = 5_000_000;
 
 /// A renewal request in domain form.
 #[derive(Debug, Default)]
@@ -179,7 +179,7 @@ fn filter_context(f: &LeaseFilter) -> BTreeMap<String, String> {
 
 impl Broker {
     /// An audit entry about an existing lease: the lease holder's identity, the target.
-    fn lease_entry(
+    pub(super) fn lease_entry(
         &self,
         action: &str,
         request_id: &str,
@@ -511,57 +511,30 @@ impl Broker {
             .await
             .map_err(BrokerError::Store)?;
         summary.matched = ids.len() as u64;
-        for chunk in ids.chunks(REVOKE_PAGE) {
-            if req.dry_run {
-                break;
-            }
-            let page: Vec<LeaseRecord> = self
-                .store
-                .leases_by_id(chunk)
-                .await
-                .map_err(BrokerError::Store)?
-                .into_iter()
-                .filter(|l| l.is_live(now))
-                .collect();
-            let changes = page
-                .iter()
-                .map(|l| {
-                    let mut e = self.lease_entry("revoke", request_id, None, l);
-                    e.outcome = "allowed".into();
-                    e.token_fingerprint = Some(caller.token_fingerprint.clone());
-                    e.reason = Some(format!("revoked by {}", truncate(&caller.key, 256)));
-                    e.context = BTreeMap::from([
-                        ("actor".to_string(), truncate(&caller.key, 256)),
-                        ("actor_issuer".to_string(), caller.issuer_name.clone()),
-                        (
-                            "reason".to_string(),
-                            truncate(&req.reason, limits::CONTEXT_VALUE_LEN),
-                        ),
-                    ]);
-                    (revocation_change(l, now), Some(e))
-                })
-                .collect();
-            let applied = self
-                .store
-                .commit_changes(changes)
-                .await
-                .map_err(BrokerError::Audit)?;
-            let mut upstream = Vec::new();
-            for (l, ok) in page.into_iter().zip(applied) {
-                if ok {
-                    summary.revoked += 1;
-                    if l.upstream.is_some() {
-                        upstream.push(LeaseRecord {
-                            state: LeaseState::Revoking,
-                            revoked_at: Some(now),
-                            ..l
-                        });
-                    }
-                }
-            }
-            summary
-                .failed
-                .extend(self.reaper.settle_many(upstream, now).await);
+        if !req.dry_run {
+            let (revoked, failed) = self
+                .revoke_ids(
+                    &ids,
+                    now,
+                    |_| true,
+                    |l| {
+                        let mut e = self.lease_entry("revoke", request_id, None, l);
+                        e.token_fingerprint = Some(caller.token_fingerprint.clone());
+                        e.reason = Some(format!("revoked by {}", truncate(&caller.key, 256)));
+                        e.context = BTreeMap::from([
+                            ("actor".to_string(), truncate(&caller.key, 256)),
+                            ("actor_issuer".to_string(), caller.issuer_name.clone()),
+                            (
+                                "reason".to_string(),
+                                truncate(&req.reason, limits::CONTEXT_VALUE_LEN),
+                            ),
+                        ]);
+                        e
+                    },
+                )
+                .await?;
+            summary.revoked = revoked;
+            summary.failed = failed;
         }
         entry.outcome = "allowed".into();
         for (k, v) in [
@@ -574,6 +547,58 @@ impl Broker {
         log_decision(&entry, started, None);
         self.store.append(entry).await.map_err(BrokerError::Audit)?;
         Ok(summary)
+    }
+
+    /// Revokes the leases among `ids` that are live and `keep` accepts, a page at a time:
+    /// each page one transaction with one audit record per lease (`audit` makes it; its
+    /// outcome is set here), then the page's upstream revocations. Answers how many were
+    /// revoked and the upstream failures (lease id, reason), which the reaper retries.
+    pub(super) async fn revoke_ids(
+        &self,
+        ids: &[String],
+        now: i64,
+        keep: impl Fn(&LeaseRecord) -> bool,
+        audit: impl Fn(&LeaseRecord) -> AuditEntry,
+    ) -> Result<(u64, Vec<(String, String)>), BrokerError> {
+        let (mut revoked, mut failed) = (0, Vec::new());
+        for chunk in ids.chunks(REVOKE_PAGE) {
+            let page: Vec<LeaseRecord> = self
+                .store
+                .leases_by_id(chunk)
+                .await
+                .map_err(BrokerError::Store)?
+                .into_iter()
+                .filter(|l| l.is_live(now) && keep(l))
+                .collect();
+            let changes = page
+                .iter()
+                .map(|l| {
+                    let mut e = audit(l);
+                    e.outcome = "allowed".into();
+                    (revocation_change(l, now), Some(e))
+                })
+                .collect();
+            let applied = self
+                .store
+                .commit_changes(changes)
+                .await
+                .map_err(BrokerError::Audit)?;
+            let mut upstream = Vec::new();
+            for (l, ok) in page.into_iter().zip(applied) {
+                if ok {
+                    revoked += 1;
+                    if l.upstream.is_some() {
+                        upstream.push(LeaseRecord {
+                            state: LeaseState::Revoking,
+                            revoked_at: Some(now),
+                            ..l
+                        });
+                    }
+                }
+            }
+            failed.extend(self.reaper.settle_many(upstream, now).await);
+        }
+        Ok((revoked, failed))
     }
 
     /// Lists leases (`auditor` role; `admin` implies it). The listing itself is audited.
@@ -695,7 +720,13 @@ impl Broker {
         let Ok(p) = jwt::parse(t) else {
             return inactive("malformed token", None);
         };
-        if p.claims.get("iss").and_then(Value::as_str) != Some(self.issuer_url.as_str()) {
+        let iss = p.claims.get("iss").and_then(Value::as_str).unwrap_or("");
+        let ours = iss == self.issuer_url
+            || iss
+                .strip_prefix(self.issuer_url.as_str())
+                .and_then(|rest| rest.strip_prefix("/targets/"))
+                .is_some_and(|t| self.target_issuer(t).is_some_and(|(_, own)| own));
+        if !ours {
             return inactive("not issued by this broker", None);
         }
         let (Some(alg), Some(kid)) = (Alg::parse(&p.alg), p.kid.as_deref()) else {
@@ -710,12 +741,23 @@ impl Broker {
         ) else {
             return inactive("token lacks jti or exp", None);
         };
-        if !lease::valid_id(jti) {
-            return inactive("unknown lease", None);
-        }
-        let Some(l) = self.store.lease(jti).await.map_err(BrokerError::Store)? else {
+        let Some(lease_id) = lease::id_from_jti(jti) else {
             return inactive("unknown lease", None);
         };
+        let Some(l) = self
+            .store
+            .lease(&lease_id)
+            .await
+            .map_err(BrokerError::Store)?
+        else {
+            return inactive("unknown lease", None);
+        };
+        if self
+            .target_issuer(&l.target)
+            .is_some_and(|(t_iss, _)| t_iss != iss)
+        {
+            return inactive("not issued for this lease's target", None);
+        }
         let now = self.clock.now();
         let renewable = self
             .targets

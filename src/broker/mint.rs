@@ -238,7 +238,11 @@ impl Broker {
                 if credential.upstream.is_some() {
                     if let Err(u) = target
                         .minter
-                        .revoke(&lease_id, credential.upstream.as_ref())
+                        .revoke(
+                            &lease_id,
+                            credential.upstream.as_ref(),
+                            credential.expires_at,
+                        )
                         .await
                     {
                         tracing::error!(lease_id = %lease_id, target = %req.target, error = %u, "could not undo an upstream credential after a failed commit");

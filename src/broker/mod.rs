@@ -82,7 +82,7 @@ pub mod limits {
 /// A lease as callers see it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Lease {
-    /// Lease id (also the credential's `jti`).
+    /// Lease id (also the credential's `jti`; Airflow tokens carry it without hyphens).
     pub id: String,
     /// Target.
     pub target: String,
@@ -351,9 +351,18 @@ impl Broker {
         self.rotation_cfg.jwks_cache.as_secs()
     }
 
-    /// The `iss` of minted tokens.
+    /// The broker's issuer URL: the `iss` of minted tokens, except those of targets
+    /// with their own issuer.
     pub fn issuer_url(&self) -> &str {
         &self.issuer_url
+    }
+
+    /// For a target that signs with a broker key: the `iss` of its tokens, and whether
+    /// it is the target's own (`token_issuer = "target"`). `None` for other targets.
+    pub fn target_issuer(&self, target: &str) -> Option<(String, bool)> {
+        let t = self.targets.get(target)?;
+        t.cfg.kind.signing_alg()?;
+        Some((t.cfg.issuer_url(&self.issuer_url), t.cfg.own_issuer))
     }
 
     fn entry(

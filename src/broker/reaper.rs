@@ -97,7 +97,12 @@ impl Reaper {
                 Some(SecretString::new(s))
             }
         };
-        match tokio::time::timeout(UPSTREAM_TIMEOUT, minter.revoke(&l.id, handle.as_ref())).await {
+        match tokio::time::timeout(
+            UPSTREAM_TIMEOUT,
+            minter.revoke(&l.id, handle.as_ref(), l.expires_at),
+        )
+        .await
+        {
             Ok(r) => r.map_err(|e| e.to_string()),
             Err(_) => Err("upstream revocation timed out".into()),
         }
@@ -378,6 +383,7 @@ mod tests {
             &self,
             _lease_id: &str,
             upstream: Option<&SecretString>,
+            _expires_at: i64,
         ) -> Result<(), MintError> {
             if self.calls.fetch_add(1, Ordering::SeqCst) < self.fail_first {
                 return Err(MintError::Upstream {

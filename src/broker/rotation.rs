@@ -11,6 +11,7 @@
 
 use super::{Broker, BrokerError};
 use crate::audit::AuditEntry;
+use crate::clock::rfc3339;
 use crate::identity::WorkloadIdentity;
 use crate::keys::{new_stored_key, plan_rotation, removable, KeyState, OldKey, RotationPlan};
 use crate::policy::Role;
@@ -53,6 +54,21 @@ impl Default for RotationConfig {
 const LOCK: &str = "rotation";
 /// Clock skew allowed to verifiers of tokens signed by a retired key.
 const RETIRE_LEEWAY_SECS: i64 = 60;
+/// What a deferred forced rotation tells the operator.
+const AGAIN: &str = "run it again then, or, if the current key leaked, force it with --drop-old (verifiers may refuse the new key's tokens until they fetch the JWKS again)";
+
+/// Why a next key waits this long, for messages.
+fn cache_reason(t: &crate::mint::TargetConfig, cache_secs: i64) -> String {
+    let period = humantime::format_duration(Duration::from_secs(cache_secs.max(0) as u64));
+    if t.kind.verifier_cache_floor().as_secs() as i64 >= cache_secs {
+        format!(
+            "{} verifiers cache the JWKS for up to {period}",
+            t.kind.name()
+        )
+    } else {
+        format!("[rotation] jwks_cache is {period}")
+    }
+}
 
 /// Who asked for a rotation run.
 #[derive(Debug, Clone, Copy)]
@@ -429,7 +445,7 @@ impl Broker {
             }
         }
         let drop_old = force.is_some_and(|f| f.drop_old);
-        let cache_secs = self.rotation_cfg.jwks_cache.as_secs() as i64;
+        let cache_secs = self.verifier_cache(&target.cfg).as_secs() as i64;
         let token_secs = target.cfg.max_ttl.as_secs() as i64 + RETIRE_LEEWAY_SECS;
         let (next_kid, current, ready) = match plan_rotation(
             &keys, now, cache_secs, token_secs, drop_old,
@@ -460,7 +476,12 @@ impl Broker {
                 return Ok(ItemResult {
                     item: name,
                     outcome: Outcome::Deferred,
-                    detail: format!("published next key {kid}; it signs from {ready}"),
+                    detail: format!(
+                        "published next key {kid}; it may sign from {} ({}); {}",
+                        rfc3339(ready),
+                        cache_reason(&target.cfg, cache_secs),
+                        AGAIN
+                    ),
                     next_due: Some(ready),
                 });
             }
@@ -469,7 +490,10 @@ impl Broker {
                         item: name,
                         outcome: Outcome::Deferred,
                         detail: format!(
-                            "next key {next} has been published for less than the JWKS cache period; it may sign from {ready}"
+                            "next key {next} has been published for less than the verifiers' cache period; it may sign from {} ({}); {}",
+                            rfc3339(ready),
+                            cache_reason(&target.cfg, cache_secs),
+                            AGAIN
                         ),
                         next_due: Some(ready),
                     });
@@ -508,23 +532,24 @@ impl Broker {
         };
         phase("activate", &next_kid, format!("key {next_kid} now signs"));
         let mut detail = format!("now signing with {next_kid}");
-        match current {
+        match current.clone() {
             Some((cur, OldKey::Drop)) => {
                 step.remove.push(cur.clone());
+                let cached = humantime::format_duration(Duration::from_secs(cache_secs as u64));
                 phase(
                     "drop",
                     &cur,
                     format!(
-                        "key {cur} removed at once (forced): tokens it signed no longer verify"
+                        "key {cur} removed at once (forced): the broker no longer publishes it; verifiers that cached the JWKS (up to {cached}) still accept what it signs until they fetch it again"
                     ),
                 );
                 detail.push_str(&format!(
-                    "; {cur} removed at once, tokens it signed no longer verify"
+                    "; {cur} removed at once: verifiers that cached the JWKS (up to {cached}) accept tokens it signed, and tokens forged with it, until they fetch the JWKS again (restart them to stop that now)"
                 ));
                 if ready > now {
                     detail.push_str(&format!(
-                        "; {next_kid} signs before a full JWKS cache period: verifiers may refuse its tokens until their cache expires (up to {}s)",
-                        ready - now
+                        "; {next_kid} signs before the verifiers' cache period has passed: they may refuse its tokens until {}",
+                        rfc3339(ready)
                     ));
                 }
             }
@@ -540,10 +565,11 @@ impl Broker {
                     "retire",
                     &cur,
                     format!(
-                        "key {cur} retired; published until {remove_at}, when every token it signed has expired"
+                        "key {cur} retired; published until {}, when every token it signed has expired",
+                        rfc3339(remove_at)
                     ),
                 );
-                detail.push_str(&format!("; {cur} retired until {remove_at}"));
+                detail.push_str(&format!("; {cur} retired until {}", rfc3339(remove_at)));
             }
             None => {}
         }
@@ -555,13 +581,99 @@ impl Broker {
         detail.push_str(&format!("; next key {}", fresh.kid));
         step.insert.push(fresh);
         step.audit = audit;
+        let dropped = match &current {
+            Some((cur, OldKey::Drop)) => Some(
+                keys.iter()
+                    .find(|k| &k.kid == cur)
+                    .and_then(|k| k.activated_at)
+                    .unwrap_or(0),
+            ),
+            _ => None,
+        };
         self.commit_step(step).await?;
+        if let (Some(since), Some((cur, _))) = (dropped, &current) {
+            detail.push_str(
+                &self
+                    .revoke_signed_by(who, request_id, item, cur, since)
+                    .await?,
+            );
+        }
         Ok(ItemResult {
             next_due: item.schedule.map(|s| next_due(&s, Some(now), now, offset)),
             item: name,
             outcome: Outcome::Rotated,
             detail,
         })
+    }
+
+    /// How long the target's verifiers may cache its JWKS: `[rotation] jwks_cache`, and
+    /// never less than what the target kind is known to cache (Airflow reads a JWKS at
+    /// most hourly and never refetches on an unknown `kid`).
+    fn verifier_cache(&self, t: &crate::mint::TargetConfig) -> Duration {
+        self.rotation_cfg
+            .jwks_cache
+            .max(t.kind.verifier_cache_floor())
+    }
+
+    /// After a forced drop of key `kid` (current since `since`): revokes every live lease
+    /// of the target whose credential that key may have signed (issued since, or renewed),
+    /// one audit record each. Their tokens no longer verify here; where the target can
+    /// revoke (an airflow target with `api_url`), the revocation reaches it too, retried
+    /// by the reaper until it does. Answers a note for the report.
+    async fn revoke_signed_by(
+        &self,
+        who: &Option<WorkloadIdentity>,
+        request_id: &str,
+        item: &Item,
+        kid: &str,
+        since: i64,
+    ) -> Result<String, BrokerError> {
+        let target = &self.targets[&item.target];
+        if !target.cfg.kind.credential_is_signed() {
+            return Ok(String::new());
+        }
+        let now = self.clock.now();
+        let filter = crate::lease::LeaseFilter {
+            target: Some(item.target.clone()),
+            ..Default::default()
+        };
+        let ids = self
+            .store
+            .lease_ids(&filter, now, super::leases::MAX_BULK)
+            .await
+            .map_err(BrokerError::Store)?;
+        let reason = format!("signing key {kid} dropped (forced rotation)");
+        let (revoked, failed) = self
+            .revoke_ids(
+                &ids,
+                now,
+                |l| l.issued_at >= since || l.renew_count > 0,
+                |l| {
+                    let mut e = self.lease_entry("revoke", request_id, None, l);
+                    e.reason = Some(reason.clone());
+                    e.context.insert("kid".into(), kid.to_string());
+                    match who {
+                        Some(id) => {
+                            e.context.insert("actor".into(), id.key.clone());
+                            e.context
+                                .insert("actor_issuer".into(), id.issuer_name.clone());
+                        }
+                        None => {
+                            e.context.insert("by".into(), "scheduler".into());
+                        }
+                    }
+                    e
+                },
+            )
+            .await?;
+        let mut note = format!("; {revoked} live lease(s) it signed revoked");
+        if !failed.is_empty() {
+            note.push_str(&format!(
+                ", {} not yet revoked at the target (the reaper retries)",
+                failed.len()
+            ));
+        }
+        Ok(note)
     }
 
     async fn rotate_root(

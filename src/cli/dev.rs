@@ -97,7 +97,7 @@ max_ttl = "1h"
 name = "airflow"
 kind = "airflow"
 algorithm = "ES256"
-roles = {{ "dags-read" = "viewer", "dags-run" = "op" }}
+roles = {{ "dags-read" = "viewer", "dags-run" = "user" }}
 
 [[rules]]
 name = "data-pipelines-on-main"

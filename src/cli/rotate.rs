@@ -39,22 +39,35 @@ fn when(t: Option<&prost_types::Timestamp>) -> String {
     t.map(|t| rfc3339(t.seconds)).unwrap_or_else(|| "-".into())
 }
 
-/// Prints a report; answers the exit status (1 when anything failed).
-fn report(r: &pb::RotationReport) -> i32 {
+/// Exit status of `--now` when the rotation was deferred (nothing rotated yet).
+pub const EXIT_DEFERRED: i32 = 2;
+
+/// Prints a report; answers the exit status: 1 when anything failed, [`EXIT_DEFERRED`]
+/// when a forced rotation was deferred, else 0.
+fn report(r: &pb::RotationReport, forced: bool) -> i32 {
     let mut failed = false;
+    let mut deferred = false;
     for x in &r.results {
         failed |= x.outcome == "failed";
+        deferred |= x.outcome == "deferred";
         let next = match &x.next_due {
             Some(t) => format!(" (next due {})", rfc3339(t.seconds)),
             None => String::new(),
         };
         println!("{:<32} {:<9} {}{}", x.item, x.outcome, x.detail, next);
     }
-    i32::from(failed)
+    if failed {
+        1
+    } else if forced && deferred {
+        EXIT_DEFERRED
+    } else {
+        0
+    }
 }
 
 /// Runs the command: 0 when everything asked for worked (or was not due), 1 when a
-/// rotation failed or the broker refused.
+/// rotation failed or the broker refused, 2 when `--now` was deferred because the next
+/// key has not been published long enough for the target's verifiers.
 pub async fn run(a: Args) -> i32 {
     let r = async {
         let token = a.conn.token.read()?;
@@ -124,7 +137,7 @@ pub async fn run(a: Args) -> i32 {
         }
         .map_err(|e| status_line(&e))?
         .into_inner();
-        Ok::<i32, String>(report(&r))
+        Ok::<i32, String>(report(&r, a.now))
     }
     .await;
     r.unwrap_or_else(|e| {

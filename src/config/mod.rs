@@ -297,6 +297,19 @@ impl Checker<'_> {
                     format!("duplicate target name {:?}", t.name),
                 ));
             }
+            if let Some((other, aud)) = targets
+                .iter()
+                .find_map(|x| shared_audience(x, &t).map(|a| (x, a)))
+            {
+                return Err(self.err(
+                    format!("{key}.token_issuer"),
+                    format!(
+                        "target {:?} also signs tokens for audience {aud:?} with keys in the shared JWKS, so a verifier trusting {iss}/.well-known/jwks.json would take either target's tokens for the other's. Set token_issuer = \"target\" on one of them (it then signs as {iss}/targets/<name>, with its own discovery document and JWKS), or give each its own audience",
+                        other.name,
+                        iss = server.issuer_url,
+                    ),
+                ));
+            }
             if let Some(other) = targets.iter().find(|x| same_role_space(x, &t)) {
                 return Err(self.err(
                     format!("{key}.role_prefix"),
@@ -332,18 +345,6 @@ impl Checker<'_> {
             rules.push(r);
         }
         let rotation = self.rotation(raw.rotation)?;
-        for (i, t) in targets.iter().enumerate() {
-            if matches!(t.kind, TargetKind::Airflow(_))
-                && t.rotation.is_some()
-                && rotation.jwks_cache < Duration::from_secs(3600)
-            {
-                return Err(self.err(
-                    format!("targets[{i}].rotation"),
-                    "Airflow reads the JWKS at most hourly and never refetches on an unknown kid: \
-                     set [rotation] jwks_cache to at least 1h so a new key is published an hour before it signs",
-                ));
-            }
-        }
         Ok(Config {
             source: self.file.into(),
             server,
@@ -799,6 +800,25 @@ impl Checker<'_> {
                  (latchkey rotate --target … --now, then re-export the key to Pulsar)",
             ));
         }
+        let own_issuer = match r.token_issuer.as_deref() {
+            None | Some("broker") => false,
+            Some("target") => true,
+            Some(other) => {
+                return Err(self.err(
+                    format!("{key}.token_issuer"),
+                    format!("{other:?} is not a token issuer; use \"broker\" or \"target\""),
+                ))
+            }
+        };
+        if own_issuer && kind.signing_alg().is_none() {
+            return Err(self.err(
+                format!("{key}.token_issuer"),
+                format!(
+                    "kind {} does not sign with a broker key here; token_issuer does not apply",
+                    kind.name()
+                ),
+            ));
+        }
         if rotation.is_some() && kind.signing_alg().is_none() {
             return Err(self.err(
                 format!("{key}.rotation"),
@@ -816,9 +836,31 @@ impl Checker<'_> {
             max_live_leases: r.max_live_leases,
             rotation,
             root_rotation,
+            own_issuer,
             kind,
         })
     }
+}
+
+/// The audience two targets' tokens share while both publish their keys in the shared
+/// JWKS under the broker's issuer: a verifier of that JWKS, checking `iss` and `aud` as
+/// our docs say, could not tell their tokens apart.
+/// Two targets whose signed tokens only the broker itself presents (the assertions of a
+/// Databricks federation or an OAuth2 token exchange) are no risk to each other: no
+/// caller ever holds one.
+fn shared_audience(a: &TargetConfig, b: &TargetConfig) -> Option<String> {
+    if a.own_issuer || b.own_issuer {
+        return None;
+    }
+    if !a.kind.credential_is_signed() && !b.kind.credential_is_signed() {
+        return None;
+    }
+    let theirs = b.kind.token_audiences();
+    a.kind
+        .token_audiences()
+        .into_iter()
+        .find(|x| theirs.contains(x))
+        .map(str::to_string)
 }
 
 /// Whether two `postgres` targets make roles under one prefix on one server (the URL's

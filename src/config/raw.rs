@@ -144,6 +144,7 @@ pub struct RawTarget {
     pub rotation_window: Option<String>,
     pub root_rotation: Option<Dur>,
     pub root_rotation_window: Option<String>,
+    pub token_issuer: Option<String>,
     #[serde(flatten)]
     pub settings: toml::Table,
 }

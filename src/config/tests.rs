@@ -508,7 +508,9 @@ fn target_kinds_refuse_what_their_systems_cannot_take() {
         ("kind = \"airflow\"\nrole = \"viewer\"", "algorithm", "RS512"),
         ("kind = \"airflow\"\nalgorithm = \"RS256\"\nrole = \"superuser\"", "role", "answers 500"),
         ("kind = \"airflow\"\nalgorithm = \"RS256\"", "role", "needs a role"),
-        ("kind = \"airflow\"\nalgorithm = \"RS256\"\nrole = \"op\"\nrotation = \"720h\"", "rotation", "at most hourly"),
+        ("kind = \"airflow\"\nalgorithm = \"RS256\"\nrole = \"op\"\napi_url = \"http://airflow.internal:8080\"", "api_url", "https"),
+        ("kind = \"vercel\"\ntoken_env = \"V\"\ntoken_issuer = \"target\"", "token_issuer", "does not apply"),
+        ("kind = \"jwt\"\naudience = \"a\"\ntoken_issuer = \"own\"", "token_issuer", "\"broker\" or \"target\""),
         ("kind = \"databricks\"\nmode = \"pat\"\nworkspace_url = \"https://w\"", "token_file", "never written in the config"),
         ("kind = \"databricks\"\nmode = \"pat\"\nworkspace_url = \"http://w.example.com\"\ntoken_env = \"T\"", "workspace_url", "https"),
         ("kind = \"databricks\"\nmode = \"m2m\"\nworkspace_url = \"https://w\"\nclient_id = \"c\"\nclient_secret_env = \"S\"\ntoken_env = \"T\"", "token_env", "does not apply"),
@@ -540,6 +542,52 @@ fn target_kinds_refuse_what_their_systems_cannot_take() {
     )
     .unwrap_err();
     assert!(!e.to_string().contains("literal-secret"), "{e}");
+}
+
+#[test]
+fn two_targets_a_verifier_could_not_tell_apart_are_refused() {
+    let two = |a: &str, b: &str| {
+        format!(
+            "{GOOD}\n[[targets]]\nname = \"air-a\"\n{a}\n\n[[targets]]\nname = \"air-b\"\n{b}\n"
+        )
+    };
+    let airflow = "kind = \"airflow\"\nalgorithm = \"ES256\"\nrole = \"admin\"";
+    // Same kind, same (default) audience, both in the shared JWKS under one issuer.
+    let e = Config::parse(&two(airflow, airflow), "b.toml").unwrap_err();
+    assert!(e.key.contains("token_issuer"), "{e}");
+    assert!(
+        e.reason.contains("\"air-a\"") && e.reason.contains("\"apache-airflow\""),
+        "{e}"
+    );
+    assert!(e.reason.contains("token_issuer = \"target\""), "{e}");
+    // Across kinds too: a jwt target whose audience is the airflow one.
+    let jwt = "kind = \"jwt\"\naudience = \"apache-airflow\"";
+    assert!(Config::parse(&two(airflow, jwt), "b.toml").is_err());
+    // Two exchange assertions (the broker presents them itself, no caller holds one)
+    // may share an audience; a caller-held token beside one may not.
+    let fed = "kind = \"databricks\"\nmode = \"federation\"\nworkspace_url = \"https://dbc-1.cloud.databricks.com\"\nclient_id = \"sp\"\naudience = \"apache-airflow\"";
+    assert!(Config::parse(&two(fed, fed), "b.toml").is_ok());
+    assert!(Config::parse(&two(fed, airflow), "b.toml").is_err());
+    // Either target with its own issuer and JWKS, or its own audience, is fine.
+    let own = format!("{airflow}\ntoken_issuer = \"target\"");
+    let other_aud = format!("{airflow}\naudience = \"airflow-b\"");
+    for (a, b) in [
+        (airflow, own.as_str()),
+        (own.as_str(), airflow),
+        (airflow, other_aud.as_str()),
+    ] {
+        if let Err(e) = Config::parse(&two(a, b), "b.toml") {
+            panic!("{a} / {b}: {e}");
+        }
+    }
+    let c = Config::parse(&two(airflow, &own), "b.toml").unwrap();
+    let b = c.target("air-b").unwrap();
+    assert!(b.own_issuer);
+    assert_eq!(
+        b.issuer_url(&c.server.issuer_url),
+        format!("{}/targets/air-b", c.server.issuer_url)
+    );
+    assert!(!c.target("air-a").unwrap().own_issuer);
 }
 
 #[test]

@@ -7,7 +7,7 @@ pub use master::{MasterKey, MasterKeyError};
 
 use crate::jose::{Alg, SigningKey};
 use serde_json::{json, Value};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, RwLock};
 
 /// Where a signing key is in its life: `next` (published ahead, so verifiers that cache
@@ -184,12 +184,19 @@ pub enum KeyError {
 /// before it signs) and any `retired` keys still published until every token they signed
 /// has expired. Rotation moves keys between the states in the store and then installs
 /// the stored keys again ([`KeyRing::install`]).
+///
+/// Two documents are published: each target's own JWKS (its keys only), and the shared
+/// JWKS, which holds the keys of every target except the private ones (targets with
+/// their own issuer), so a verifier can trust exactly one target's keys.
 #[derive(Debug)]
 pub struct KeyRing {
     current: RwLock<HashMap<String, Arc<SigningKey>>>,
-    /// Every published public key (current, next and retired).
-    published: RwLock<Arc<Vec<Value>>>,
+    /// Every published public key (current, next and retired), with its target.
+    published: RwLock<Arc<Vec<(String, Value)>>>,
+    /// Targets whose keys stay out of the shared JWKS.
+    private: RwLock<HashSet<String>>,
     jwks_json: RwLock<Arc<Vec<u8>>>,
+    target_jwks: RwLock<Arc<BTreeMap<String, Arc<Vec<u8>>>>>,
 }
 
 /// A new key of `alg` for `target` in `state`, sealed for the store.
@@ -251,8 +258,23 @@ impl KeyRing {
         KeyRing {
             current: RwLock::new(HashMap::new()),
             published: RwLock::new(Arc::new(Vec::new())),
+            private: RwLock::new(HashSet::new()),
             jwks_json: RwLock::new(Arc::new(Vec::new())),
+            target_jwks: RwLock::new(Arc::new(BTreeMap::new())),
         }
+    }
+
+    /// Keeps these targets' keys out of the shared JWKS (each is still published in
+    /// its own target's JWKS).
+    pub fn set_private_targets(&self, targets: HashSet<String>) {
+        *self.private.write().unwrap_or_else(|e| e.into_inner()) = targets;
+        let keys = self
+            .published
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .clone();
+        self.publish(keys);
     }
 
     /// Puts the stored keys in service: signers from `current` keys, the JWKS from every
@@ -263,7 +285,7 @@ impl KeyRing {
         let mut published = Vec::new();
         for sk in stored {
             let key = open_key(master, sk)?;
-            published.push(key.public_jwk());
+            published.push((sk.target.clone(), key.public_jwk()));
             if sk.state == KeyState::Current {
                 current.insert(sk.target.clone(), Arc::new(key));
             }
@@ -273,10 +295,25 @@ impl KeyRing {
         Ok(())
     }
 
-    fn publish(&self, keys: Vec<Value>) {
-        let doc = serde_json::to_vec(&json!({ "keys": keys })).unwrap_or_default();
+    fn publish(&self, keys: Vec<(String, Value)>) {
+        let doc = |keys: Vec<&Value>| {
+            Arc::new(serde_json::to_vec(&json!({ "keys": keys })).unwrap_or_default())
+        };
+        let private = self.private.read().unwrap_or_else(|e| e.into_inner());
+        let shared = doc(keys
+            .iter()
+            .filter(|(t, _)| !private.contains(t))
+            .map(|(_, k)| k)
+            .collect());
+        let mut by_target: BTreeMap<String, Vec<&Value>> = BTreeMap::new();
+        for (t, k) in &keys {
+            by_target.entry(t.clone()).or_default().push(k);
+        }
+        let by_target = by_target.into_iter().map(|(t, ks)| (t, doc(ks))).collect();
+        drop(private);
         *self.published.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(keys);
-        *self.jwks_json.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(doc);
+        *self.jwks_json.write().unwrap_or_else(|e| e.into_inner()) = shared;
+        *self.target_jwks.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(by_target);
     }
 
     /// The current signing key of a target.
@@ -299,12 +336,13 @@ impl KeyRing {
             .clone();
         published
             .iter()
+            .map(|(_, j)| j)
             .filter(|j| j.get("kid").and_then(Value::as_str) == Some(kid))
             .filter_map(crate::identity::jwks::VerifyKey::from_jwk)
             .any(|k| k.alg == Some(alg) && k.verify(alg, msg, sig))
     }
 
-    /// The JWKS document, serialised once per change.
+    /// The shared JWKS document, serialised once per change.
     pub fn jwks_json(&self) -> Arc<Vec<u8>> {
         self.jwks_json
             .read()
@@ -312,14 +350,33 @@ impl KeyRing {
             .clone()
     }
 
-    /// Algorithms of published keys (for the discovery document).
-    pub fn algorithms(&self) -> Vec<String> {
+    /// One target's own JWKS document (its keys only); `None` when it has no keys.
+    pub fn target_jwks_json(&self, target: &str) -> Option<Arc<Vec<u8>>> {
+        self.target_jwks
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(target)
+            .cloned()
+    }
+
+    /// Algorithms of the keys in the shared JWKS, or of one target's keys (for the
+    /// discovery documents).
+    pub fn algorithms(&self, target: Option<&str>) -> Vec<String> {
+        let private = self
+            .private
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
         let mut v: Vec<String> = self
             .published
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .iter()
-            .filter_map(|k| k.get("alg").and_then(Value::as_str).map(str::to_string))
+            .filter(|(t, _)| match target {
+                Some(want) => t == want,
+                None => !private.contains(t),
+            })
+            .filter_map(|(_, k)| k.get("alg").and_then(Value::as_str).map(str::to_string))
             .collect();
         v.sort();
         v.dedup();
@@ -461,5 +518,55 @@ mod tests {
         assert!(matches!(err, KeyError::WrongMasterKey { .. }), "{err}");
         assert_eq!(ring.signer("a").unwrap().kid(), kid);
         assert!(ring.signer("b").is_err());
+    }
+
+    #[test]
+    fn each_target_has_its_own_jwks_and_private_ones_stay_out_of_the_shared_one() {
+        let master = MasterKey::generate();
+        let keys = [
+            new_stored_key(&master, "a", Alg::ES256, KeyState::Current, 1).unwrap(),
+            new_stored_key(&master, "a", Alg::ES256, KeyState::Next, 1).unwrap(),
+            new_stored_key(&master, "b", Alg::RS256, KeyState::Current, 1).unwrap(),
+        ];
+        let kids = |doc: &[u8]| -> Vec<String> {
+            let v: Value = serde_json::from_slice(doc).unwrap();
+            let mut k: Vec<String> = v["keys"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|j| j["kid"].as_str().unwrap().to_string())
+                .collect();
+            k.sort();
+            k
+        };
+        let mut a = vec![keys[0].kid.clone(), keys[1].kid.clone()];
+        a.sort();
+        let ring = KeyRing::empty();
+        ring.install(&keys, &master).unwrap();
+        assert_eq!(kids(&ring.jwks_json()).len(), 3);
+        assert_eq!(kids(&ring.target_jwks_json("a").unwrap()), a);
+        assert_eq!(
+            kids(&ring.target_jwks_json("b").unwrap()),
+            vec![keys[2].kid.clone()]
+        );
+        assert!(ring.target_jwks_json("c").is_none());
+        assert_eq!(ring.algorithms(None), vec!["ES256", "RS256"]);
+
+        ring.set_private_targets(HashSet::from(["b".to_string()]));
+        assert_eq!(kids(&ring.jwks_json()), a, "b's key left the shared JWKS");
+        assert_eq!(ring.algorithms(None), vec!["ES256"]);
+        assert_eq!(ring.algorithms(Some("b")), vec!["RS256"]);
+        // ... stays out after a rotation installs the keys again, and still verifies.
+        ring.install(&keys, &master).unwrap();
+        assert_eq!(kids(&ring.jwks_json()), a);
+        assert_eq!(
+            kids(&ring.target_jwks_json("b").unwrap()),
+            vec![keys[2].kid.clone()]
+        );
+        let signer = ring.signer("b").unwrap();
+        let token = signer.sign_jwt(&serde_json::json!({"x": 1}), None).unwrap();
+        let (input, sig) = token.rsplit_once('.').unwrap();
+        let sig = crate::jose::b64_decode(sig).unwrap();
+        assert!(ring.verify(signer.kid(), Alg::RS256, input.as_bytes(), &sig));
     }
 }

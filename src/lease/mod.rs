@@ -325,10 +325,42 @@ pub fn valid_id(id: &str) -> bool {
     id.len() == 36 && uuid::Uuid::parse_str(id).is_ok()
 }
 
+/// The lease id a credential's `jti` names: the id itself, or its 32 hex digits without
+/// hyphens (Airflow tokens, whose revoked ids Airflow stores in 32 characters).
+pub fn id_from_jti(jti: &str) -> Option<String> {
+    if valid_id(jti) {
+        return Some(jti.to_string());
+    }
+    if jti.len() == 32 && jti.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return uuid::Uuid::parse_str(jti)
+            .ok()
+            .map(|u| u.hyphenated().to_string());
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn a_jti_names_its_lease_with_or_without_hyphens() {
+        let id = "0190f3a2-7b1c-7d4e-8f00-123456789abc";
+        assert_eq!(id_from_jti(id).as_deref(), Some(id));
+        assert_eq!(
+            id_from_jti("0190f3a27b1c7d4e8f00123456789abc").as_deref(),
+            Some(id)
+        );
+        for bad in [
+            "",
+            "x",
+            "0190f3a27b1c7d4e8f00123456789abz",
+            "{0190f3a2-7b1c-7d4e-8f00-123456789abc}",
+        ] {
+            assert_eq!(id_from_jti(bad), None, "{bad}");
+        }
+    }
 
     #[test]
     fn renewal_extends_within_the_lifetime() {

@@ -2,8 +2,19 @@
 //! Airflow verifies through `trusted_jwks_url`. Claims: `sub` (user name, or the numeric
 //! user id under the FAB auth manager), `role` (simple auth manager), `aud`, `iss`,
 //! `iat`, `nbf`, `exp`, `jti`; header `kid`; the algorithm set explicitly.
+//!
+//! `jti` is the lease id without its hyphens: Airflow keeps revoked ids in a
+//! `VARCHAR(32)` column, which a 36-character UUID overflows on PostgreSQL and MySQL.
+//!
+//! With `api_url`, revocation reaches Airflow: the broker signs the lease's claims again
+//! (same `jti`, `exp` no earlier than the lease's) and sends them to
+//! `GET /api/v2/auth/logout`, which records the `jti` as revoked; Airflow then refuses
+//! every token of the lease with 403. The logout endpoint answers the same whether or not
+//! it recorded anything, so the broker then presents the token once more and counts the
+//! revocation done only when Airflow refuses it.
 
 use super::check::{Check, CheckError};
+use super::upstream::Http;
 use super::*;
 use super::{
     one_mapped, sign_with_ring, subject, Credential, Deps, MintContext, MintError, Minter,
@@ -17,6 +28,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 /// Mints Airflow API tokens for one target.
 #[derive(Debug)]
@@ -25,17 +37,36 @@ pub struct AirflowMinter {
     cfg: AirflowConfig,
     issuer_url: String,
     keys: Arc<KeyRing>,
+    clock: crate::clock::SharedClock,
+    http: Option<Http>,
 }
 
+/// The `jti` of an Airflow token of lease `lease_id`: the UUID's 32 hex digits (Airflow's
+/// revoked-token table holds at most 32 characters).
+pub fn airflow_jti(lease_id: &str) -> String {
+    lease_id.replace('-', "")
+}
+
+/// How long past its `exp` a token may still pass Airflow (its `jwt_leeway`, 10 s by
+/// default, with room for clock skew): until then a revocation is still sent.
+const AIRFLOW_LEEWAY_SECS: i64 = 120;
+
 impl AirflowMinter {
-    /// A minter signing with the ring's key for `target`.
-    pub fn new(target: &str, cfg: AirflowConfig, deps: &Deps) -> AirflowMinter {
-        AirflowMinter {
+    /// A minter signing with the ring's key for `target`. Fails only when the HTTP
+    /// client for `api_url` cannot be built.
+    pub fn new(target: &str, cfg: AirflowConfig, deps: &Deps) -> Result<AirflowMinter, String> {
+        let http = match &cfg.api_url {
+            Some(_) => Some(Http::new(target, cfg.timeout)?),
+            None => None,
+        };
+        Ok(AirflowMinter {
             target: target.to_string(),
             cfg,
             issuer_url: deps.issuer_url.clone(),
             keys: deps.keys.clone(),
-        }
+            clock: deps.clock.clone(),
+            http,
+        })
     }
 
     fn claims(&self, ctx: &MintContext<'_>) -> Result<(Value, Option<String>), MintError> {
@@ -61,7 +92,7 @@ impl AirflowMinter {
             "iat": ctx.now,
             "nbf": ctx.now,
             "exp": ctx.now + ctx.ttl.as_secs() as i64,
-            "jti": ctx.lease_id,
+            "jti": airflow_jti(ctx.lease_id),
         });
         if let (Some(r), Value::Object(m)) = (&role, &mut c) {
             m.insert("role".into(), json!(r));
@@ -95,7 +126,76 @@ impl Minter for AirflowMinter {
         if let Some(r) = role {
             fields.insert("role".into(), r);
         }
-        Ok(super::bearer_credential("airflow", token, fields, ctx))
+        let mut c = super::bearer_credential("airflow", token, fields, ctx);
+        c.id = airflow_jti(ctx.lease_id);
+        if self.http.is_some() {
+            // What revocation needs to sign the lease's claims again: no secret, but
+            // stored sealed like every upstream handle.
+            c.upstream = Some(crate::secret::Secret::new(claims.to_string()));
+        }
+        Ok(c)
+    }
+
+    async fn revoke(
+        &self,
+        lease_id: &str,
+        upstream: Option<&SecretString>,
+        expires_at: i64,
+    ) -> Result<(), MintError> {
+        let (Some(http), Some(api), Some(handle)) = (&self.http, &self.cfg.api_url, upstream)
+        else {
+            return Ok(());
+        };
+        let now = self.clock.now();
+        if expires_at.saturating_add(AIRFLOW_LEEWAY_SECS) <= now {
+            // Every token of the lease has expired past Airflow's leeway.
+            return Ok(());
+        }
+        let bad = || http.fail(format!("lease {lease_id}: unreadable revocation handle"));
+        let mut claims: Value = serde_json::from_str(handle.expose()).map_err(|_| bad())?;
+        let Value::Object(m) = &mut claims else {
+            return Err(bad());
+        };
+        // The revocation token carries the lease's jti and the least role: Airflow records
+        // the jti until this token's exp, which is no earlier than any token of the lease
+        // and far enough ahead that Airflow still accepts it.
+        m.insert("iat".into(), json!(now));
+        m.insert("nbf".into(), json!(now));
+        m.insert("exp".into(), json!(expires_at.max(now + 60)));
+        m.insert("jti".into(), json!(airflow_jti(lease_id)));
+        if m.contains_key("role") {
+            m.insert("role".into(), json!("VIEWER"));
+        }
+        // First make sure Airflow accepts what the broker signs now (it may still cache a
+        // JWKS from before a key change): a token with a fresh jti must pass. Otherwise a
+        // refusal below would prove nothing, and the lease's token could still be good.
+        let mut fresh = claims.clone();
+        fresh["jti"] = json!(airflow_jti(&crate::clock::new_id()));
+        fresh["exp"] = json!(now + 60);
+        let (fresh, _) = sign_with_ring(&self.keys, &self.target, &fresh)?;
+        let dags = format!("{api}/api/v2/dags?limit=1");
+        let probe = |t: &SecretString| http.client().get(&dags).bearer_auth(t.expose());
+        match http.send("revocation check", probe(&fresh), &[]).await {
+            Ok(_) => {}
+            Err(MintError::Refused { .. }) => {
+                return Err(http.fail(
+                    "Airflow does not accept tokens signed by the broker's current key yet (it caches the JWKS for up to an hour); will retry",
+                ))
+            }
+            Err(e) => return Err(e),
+        }
+        let (token, _) = sign_with_ring(&self.keys, &self.target, &claims)?;
+        let logout = http
+            .client()
+            .get(format!("{api}/api/v2/auth/logout"))
+            .bearer_auth(token.expose());
+        // Airflow answers a redirect to its login page, recorded or not.
+        http.send("logout", logout, &[302, 303, 307]).await?;
+        match http.send("revocation check", probe(&token), &[]).await {
+            Err(MintError::Refused { .. }) => Ok(()),
+            Err(e) => Err(e),
+            Ok(_) => Err(http.fail("Airflow still accepts the lease's token after logout")),
+        }
     }
 }
 
@@ -125,6 +225,10 @@ pub struct AirflowConfig {
     pub role: Option<String>,
     /// Scope → role (simple auth manager).
     pub roles: BTreeMap<String, String>,
+    /// Airflow's base URL: revocation records the lease's `jti` there.
+    pub api_url: Option<String>,
+    /// Upstream call timeout.
+    pub timeout: Duration,
 }
 
 // ---- configuration: the raw form and its checks ----------------------------------
@@ -142,6 +246,8 @@ pub(super) struct RawAirflow {
     role: Option<String>,
     #[serde(default)]
     roles: BTreeMap<String, String>,
+    api_url: Option<String>,
+    timeout: Option<crate::clock::Dur>,
 }
 
 impl Check {
@@ -214,6 +320,10 @@ impl Check {
             Some(a) => a,
             None => "apache-airflow".into(),
         };
+        let api_url = r
+            .api_url
+            .map(|u| self.url(&format!("{key}.api_url"), &u, true))
+            .transpose()?;
         Ok(AirflowConfig {
             algorithm,
             audience,
@@ -221,6 +331,8 @@ impl Check {
             auth_manager,
             role,
             roles,
+            api_url,
+            timeout: self.timeout(key, r.timeout)?,
         })
     }
 }

@@ -213,6 +213,7 @@ impl Minter for DatabricksMinter {
         &self,
         _lease_id: &str,
         upstream: Option<&SecretString>,
+        _expires_at: i64,
     ) -> Result<(), MintError> {
         match upstream {
             Some(id) => self.delete_pat(id.expose()).await,

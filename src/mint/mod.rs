@@ -219,13 +219,15 @@ pub trait Minter: Send + Sync + fmt::Debug {
 
     /// Revokes the credential at the target. Idempotent: revoking what is already gone
     /// succeeds. Self-contained credentials (no upstream handle) need nothing here: the
-    /// lease's state is what introspection reports.
+    /// lease's state is what introspection reports. `expires_at` is the lease's expiry
+    /// (the latest any of its credentials lives).
     async fn revoke(
         &self,
         lease_id: &str,
         upstream: Option<&SecretString>,
+        expires_at: i64,
     ) -> Result<(), MintError> {
-        let _ = (lease_id, upstream);
+        let _ = (lease_id, upstream, expires_at);
         Ok(())
     }
 }
@@ -251,6 +253,16 @@ pub struct Deps {
 /// cannot be read or the target's settings cannot be used.
 pub async fn build(t: &TargetConfig, deps: &Deps) -> Result<Arc<dyn Minter>, String> {
     let name = t.name.as_str();
+    let own;
+    let deps = if t.own_issuer {
+        own = Deps {
+            issuer_url: t.issuer_url(&deps.issuer_url),
+            ..deps.clone()
+        };
+        &own
+    } else {
+        deps
+    };
     let m: Arc<dyn Minter> = match &t.kind {
         TargetKind::Jwt(j) => Arc::new(JwtMinter::new(
             name,
@@ -259,7 +271,7 @@ pub async fn build(t: &TargetConfig, deps: &Deps) -> Result<Arc<dyn Minter>, Str
             deps.keys.clone(),
         )),
         TargetKind::Pulsar(p) => Arc::new(PulsarMinter::new(name, p.clone(), deps)?),
-        TargetKind::Airflow(a) => Arc::new(AirflowMinter::new(name, a.clone(), deps)),
+        TargetKind::Airflow(a) => Arc::new(AirflowMinter::new(name, a.clone(), deps)?),
         TargetKind::Databricks(d) => Arc::new(DatabricksMinter::new(name, d.clone(), deps)?),
         TargetKind::Vercel(v) => Arc::new(vercel::VercelMinter::new(name, v.clone(), deps).await?),
         TargetKind::Prefect(p) => Arc::new(PrefectMinter::new(name, p.clone())?),

@@ -384,6 +384,7 @@ impl Minter for PostgresMinter {
         &self,
         _lease_id: &str,
         upstream: Option<&SecretString>,
+        _expires_at: i64,
     ) -> Result<(), MintError> {
         match upstream {
             Some(role) => self.drop_role(role.expose()).await,

@@ -118,6 +118,7 @@ impl Minter for PrefectMinter {
         &self,
         _lease_id: &str,
         upstream: Option<&SecretString>,
+        _expires_at: i64,
     ) -> Result<(), MintError> {
         match upstream {
             Some(id) => self.delete(id.expose()).await,

@@ -213,6 +213,7 @@ impl Minter for PulsarMinter {
         &self,
         _lease_id: &str,
         upstream: Option<&SecretString>,
+        _expires_at: i64,
     ) -> Result<(), MintError> {
         let (Some(h), Some(cfg), Some((http, admin))) = (upstream, &self.cfg.admin, &self.admin)
         else {

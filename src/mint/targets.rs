@@ -27,11 +27,30 @@ pub struct TargetConfig {
     pub rotation: Option<crate::rotation::Schedule>,
     /// When the target's upstream root credential rotates; `None`: only when forced.
     pub root_rotation: Option<crate::rotation::Schedule>,
+    /// `token_issuer = "target"`: the target's tokens carry its own issuer
+    /// (`<issuer_url>/targets/<name>`) and its keys stay out of the shared JWKS, so only a
+    /// verifier set up for this target accepts them.
+    pub own_issuer: bool,
     /// Kind-specific settings.
     pub kind: TargetKind,
 }
 
+/// The issuer of a target's tokens under `token_issuer = "target"`, and the base of its
+/// own discovery document and JWKS (served for every signing target).
+pub fn target_issuer_url(broker_issuer: &str, target: &str) -> String {
+    format!("{}/targets/{target}", broker_issuer.trim_end_matches('/'))
+}
+
 impl TargetConfig {
+    /// The `iss` of what this target signs.
+    pub fn issuer_url(&self, broker_issuer: &str) -> String {
+        if self.own_issuer {
+            target_issuer_url(broker_issuer, &self.name)
+        } else {
+            broker_issuer.to_string()
+        }
+    }
+
     /// The limits policy applies on this target.
     pub fn limits(&self) -> crate::policy::TargetLimits {
         crate::policy::TargetLimits {
@@ -162,6 +181,51 @@ impl TargetKind {
             | TargetKind::Prefect(_)
             | TargetKind::Bitbucket(_)
             | TargetKind::Postgres(_) => None,
+        }
+    }
+
+    /// Whether the credential itself is a token signed with the target's broker key
+    /// (dropping the key makes it stop verifying), as opposed to a credential the
+    /// target's API issued in exchange for a broker-signed assertion.
+    pub fn credential_is_signed(&self) -> bool {
+        matches!(self, TargetKind::Jwt(_) | TargetKind::Airflow(_))
+            || matches!(self, TargetKind::Pulsar(p) if matches!(p.key, PulsarKey::Broker(_)))
+    }
+
+    /// The least time this kind's verifiers are known to cache the broker's JWKS, which
+    /// a next key must be published for before it signs, whatever `[rotation]` says:
+    /// Airflow reads an http(s) JWKS at most once an hour and never refetches on an
+    /// unknown `kid`.
+    pub fn verifier_cache_floor(&self) -> std::time::Duration {
+        match self {
+            TargetKind::Airflow(_) => std::time::Duration::from_secs(3600),
+            _ => std::time::Duration::ZERO,
+        }
+    }
+
+    /// The audiences (`aud`) of the tokens this target signs with a broker key, which a
+    /// verifier of the broker's JWKS checks; empty for kinds that do not sign or sign
+    /// without an `aud` claim.
+    pub fn token_audiences(&self) -> Vec<&str> {
+        match self {
+            TargetKind::Jwt(j) => vec![j.audience.as_str()],
+            TargetKind::Airflow(a) => vec![a.audience.as_str()],
+            TargetKind::Pulsar(p) => match (&p.key, &p.audience_claim, &p.audience) {
+                (PulsarKey::Broker(_), Some(c), Some(a)) if c == "aud" => vec![a.as_str()],
+                _ => Vec::new(),
+            },
+            TargetKind::Databricks(d) => match &d.mode {
+                DatabricksMode::Federation(f) => vec![f.audience.as_str()],
+                _ => Vec::new(),
+            },
+            TargetKind::OAuth2(o) => match &o.grant {
+                OAuth2Grant::TokenExchange(f) => vec![f.audience.as_str()],
+                OAuth2Grant::ClientCredentials => Vec::new(),
+            },
+            TargetKind::Vercel(_)
+            | TargetKind::Prefect(_)
+            | TargetKind::Bitbucket(_)
+            | TargetKind::Postgres(_) => Vec::new(),
         }
     }
 

@@ -149,6 +149,7 @@ impl Minter for VercelMinter {
         &self,
         _lease_id: &str,
         upstream: Option<&SecretString>,
+        _expires_at: i64,
     ) -> Result<(), MintError> {
         match upstream {
             Some(id) => self.delete(&self.root.get(), id.expose()).await,

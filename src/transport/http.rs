@@ -3,7 +3,7 @@
 
 use crate::broker::Broker;
 use axum::extract::State;
-use axum::extract::{ConnectInfo, DefaultBodyLimit, Request};
+use axum::extract::{ConnectInfo, DefaultBodyLimit, Path, Request};
 use axum::http::{header, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::IntoResponse;
@@ -26,6 +26,14 @@ pub fn router(broker: Arc<Broker>, request_timeout: std::time::Duration) -> Rout
             get(discovery),
         )
         .route(&format!("{prefix}/.well-known/jwks.json"), get(jwks))
+        .route(
+            &format!("{prefix}/targets/{{target}}/.well-known/openid-configuration"),
+            get(target_discovery),
+        )
+        .route(
+            &format!("{prefix}/targets/{{target}}/.well-known/jwks.json"),
+            get(target_jwks),
+        )
         .route("/v1/audit/keys", get(audit_keys))
         .merge(
             Router::new()
@@ -72,8 +80,7 @@ async fn timeout(State(limit): State<std::time::Duration>, req: Request, next: N
 /// Largest HTTP request body accepted (a form carrying a 16 KiB token fits easily).
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
 
-async fn discovery(State(b): State<Arc<Broker>>) -> impl IntoResponse {
-    let iss = b.issuer_url();
+fn discovery_doc(iss: &str, algorithms: Vec<String>) -> Response {
     (
         [(header::CACHE_CONTROL, "public, max-age=300")],
         Json(json!({
@@ -81,14 +88,15 @@ async fn discovery(State(b): State<Arc<Broker>>) -> impl IntoResponse {
             "jwks_uri": format!("{iss}/.well-known/jwks.json"),
             "response_types_supported": ["token"],
             "subject_types_supported": ["public"],
-            "id_token_signing_alg_values_supported": b.keys().algorithms(),
+            "id_token_signing_alg_values_supported": algorithms,
             "grant_types_supported": ["urn:ietf:params:oauth:grant-type:token-exchange"],
             "claims_supported": ["iss", "sub", "aud", "exp", "nbf", "iat", "jti", "scope", "act"],
         })),
     )
+        .into_response()
 }
 
-async fn jwks(State(b): State<Arc<Broker>>) -> impl IntoResponse {
+fn jwks_doc(b: &Broker, doc: &[u8]) -> Response {
     // Rotation publishes a next key at least this long before it signs.
     let cache = format!("public, max-age={}", b.jwks_max_age());
     (
@@ -96,8 +104,42 @@ async fn jwks(State(b): State<Arc<Broker>>) -> impl IntoResponse {
             (header::CONTENT_TYPE, "application/json".to_string()),
             (header::CACHE_CONTROL, cache),
         ],
-        b.keys().jwks_json().as_ref().clone(),
+        doc.to_vec(),
     )
+        .into_response()
+}
+
+async fn discovery(State(b): State<Arc<Broker>>) -> Response {
+    discovery_doc(b.issuer_url(), b.keys().algorithms(None))
+}
+
+async fn jwks(State(b): State<Arc<Broker>>) -> Response {
+    jwks_doc(&b, &b.keys().jwks_json())
+}
+
+fn no_such_target() -> Response {
+    (
+        StatusCode::NOT_FOUND,
+        Json(json!({"error": "no target of that name signs with a broker key"})),
+    )
+        .into_response()
+}
+
+/// A target's own discovery document. Only a target with its own issuer has one: its
+/// `issuer` must be the URL it is served under.
+async fn target_discovery(State(b): State<Arc<Broker>>, Path(target): Path<String>) -> Response {
+    match b.target_issuer(&target) {
+        Some((iss, true)) => discovery_doc(&iss, b.keys().algorithms(Some(&target))),
+        _ => no_such_target(),
+    }
+}
+
+/// A target's own JWKS: its keys only, so a verifier can trust exactly this target.
+async fn target_jwks(State(b): State<Arc<Broker>>, Path(target): Path<String>) -> Response {
+    match (b.target_issuer(&target), b.keys().target_jwks_json(&target)) {
+        (Some(_), Some(doc)) => jwks_doc(&b, &doc),
+        _ => no_such_target(),
+    }
 }
 
 async fn metrics(State(b): State<Arc<Broker>>) -> impl IntoResponse {

@@ -388,7 +388,10 @@ pub async fn introspect(
                 "iat": l.issued_at,
                 "sub": i.subject,
                 "aud": i.audience,
-                "iss": b.issuer_url(),
+                "iss": b
+                    .target_issuer(&l.target)
+                    .map(|(iss, _)| iss)
+                    .unwrap_or_else(|| b.issuer_url().to_string()),
                 "jti": l.id,
                 "latchkey_target": l.target,
                 "latchkey_lease_state": l.state,
