@@ -420,14 +420,14 @@ async fn a_young_next_key_defers_and_a_leaked_key_can_be_dropped_at_once() {
 }
 
 #[tokio::test]
-async fn an_airflow_key_waits_an_hour_whatever_jwks_cache_says() {
+async fn an_airflow_key_waits_an_hour_whatever_jwks_cache_says_and_pulsar_is_told_to_reexport() {
     // Airflow reads the JWKS at most hourly: with [rotation] jwks_cache = 5m, the next
     // key of an airflow target still waits an hour; a jwt target's waits 5 minutes.
     let t0 = SystemClock.now();
     let clock = ManualClock::new(t0);
     let extra = extra().replace(
         "[rotation]",
-        "[[targets]]\nname = \"rot-air\"\nkind = \"airflow\"\nalgorithm = \"ES256\"\nrole = \"viewer\"\n\n[rotation]",
+        "[[targets]]\nname = \"rot-air\"\nkind = \"airflow\"\nalgorithm = \"ES256\"\nrole = \"viewer\"\n\n[[targets]]\nname = \"rot-pulsar\"\nkind = \"pulsar\"\n\n[rotation]",
     );
     let env = Env::start_full(
         "jwks_cooldown = \"0s\"",
@@ -457,6 +457,16 @@ async fn an_airflow_key_waits_an_hour_whatever_jwks_cache_says() {
     };
     clock.set(t0 + 600);
     assert_eq!(rotate("rot-api", t0 + 600).await.outcome, "rotated");
+    // Pulsar never reads the JWKS: the report says what the operator must do.
+    let r = rotate("rot-pulsar", t0 + 600).await;
+    assert_eq!(r.outcome, "rotated");
+    assert!(
+        r.detail.contains("set its tokenPublicKey")
+            && r.detail
+                .contains("keys export --target rot-pulsar --format pulsar"),
+        "{}",
+        r.detail
+    );
     let r = rotate("rot-air", t0 + 600).await;
     assert_eq!(r.outcome, "deferred", "{r:?}");
     assert_eq!(r.next_due.as_ref().unwrap().seconds, t0 + 3600);

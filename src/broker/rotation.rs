@@ -532,6 +532,13 @@ impl Broker {
         };
         phase("activate", &next_kid, format!("key {next_kid} now signs"));
         let mut detail = format!("now signing with {next_kid}");
+        if matches!(target.cfg.kind, crate::mint::TargetKind::Pulsar(_)) {
+            // Pulsar trusts one fixed public key and never reads the JWKS.
+            detail.push_str(&format!(
+                "; Pulsar does not read the JWKS: set its tokenPublicKey to {next_kid} (latchkey keys export --target {} --format pulsar) and restart its brokers, or it refuses the new tokens",
+                item.target
+            ));
+        }
         match current.clone() {
             Some((cur, OldKey::Drop)) => {
                 step.remove.push(cur.clone());
