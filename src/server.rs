@@ -87,7 +87,7 @@ pub enum ReloadError {
     #[error(transparent)]
     Config(#[from] crate::config::ConfigError),
     /// Sections that cannot change while serving changed.
-    #[error("{} changed; only [[rules]] and the [limits] rates reload, restart to apply the rest", .0.join(", "))]
+    #[error("{} changed; only [[rules]], [policy] and the [limits] rates reload, restart to apply the rest", .0.join(", "))]
     NeedsRestart(Vec<String>),
     /// The TLS files could not be used.
     #[error("tls: {0}")]
@@ -119,7 +119,7 @@ fn fixed_changes(old: &toml::Value, new: &toml::Value) -> Vec<String> {
     let mut changed = Vec::new();
     for k in keys {
         match k.as_str() {
-            "rules" => {}
+            "rules" | "policy" => {}
             "limits" => {
                 let strip = |v: Option<&toml::Value>| {
                     let mut t = v.and_then(|v| v.as_table()).cloned().unwrap_or_default();

@@ -536,7 +536,16 @@ async fn policy_through_the_server() {
 
 #[tokio::test]
 async fn explain_says_which_rule_and_clause() {
-    let env = Env::start().await;
+    // The whole trace is for callers with the explain (or auditor, admin) role, or for
+    // everyone with denial_detail = "full" (a deny rule refuses roles too, so the
+    // experimental branch below could hold none).
+    let env = Env::start_full(
+        "",
+        "",
+        "[policy]\ndenial_detail = \"full\"\n",
+        std::sync::Arc::new(latchkey::clock::SystemClock),
+    )
+    .await;
     let ok = env
         .explain(&env.token("release/1"), "orders-api", &["orders:read"])
         .await
@@ -569,6 +578,94 @@ async fn explain_says_which_rule_and_clause() {
     );
     let e = env.explain("garbage", "reports", &[]).await.unwrap_err();
     assert_eq!(e.code(), Code::Unauthenticated);
+    env.stop().await;
+}
+
+#[tokio::test]
+async fn callers_without_the_explain_role_learn_names_not_values() {
+    let env = Env::start().await;
+    // A caller on feature/x is refused orders-api because of its branch; the values the
+    // rule wants (main, release/*) would let it guess its way in, clause by clause.
+    let caller = env.token("feature/x");
+    let no = env.explain(&caller, "orders-api", &[]).await.unwrap();
+    assert!(!no.allowed);
+    assert!(no.trace.is_empty() && no.trace_withheld, "{:?}", no.trace);
+    assert_eq!(
+        no.reason,
+        "no rule grants target orders-api (rule orders-main-and-release: claim branchName did not match)"
+    );
+    let e = env
+        .mint(&caller, "orders-api", &[], None)
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied);
+    assert!(
+        e.message()
+            .contains("rule orders-main-and-release: claim branchName did not match"),
+        "{}",
+        e.message()
+    );
+    let resp = exchange(&env.http, &caller, "orders-api", &[]).await;
+    assert_eq!(resp.status().as_u16(), 403);
+    let form: Value = resp.json().await.unwrap();
+    for said in [no.reason.as_str(), e.message(), &form.to_string()] {
+        assert!(
+            !said.contains("release/*")
+                && !said.contains("\"main\"")
+                && !said.contains("feature/x"),
+            "a value leaked: {said}"
+        );
+    }
+    // The decision itself, and a deny rule's name, are still said.
+    let denied = env
+        .explain(&env.token("experimental/1"), "reports", &[])
+        .await
+        .unwrap();
+    assert_eq!(denied.rule, "no-experimental");
+    assert!(denied.trace.is_empty());
+    // The audit records keep the whole reason, values included, for the security team.
+    let recs = env.records().await;
+    let full = recs
+        .iter()
+        .filter_map(|r| r.entry.reason.as_deref())
+        .filter(|r| r.contains("does not match"))
+        .count();
+    assert_eq!(
+        full, 3,
+        "explain, mint and token exchange each audited in full"
+    );
+    env.stop().await;
+
+    // denial_detail = "none": not even the names; the explain role still sees it all.
+    let env = Env::start_full(
+        "",
+        "",
+        "[policy]\ndenial_detail = \"none\"\n\n[[rules]]\nname = \"policy-owners\"\nissuer = \"bb\"\nclaims = { branchName = \"ops/policy\" }\nroles = [\"explain\"]\n",
+        std::sync::Arc::new(latchkey::clock::SystemClock),
+    )
+    .await;
+    let no = env
+        .explain(&env.token("feature/x"), "orders-api", &[])
+        .await
+        .unwrap();
+    assert_eq!(no.reason, "no rule grants target orders-api");
+    assert!(no.trace_withheld);
+    let owner = env
+        .explain(&env.token("ops/policy"), "orders-api", &[])
+        .await
+        .unwrap();
+    assert!(!owner.trace_withheld);
+    assert!(
+        owner.reason.contains("does not match") && owner.reason.contains("release/*"),
+        "{}",
+        owner.reason
+    );
+    assert!(
+        owner.trace.iter().any(|l| l
+            .starts_with("rule orders-main-and-release (allow): not matched: claim branchName")),
+        "{:?}",
+        owner.trace
+    );
     env.stop().await;
 }
 

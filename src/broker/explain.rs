@@ -1,6 +1,7 @@
 //! Explain: what Mint would decide, with a trace, minting nothing; audited like every decision.
 
 use super::*;
+use crate::policy::DenialDetail;
 
 /// What Explain returns.
 #[derive(Debug, Clone)]
@@ -13,8 +14,11 @@ pub struct Explained {
     pub scopes: Vec<String>,
     /// TTL cap that applies.
     pub max_ttl: Duration,
-    /// One line per rule considered.
+    /// One line per rule considered (empty when withheld).
     pub trace: Vec<String>,
+    /// The trace and the values in `reason` were withheld: the caller holds none of the
+    /// `explain`, `auditor` and `admin` roles (the audit record has them).
+    pub trace_withheld: bool,
     /// The caller's normalised identity.
     pub identity: Vec<(&'static str, String)>,
     /// Why not, when not allowed.
@@ -59,13 +63,22 @@ impl Broker {
                 ttl: None,
             },
         );
-        let out = match &ex.decision {
+        // The trace shows other rules' conditions: only for those trusted to read the policy.
+        let policy = self.policy();
+        let privileged = policy.denial_detail() == DenialDetail::Full
+            || [Role::Explain, Role::Auditor].into_iter().any(|r| {
+                policy
+                    .has_role(&identity.issuer_name, &identity.claims, r)
+                    .is_ok()
+            });
+        let mut out = match &ex.decision {
             Ok(a) => Explained {
                 allowed: true,
                 rule: a.rule.clone(),
                 scopes: a.scopes.clone(),
                 max_ttl: a.max_ttl,
                 trace: ex.trace.clone(),
+                trace_withheld: false,
                 identity: identity.fields(),
                 reason: String::new(),
             },
@@ -78,6 +91,7 @@ impl Broker {
                 scopes: Vec::new(),
                 max_ttl: Duration::ZERO,
                 trace: ex.trace.clone(),
+                trace_withheld: false,
                 identity: identity.fields(),
                 reason: d.to_string(),
             },
@@ -86,6 +100,13 @@ impl Broker {
         entry.rule = (!out.rule.is_empty()).then(|| out.rule.clone());
         entry.granted_scopes = out.scopes.clone();
         entry.reason = (!out.reason.is_empty()).then(|| out.reason.clone());
+        if !privileged {
+            out.trace.clear();
+            out.trace_withheld = true;
+            if let Err(d) = &ex.decision {
+                out.reason = d.for_caller(policy.denial_detail()).to_string();
+            }
+        }
         log_decision(&entry, started, None);
         self.store.append(entry).await.map_err(BrokerError::Audit)?;
         Ok(out)

@@ -447,6 +447,13 @@ impl Broker {
                 &entry.outcome,
             );
         }
+        // The record keeps the whole reason; the caller learns what `denial_detail` allows.
+        let err = match err {
+            BrokerError::Denied(d) => {
+                BrokerError::Denied(d.for_caller(self.policy().denial_detail()))
+            }
+            e => e,
+        };
         match self.store.append(entry).await {
             Ok(_) => Err(err),
             Err(e) => Err(BrokerError::Audit(e)),

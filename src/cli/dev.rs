@@ -159,6 +159,14 @@ issuer = "dev"
 claims = {{ repositoryUuid = "{repo}", branchName = "ops/rotate" }}
 roles = ["rotator", "introspect"]
 
+# Explain's whole trace shows every rule's conditions: in production grant it to the
+# people who own the policy, not to every pipeline.
+[[rules]]
+name = "developers-read-the-policy"
+issuer = "dev"
+claims = {{ repositoryUuid = "{repo}" }}
+roles = ["explain"]
+
 [audit]
 checkpoint_every = 100
 checkpoint_interval = "1m"
@@ -252,7 +260,7 @@ mod tests {
         );
         let cfg = Config::parse(&text, "dev.toml").unwrap();
         assert_eq!(cfg.targets.len(), 3);
-        assert_eq!(cfg.policy.rules().len(), 8);
+        assert_eq!(cfg.policy.rules().len(), 9);
         assert_eq!(cfg.issuers.len(), 4);
         assert!(
             cfg.targets[0].rotation.is_some(),

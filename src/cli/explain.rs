@@ -50,6 +50,9 @@ pub async fn run(args: Args) -> i32 {
             for line in &r.trace {
                 println!("trace: {line}");
             }
+            if r.trace_withheld {
+                println!("trace: withheld (it shows other rules' conditions: ask for the explain role, or an auditor, who sees it in the audit record)");
+            }
             if r.allowed {
                 println!(
                     "decision: allowed by {} scopes [{}] max_ttl {}s",

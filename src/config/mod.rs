@@ -18,7 +18,7 @@ pub use crate::mint::{
 
 use crate::identity::Preset;
 use crate::jose::Alg;
-use crate::policy::{KnownTarget, Policy, Rule};
+use crate::policy::{DenialDetail, KnownTarget, Policy, Rule};
 use raw::*;
 use std::fmt;
 use std::net::SocketAddr;
@@ -345,6 +345,15 @@ impl Checker<'_> {
             rules.push(r);
         }
         let rotation = self.rotation(raw.rotation)?;
+        let denial_detail = match raw.policy.denial_detail.as_deref() {
+            None => DenialDetail::default(),
+            Some(d) => DenialDetail::parse(d).ok_or_else(|| {
+                self.err(
+                    "policy.denial_detail",
+                    format!("{d:?} is not a detail level; use \"none\", \"names\" or \"full\""),
+                )
+            })?,
+        };
         Ok(Config {
             source: self.file.into(),
             server,
@@ -352,7 +361,7 @@ impl Checker<'_> {
             log,
             issuers,
             targets,
-            policy: Policy::new(rules),
+            policy: Policy::new(rules).with_denial_detail(denial_detail),
             leases: self.leases(raw.leases)?,
             audit: self.audit(raw.audit)?,
             limits: self.limits(raw.limits)?,

@@ -27,6 +27,14 @@ pub struct RawConfig {
     pub limits: RawLimits,
     #[serde(default)]
     pub rotation: RawRotation,
+    #[serde(default)]
+    pub policy: RawPolicy,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawPolicy {
+    pub denial_detail: Option<String>,
 }
 
 #[derive(Debug, Deserialize, Default)]

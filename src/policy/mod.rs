@@ -39,6 +39,9 @@ pub enum Role {
     Admin,
     /// May introspect tokens Latchkey minted.
     Introspect,
+    /// Sees Explain's whole trace and the values in denial reasons (which reveal other
+    /// rules' conditions); `auditor` and `admin` see them too.
+    Explain,
 }
 
 impl Role {
@@ -49,6 +52,7 @@ impl Role {
             "auditor" => Role::Auditor,
             "admin" => Role::Admin,
             "introspect" => Role::Introspect,
+            "explain" => Role::Explain,
             _ => return None,
         })
     }
@@ -60,6 +64,7 @@ impl Role {
             Role::Auditor => "auditor",
             Role::Admin => "admin",
             Role::Introspect => "introspect",
+            Role::Explain => "explain",
         }
     }
 }
@@ -150,8 +155,11 @@ pub enum Denied {
     NoRuleMatched {
         /// The target asked for.
         target: String,
-        /// The first failing clause of the closest rule, if any rule was considered.
+        /// The first failing clause of the closest rule, if any rule was considered,
+        /// with the values it compared (for the audit record and privileged callers).
         hint: Option<String>,
+        /// The same clause by rule and claim name only, without values.
+        names: Option<String>,
     },
     /// A requested scope is not granted.
     #[error("scope {scope} not granted on target {target}")]
@@ -164,6 +172,52 @@ pub enum Denied {
     /// A broker role is not granted.
     #[error("role {0} not granted")]
     RoleNotGranted(&'static str),
+}
+
+/// How much of a denial's reason a caller without the `explain`, `auditor` or `admin`
+/// role is told (`[policy] denial_detail`). The audit record always holds all of it.
+/// The values a failing clause compared are another team's rule conditions: a caller who
+/// sees them can learn the policy clause by clause.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DenialDetail {
+    /// Nothing beyond the decision and the deny rule's name.
+    None,
+    /// The names of the rule and claim that refused, without values.
+    #[default]
+    Names,
+    /// Everything, values included (development).
+    Full,
+}
+
+impl DenialDetail {
+    /// Parses the configured name.
+    pub fn parse(s: &str) -> Option<DenialDetail> {
+        Some(match s {
+            "none" => DenialDetail::None,
+            "names" => DenialDetail::Names,
+            "full" => DenialDetail::Full,
+            _ => return None,
+        })
+    }
+}
+
+impl Denied {
+    /// The denial as a caller at `detail` may see it.
+    pub fn for_caller(&self, detail: DenialDetail) -> Denied {
+        match (self, detail) {
+            (_, DenialDetail::Full) => self.clone(),
+            (Denied::NoRuleMatched { target, names, .. }, d) => Denied::NoRuleMatched {
+                target: target.clone(),
+                hint: if d == DenialDetail::Names {
+                    names.clone()
+                } else {
+                    None
+                },
+                names: None,
+            },
+            _ => self.clone(),
+        }
+    }
 }
 
 /// The outcome of [`Policy::decide`].
@@ -180,6 +234,8 @@ pub struct Policy {
     deny_all: HashMap<String, Vec<usize>>,
     /// issuer -> allow rules granting any role.
     with_roles: HashMap<String, Vec<usize>>,
+    /// What unprivileged callers learn of a denial.
+    denial_detail: DenialDetail,
 }
 
 /// The rules of one issuer that mention one target, indexed on their exact-valued claims:
@@ -261,6 +317,17 @@ pub struct Explanation {
 }
 
 impl Policy {
+    /// The same rules, telling unprivileged callers `detail` of a denial.
+    pub fn with_denial_detail(mut self, detail: DenialDetail) -> Policy {
+        self.denial_detail = detail;
+        self
+    }
+
+    /// What unprivileged callers learn of a denial.
+    pub fn denial_detail(&self) -> DenialDetail {
+        self.denial_detail
+    }
+
     /// Builds the policy and its index. Rules are assumed checked by the config loader.
     pub fn new(rules: Vec<Rule>) -> Policy {
         let mut p = Policy {
@@ -463,19 +530,20 @@ impl Policy {
         if grants.is_empty() {
             // Every allow rule for this target failed: the hint is the first one's first
             // failing clause, in configuration order (found only now, on the denial path).
-            let hint = bucket
+            let failed = bucket
                 .all
                 .iter()
                 .map(|&i| &self.rules[i])
                 .find(|r| r.effect == Effect::Allow)
-                .and_then(|r| {
-                    r.matches(claims)
-                        .err()
-                        .map(|f| format!("rule {}: {f}", r.name))
-                });
+                .and_then(|r| r.matches(claims).err().map(|f| (r, f)));
             return Err(Denied::NoRuleMatched {
                 target: req.target.to_string(),
-                hint,
+                hint: failed
+                    .as_ref()
+                    .map(|(r, f)| format!("rule {}: {f}", r.name)),
+                names: failed
+                    .as_ref()
+                    .map(|(r, f)| format!("rule {}: claim {} did not match", r.name, f.claim)),
             });
         }
 
@@ -555,25 +623,43 @@ impl Rule {
 
     /// Checks every claim matcher. `Ok` lists what held; `Err` names the first clause that
     /// failed and why.
-    pub fn matches(&self, claims: &Map<String, Value>) -> Result<Vec<String>, String> {
+    pub fn matches(&self, claims: &Map<String, Value>) -> Result<Vec<String>, ClauseFailed> {
         let mut held = Vec::with_capacity(self.claims.len());
         for (path, m) in &self.claims {
             let value = path.lookup(claims);
-            match value {
+            let why = match value {
                 Some(Value::String(v)) if m.matches(v) => {
                     held.push(format!("{path} {m}"));
+                    continue;
                 }
-                Some(Value::String(v)) => {
-                    return Err(format!("claim {path} = {v:?} does not match {m}"));
-                }
-                Some(_) => return Err(format!("claim {path} is not a string")),
-                None => return Err(format!("claim {path} is absent")),
-            }
+                Some(Value::String(v)) => format!("claim {path} = {v:?} does not match {m}"),
+                Some(_) => format!("claim {path} is not a string"),
+                None => format!("claim {path} is absent"),
+            };
+            return Err(ClauseFailed {
+                claim: path.to_string(),
+                why,
+            });
         }
         if held.is_empty() {
             held.push("no claim conditions".into());
         }
         Ok(held)
+    }
+}
+
+/// The first clause of a rule that did not hold.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClauseFailed {
+    /// The claim it is about.
+    pub claim: String,
+    /// Why, with the values compared.
+    pub why: String,
+}
+
+impl std::fmt::Display for ClauseFailed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.why)
     }
 }
 

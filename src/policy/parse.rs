@@ -230,7 +230,9 @@ impl Rule {
             roles.push(Role::parse(role).ok_or_else(|| {
                 err(
                     format!("{key}.roles[{j}]"),
-                    format!("unknown role {role:?}; use rotator, auditor, admin or introspect"),
+                    format!(
+                        "unknown role {role:?}; use rotator, auditor, admin, introspect or explain"
+                    ),
                 )
             })?);
         }

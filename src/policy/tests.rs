@@ -154,6 +154,7 @@ fn no_match_means_deny_with_the_failing_clause() {
         Err(Denied::NoRuleMatched {
             target,
             hint: Some(h),
+            ..
         }) => {
             assert_eq!(target, "t");
             assert!(h.contains("branch") && h.contains("release/*"), "{h}");

@@ -240,6 +240,7 @@ impl CredentialBroker for BrokerService {
                     .map(|(k, v)| (k.to_string(), v))
                     .collect(),
                 reason: ex.reason,
+                trace_withheld: ex.trace_withheld,
             }),
             &id,
         ))

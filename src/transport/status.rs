@@ -200,6 +200,7 @@ mod tests {
                 Denied::NoRuleMatched {
                     target: "t".into(),
                     hint: None,
+                    names: None,
                 }
                 .into(),
                 403,
