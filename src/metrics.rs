@@ -71,7 +71,7 @@ pub struct ItemLabel {
 /// A single `scope` label for rate limits.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct LimitScope {
-    /// `identity` or `source_ip`.
+    /// `identity`, `source_ip` or `unidentified`.
     pub scope: &'static str,
 }
 

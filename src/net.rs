@@ -33,6 +33,22 @@ pub fn source_key(ip: IpAddr) -> IpAddr {
     }
 }
 
+tokio::task_local! {
+    static SOURCE: IpAddr;
+}
+
+/// Runs `f` with `ip` as the address of the request it serves: the transports wrap each
+/// request in this, so what the broker decides (rate limits for callers it could not
+/// identify) can be charged to the source without passing it through every call.
+pub async fn with_source<F: std::future::Future>(ip: IpAddr, f: F) -> F::Output {
+    SOURCE.scope(ip, f).await
+}
+
+/// The source address of the request being served, when a transport set one.
+pub fn current_source() -> Option<IpAddr> {
+    SOURCE.try_with(|ip| *ip).ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -38,13 +38,17 @@ impl Limit {
     }
 }
 
-/// Both limits, as configured (`[limits]`).
+/// The limits, as configured (`[limits]`).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Limits {
     /// Per verified identity key, every authenticated call.
     pub identity: Limit,
     /// Per source IP, before anything else is looked at.
     pub source_ip: Limit,
+    /// Per source IP, requests whose caller could not be identified (no, bad or
+    /// unverifiable token; a malformed request): past it the source is refused before
+    /// anything is looked at, and nothing is audited, until its allowance returns.
+    pub unidentified: Limit,
 }
 
 impl Default for Limits {
@@ -57,6 +61,10 @@ impl Default for Limits {
             source_ip: Limit {
                 rate: 200.0,
                 burst: 400,
+            },
+            unidentified: Limit {
+                rate: 1.0,
+                burst: 30,
             },
         }
     }
@@ -104,6 +112,9 @@ impl<K: Hash + Eq + Clone> Keyed<K> {
 pub struct RateLimits {
     identity: RwLock<Arc<Keyed<String>>>,
     source_ip: RwLock<Arc<Keyed<IpAddr>>>,
+    unidentified: RwLock<Arc<Keyed<IpAddr>>>,
+    /// Sources over their unidentified allowance, until when they are refused.
+    blocked: std::sync::Mutex<std::collections::HashMap<IpAddr, std::time::Instant>>,
 }
 
 impl std::fmt::Debug for RateLimits {
@@ -124,6 +135,8 @@ impl RateLimits {
         RateLimits {
             identity: RwLock::new(Arc::new(Keyed::new(limits.identity))),
             source_ip: RwLock::new(Arc::new(Keyed::new(limits.source_ip))),
+            unidentified: RwLock::new(Arc::new(Keyed::new(limits.unidentified))),
+            blocked: std::sync::Mutex::new(std::collections::HashMap::new()),
         }
     }
 
@@ -132,6 +145,7 @@ impl RateLimits {
         Limits {
             identity: read(&self.identity).limit,
             source_ip: read(&self.source_ip).limit,
+            unidentified: read(&self.unidentified).limit,
         }
     }
 
@@ -144,6 +158,50 @@ impl RateLimits {
         if read(&self.source_ip).limit != limits.source_ip {
             *self.source_ip.write().unwrap_or_else(|e| e.into_inner()) =
                 Arc::new(Keyed::new(limits.source_ip));
+        }
+        if read(&self.unidentified).limit != limits.unidentified {
+            *self.unidentified.write().unwrap_or_else(|e| e.into_inner()) =
+                Arc::new(Keyed::new(limits.unidentified));
+            self.blocked
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clear();
+        }
+    }
+
+    /// Whether a source is refused for now, having spent its allowance of requests whose
+    /// caller could not be identified. Costs a map lookup; checked before anything else.
+    pub fn check_unidentified(&self, ip: IpAddr) -> Result<(), Exceeded> {
+        let key = crate::net::source_key(ip);
+        let mut blocked = self.blocked.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(until) = blocked.get(&key).copied() else {
+            return Ok(());
+        };
+        let now = std::time::Instant::now();
+        if until <= now {
+            blocked.remove(&key);
+            return Ok(());
+        }
+        Err(Exceeded {
+            retry_after: until - now,
+        })
+    }
+
+    /// Counts one request from `ip` whose caller could not be identified; past the
+    /// allowance the source is refused (see [`RateLimits::check_unidentified`]) until one
+    /// more is allowed. Answers whether this one was still within the allowance.
+    pub fn charge_unidentified(&self, ip: IpAddr) -> bool {
+        let key = crate::net::source_key(ip);
+        match read(&self.unidentified).check(&key) {
+            Ok(()) => true,
+            Err(e) => {
+                let until = std::time::Instant::now() + e.retry_after;
+                self.blocked
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(key, until);
+                false
+            }
         }
     }
 
@@ -170,6 +228,14 @@ impl RateLimits {
             l.retain_recent();
             l.shrink_to_fit();
         }
+        if let Some(l) = &read(&self.unidentified).limiter {
+            l.retain_recent();
+            l.shrink_to_fit();
+        }
+        let now = std::time::Instant::now();
+        let mut blocked = self.blocked.lock().unwrap_or_else(|e| e.into_inner());
+        blocked.retain(|_, until| *until > now);
+        blocked.shrink_to_fit();
     }
 }
 
@@ -185,6 +251,7 @@ mod tests {
                 burst: 3,
             },
             source_ip: Limit::OFF,
+            unidentified: Limit::OFF,
         });
         for _ in 0..3 {
             r.check_identity("a").unwrap();
@@ -210,6 +277,7 @@ mod tests {
                 rate: 0.001,
                 burst: 2,
             },
+            unidentified: Limit::OFF,
         });
         r.check_source("2001:db8:1:2::1".parse().unwrap()).unwrap();
         r.check_source("2001:db8:1:2:ffff::9".parse().unwrap())
@@ -237,6 +305,7 @@ mod tests {
                 burst: 1,
             },
             source_ip: Limit::OFF,
+            unidentified: Limit::OFF,
         });
         r.check_identity("a").unwrap();
         assert!(r.check_identity("a").is_err());
@@ -245,6 +314,7 @@ mod tests {
         r.reconfigure(Limits {
             identity: Limit::OFF,
             source_ip: Limit::OFF,
+            unidentified: Limit::OFF,
         });
         r.check_identity("a").unwrap();
         assert!(Limit {
@@ -254,5 +324,44 @@ mod tests {
         .quota()
         .is_none());
         r.forget_idle();
+    }
+
+    #[test]
+    fn a_source_that_spends_its_unidentified_allowance_is_refused_until_it_returns() {
+        let r = RateLimits::new(Limits {
+            identity: Limit::OFF,
+            source_ip: Limit::OFF,
+            unidentified: Limit {
+                rate: 20.0,
+                burst: 2,
+            },
+        });
+        let (a, a2, b) = (
+            "2001:db8::1".parse().unwrap(),
+            "2001:db8::2".parse().unwrap(),
+            "192.0.2.7".parse().unwrap(),
+        );
+        r.check_unidentified(a).unwrap();
+        assert!(r.charge_unidentified(a));
+        assert!(r.charge_unidentified(a2), "same /64, same allowance");
+        assert!(!r.charge_unidentified(a));
+        let e = r.check_unidentified(a2).unwrap_err();
+        assert!(e.retry_after <= Duration::from_millis(50), "{e:?}");
+        r.check_unidentified(b)
+            .expect("another source is not refused");
+        std::thread::sleep(e.retry_after + Duration::from_millis(5));
+        r.check_unidentified(a)
+            .expect("refused only until one more is allowed");
+        r.forget_idle();
+        // Off means never refused.
+        let off = RateLimits::new(Limits {
+            identity: Limit::OFF,
+            source_ip: Limit::OFF,
+            unidentified: Limit::OFF,
+        });
+        for _ in 0..1000 {
+            assert!(off.charge_unidentified(a));
+        }
+        off.check_unidentified(a).unwrap();
     }
 }

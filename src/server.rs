@@ -98,11 +98,13 @@ pub enum ReloadError {
 }
 
 /// `[limits]` keys that a reload applies.
-const RELOADABLE_LIMITS: [&str; 4] = [
+const RELOADABLE_LIMITS: [&str; 6] = [
     "identity_rate",
     "identity_burst",
     "source_ip_rate",
     "source_ip_burst",
+    "unidentified_rate",
+    "unidentified_burst",
 ];
 
 /// The sections (and `[limits]` keys) that differ between two raw configurations,
@@ -417,13 +419,22 @@ pub async fn start_with_minters(
                 let Some(peer) = req.remote_addr() else {
                     return Ok(req);
                 };
-                match limiter.rate_limits().check_source(peer.ip()) {
+                let limits = limiter.rate_limits();
+                let checked = limits
+                    .check_source(peer.ip())
+                    .map_err(|e| (e, "source_ip"))
+                    .and_then(|()| {
+                        limits
+                            .check_unidentified(peer.ip())
+                            .map_err(|e| (e, "unidentified"))
+                    });
+                match checked {
                     Ok(()) => Ok(req),
-                    Err(e) => {
+                    Err((e, scope)) => {
                         limiter
                             .metrics()
                             .rate_limited
-                            .get_or_create(&crate::metrics::LimitScope { scope: "source_ip" })
+                            .get_or_create(&crate::metrics::LimitScope { scope })
                             .inc();
                         let mut st = tonic::Status::resource_exhausted(format!(
                             "rate limit exceeded for this address; retry in {}s",
@@ -436,7 +447,8 @@ pub async fn start_with_minters(
                     }
                 }
             },
-        ));
+        ))
+        .layer(crate::transport::SourceLayer);
     let service = CredentialBrokerServer::new(BrokerService::new(broker.clone()))
         .max_decoding_message_size(MAX_REQUEST_BYTES);
     let leases = LeasesServer::new(LeasesService::new(broker.clone()))

@@ -788,6 +788,89 @@ async fn oversized_requests_are_refused_and_the_server_keeps_serving() {
     env.stop().await;
 }
 
+#[tokio::test]
+async fn unidentified_callers_cannot_fill_the_audit_log() {
+    let env = Env::start_full(
+        "",
+        "",
+        "[limits]\nunidentified_rate = 2\nunidentified_burst = 5\n",
+        std::sync::Arc::new(latchkey::clock::SystemClock),
+    )
+    .await;
+    let mut c = env.client.clone();
+    // The largest request that passes validation, with a junk token.
+    let junk = || latchkey::transport::pb::MintRequest {
+        target: "t".repeat(128),
+        scopes: (0..64)
+            .map(|i| format!("{i:03}{}", "s".repeat(253)))
+            .collect(),
+        context: (0..32)
+            .map(|i| (format!("k{i:02}"), "v".repeat(250)))
+            .collect(),
+        ..Default::default()
+    };
+    let mut refused_early = 0;
+    for _ in 0..20 {
+        let e = c.mint(authed(junk(), "junk.junk.junk")).await.unwrap_err();
+        match e.code() {
+            Code::Unauthenticated => {}
+            Code::ResourceExhausted => {
+                refused_early += 1;
+                assert!(e.message().contains("retry in"), "{}", e.message());
+                assert!(e.metadata().get("retry-after").is_some());
+            }
+            other => panic!("{other:?}: {}", e.message()),
+        }
+    }
+    let recs = env.records().await;
+    // The allowance, and the one that spent it; then refused before anything is recorded.
+    assert_eq!(recs.len(), 6);
+    assert_eq!(refused_early, 14);
+    for r in &recs {
+        let size = serde_json::to_string(&r.entry).unwrap().len();
+        assert!(
+            size < 1500,
+            "an unidentified caller's record is bounded: {size} bytes"
+        );
+        let e = &r.entry;
+        assert_eq!(e.requested_scopes.len(), 4);
+        assert!(e.requested_scopes.iter().all(|s| s.len() <= 64));
+        assert_eq!(e.context["scopes_count"], "64");
+        assert_eq!(e.context["context_entries"], "32");
+        assert_eq!(e.context["context_bytes"], (32 * 253).to_string());
+        assert_eq!(e.context["context_sha256"].len(), 64);
+        assert_eq!(e.target.as_deref().map(str::len), Some(64));
+    }
+    // A known caller is refused too while its address is over the allowance (it shares
+    // the address), and served once the allowance returns.
+    let e = env
+        .mint(&env.token("main"), "orders-api", &[], None)
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted);
+    tokio::time::sleep(std::time::Duration::from_millis(600)).await;
+    env.mint(&env.token("main"), "orders-api", &[], None)
+        .await
+        .unwrap();
+    // The refusals are counted.
+    let metrics = reqwest::get(format!("{}/metrics", env.http))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("latchkey_rate_limited_total{scope=\"unidentified\"} 15"),
+        "{}",
+        metrics
+            .lines()
+            .filter(|l| l.contains("rate_limited"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    env.stop().await;
+}
+
 /// The order of P-256: for a valid ECDSA signature (r, s), (r, n − s) is valid too.
 const P256_N: [u8; 32] = [
     0xff, 0xff, 0xff, 0xff, 0x00, 0x00, 0x00, 0x00, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,

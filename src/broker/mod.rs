@@ -75,6 +75,13 @@ pub mod limits {
     pub const CONTEXT_VALUE_LEN: usize = 1024;
     /// Total context size.
     pub const CONTEXT_TOTAL: usize = 8 * 1024;
+    /// Longest reason recorded.
+    pub const REASON_LEN: usize = 1024;
+    /// What an unidentified caller's record keeps of its request: this many scopes,
+    /// each cut to this many bytes, and a target cut as short.
+    pub const UNIDENTIFIED_SCOPES: usize = 4;
+    /// See [`UNIDENTIFIED_SCOPES`].
+    pub const UNIDENTIFIED_FIELD_LEN: usize = 64;
     /// Longest TTL anyone may ask for (caps clamp it further).
     pub const TTL_SECS: u64 = 366 * 24 * 3600;
 }
@@ -435,9 +442,20 @@ impl Broker {
             BrokerError::Mint(_) | BrokerError::Store(_) | BrokerError::Conflict => "error".into(),
             _ => "denied".into(),
         };
-        entry.reason = Some(err.to_string());
+        entry.reason = Some(truncate(&err.to_string(), limits::REASON_LEN));
         if let BrokerError::Denied(Denied::DenyRule { rule }) = &err {
             entry.rule = Some(rule.clone());
+        }
+        if entry.identity_key.is_none() {
+            // Nobody we know asked: record what was asked in bounded form (anyone can send
+            // these, and the log never gives space back), and charge the source's
+            // allowance of such requests.
+            bound_unidentified(&mut entry);
+            if let Some(ip) = crate::net::current_source() {
+                if !self.rate_limits.charge_unidentified(ip) {
+                    tracing::info!(source = %crate::net::source_key(ip), "unidentified requests over their allowance; refusing this source for a while");
+                }
+            }
         }
         log_decision(&entry, started, Some(err.code()));
         self.metrics.denied(err.code());
@@ -490,6 +508,42 @@ impl Broker {
         self.store.append(entry).await.map_err(BrokerError::Audit)?;
         Ok(caller)
     }
+}
+
+/// Shrinks the record of a request whose caller was not identified to a bounded size:
+/// the first few scopes, cut short, with their count and digest; the context as a count,
+/// a size and a digest; the target cut short. What it was stays provable (the digests),
+/// what it costs stays small (under about 1 KiB whatever was sent).
+fn bound_unidentified(entry: &mut AuditEntry) {
+    use limits::{UNIDENTIFIED_FIELD_LEN as LEN, UNIDENTIFIED_SCOPES as N};
+    if let Some(t) = &entry.target {
+        entry.target = Some(truncate(t, LEN));
+    }
+    let asked = std::mem::take(&mut entry.context);
+    if !asked.is_empty() {
+        let bytes: usize = asked.iter().map(|(k, v)| k.len() + v.len()).sum();
+        let canonical = serde_json::to_string(&asked).unwrap_or_default();
+        entry
+            .context
+            .insert("context_entries".into(), asked.len().to_string());
+        entry
+            .context
+            .insert("context_bytes".into(), bytes.to_string());
+        entry
+            .context
+            .insert("context_sha256".into(), crate::jose::sha256_hex(canonical));
+    }
+    let scopes = std::mem::take(&mut entry.requested_scopes);
+    if scopes.len() > N || scopes.iter().any(|s| s.len() > LEN) {
+        entry
+            .context
+            .insert("scopes_count".into(), scopes.len().to_string());
+        entry.context.insert(
+            "scopes_sha256".into(),
+            crate::jose::sha256_hex(scopes.join(" ")),
+        );
+    }
+    entry.requested_scopes = scopes.iter().take(N).map(|s| truncate(s, LEN)).collect();
 }
 
 fn truncate(s: &str, max: usize) -> String {

@@ -454,6 +454,12 @@ impl Checker<'_> {
                     r.source_ip_burst,
                     d.rate.source_ip,
                 )?,
+                unidentified: limit(
+                    "unidentified",
+                    r.unidentified_rate,
+                    r.unidentified_burst,
+                    d.rate.unidentified,
+                )?,
             },
             request_timeout: r.request_timeout.map(|x| x.0).unwrap_or(d.request_timeout),
             max_connections: r.max_connections.unwrap_or(d.max_connections),

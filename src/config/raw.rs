@@ -54,6 +54,8 @@ pub struct RawLimits {
     pub identity_burst: Option<u32>,
     pub source_ip_rate: Option<f64>,
     pub source_ip_burst: Option<u32>,
+    pub unidentified_rate: Option<f64>,
+    pub unidentified_burst: Option<u32>,
     pub request_timeout: Option<Dur>,
     pub max_connections: Option<usize>,
     pub max_connections_per_source: Option<usize>,

@@ -56,12 +56,21 @@ async fn limit_source(
     req: Request,
     next: Next,
 ) -> Response {
-    match b.rate_limits().check_source(peer.ip()) {
-        Ok(()) => next.run(req).await,
-        Err(e) => {
+    let limits = b.rate_limits();
+    let checked = limits
+        .check_source(peer.ip())
+        .map_err(|e| (e, "source_ip"))
+        .and_then(|()| {
+            limits
+                .check_unidentified(peer.ip())
+                .map_err(|e| (e, "unidentified"))
+        });
+    match checked {
+        Ok(()) => crate::net::with_source(peer.ip(), next.run(req)).await,
+        Err((e, scope)) => {
             b.metrics()
                 .rate_limited
-                .get_or_create(&crate::metrics::LimitScope { scope: "source_ip" })
+                .get_or_create(&crate::metrics::LimitScope { scope })
                 .inc();
             tracing::info!(%peer, "rate limited by source address");
             super::oauth::too_many_requests(e.retry_after_secs())

@@ -11,6 +11,56 @@ pub mod oauth;
 pub mod rotation;
 pub mod status;
 
+/// Runs each gRPC request with its peer's address as the current source
+/// ([`crate::net::with_source`]), so the broker can charge what it decides to the source.
+#[derive(Debug, Clone, Copy)]
+pub struct SourceLayer;
+
+impl<S> tower_layer::Layer<S> for SourceLayer {
+    type Service = SourceScope<S>;
+
+    fn layer(&self, inner: S) -> SourceScope<S> {
+        SourceScope(inner)
+    }
+}
+
+/// The service [`SourceLayer`] makes.
+#[derive(Debug, Clone)]
+pub struct SourceScope<S>(S);
+
+impl<S, B> tower_service::Service<axum::http::Request<B>> for SourceScope<S>
+where
+    S: tower_service::Service<axum::http::Request<B>>,
+    S::Future: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future =
+        std::pin::Pin<Box<dyn std::future::Future<Output = Result<S::Response, S::Error>> + Send>>;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), S::Error>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: axum::http::Request<B>) -> Self::Future {
+        let peer = req
+            .extensions()
+            .get::<tonic::transport::server::TcpConnectInfo>()
+            .and_then(|c| c.remote_addr())
+            .map(|a| a.ip());
+        let fut = self.0.call(req);
+        Box::pin(async move {
+            match peer {
+                Some(ip) => crate::net::with_source(ip, fut).await,
+                None => fut.await,
+            }
+        })
+    }
+}
+
 /// Generated protobuf and gRPC code for `latchkey.v1`.
 #[allow(missing_docs, clippy::all)]
 pub mod pb {
