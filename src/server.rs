@@ -132,7 +132,8 @@ fn fixed_changes(old: &toml::Value, new: &toml::Value) -> Vec<String> {
                 };
                 if strip(o.get(k)) != strip(n.get(k)) {
                     changed.push(
-                        "[limits] request_timeout/max_connections/handshake_timeout".to_string(),
+                        "[limits] request_timeout/max_connections/handshake_timeout/body_timeout"
+                            .to_string(),
                     );
                 }
             }
@@ -501,7 +502,11 @@ pub async fn start_with_minters(
             tracing::error!(error = %e, "grpc server stopped");
         }
     });
-    let app = crate::transport::http::router(broker.clone(), cfg.limits.request_timeout);
+    let app = crate::transport::http::router(
+        broker.clone(),
+        cfg.limits.request_timeout,
+        cfg.limits.body_timeout,
+    );
     let http_conns = listen::incoming(
         http_listener,
         tls.clone(),
@@ -681,7 +686,8 @@ mod tests {
             fixed_changes(&old, &moved),
             vec![
                 "[issuers]".to_string(),
-                "[limits] request_timeout/max_connections/handshake_timeout".to_string(),
+                "[limits] request_timeout/max_connections/handshake_timeout/body_timeout"
+                    .to_string(),
                 "[server]".to_string()
             ]
         );

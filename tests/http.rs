@@ -333,3 +333,63 @@ async fn introspection_reports_active_until_revoked() {
     assert!(!common::contains(&db, access));
     env.stop().await;
 }
+
+#[tokio::test]
+async fn a_body_sent_a_byte_at_a_time_is_cut_off_at_the_body_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let env = Env::start_full(
+        "",
+        "",
+        "[limits]\nbody_timeout = \"500ms\"\nrequest_timeout = \"30s\"\n",
+        Arc::new(SystemClock),
+    )
+    .await;
+    let addr = env.http.trim_start_matches("http://").to_string();
+    let started = std::time::Instant::now();
+    let mut slow = Vec::new();
+    for _ in 0..10 {
+        let addr = addr.clone();
+        slow.push(tokio::spawn(async move {
+            let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
+            s.write_all(
+                b"POST /v1/token HTTP/1.1\r\nhost: x\r\ncontent-type: application/x-www-form-urlencoded\r\ncontent-length: 400\r\n\r\n",
+            )
+            .await
+            .unwrap();
+            // One byte every 100 ms: the body would take 40 s.
+            for _ in 0..400 {
+                if s.write_all(b"a").await.is_err() {
+                    break;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                let mut buf = [0u8; 512];
+                if let Ok(Ok(n)) =
+                    tokio::time::timeout(std::time::Duration::from_millis(1), s.read(&mut buf))
+                        .await
+                {
+                    if n > 0 {
+                        return String::from_utf8_lossy(&buf[..n]).into_owned();
+                    }
+                }
+            }
+            String::new()
+        }));
+    }
+    // Meanwhile an ordinary exchange is served.
+    let (s, _) = exchange(&env, &env.token("main"), &[("audience", "orders-api")]).await;
+    assert_eq!(s, 200);
+    for t in slow {
+        let answer = t.await.unwrap();
+        assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+        assert!(
+            answer.contains("request body not received in time"),
+            "{answer}"
+        );
+    }
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(10),
+        "cut off at the body timeout, not the request timeout: {:?}",
+        started.elapsed()
+    );
+    env.stop().await;
+}

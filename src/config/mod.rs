@@ -86,6 +86,8 @@ pub struct LimitsConfig {
     pub max_connections_per_source: usize,
     /// Longest from accept to a usable connection (TLS handshake, HTTP/2 preface).
     pub handshake_timeout: Duration,
+    /// Longest an HTTP request body may take to arrive whole.
+    pub body_timeout: Duration,
 }
 
 impl Default for LimitsConfig {
@@ -96,6 +98,7 @@ impl Default for LimitsConfig {
             max_connections: 4096,
             max_connections_per_source: 256,
             handshake_timeout: Duration::from_secs(10),
+            body_timeout: Duration::from_secs(5),
         }
     }
 }
@@ -470,7 +473,11 @@ impl Checker<'_> {
                 .handshake_timeout
                 .map(|x| x.0)
                 .unwrap_or(d.handshake_timeout),
+            body_timeout: r.body_timeout.map(|x| x.0).unwrap_or(d.body_timeout),
         };
+        if c.body_timeout < Duration::from_millis(100) || c.body_timeout > Duration::from_secs(60) {
+            return Err(self.err("limits.body_timeout", "must be between 100ms and 60s"));
+        }
         if c.request_timeout < Duration::from_secs(1)
             || c.request_timeout > Duration::from_secs(600)
         {

@@ -57,6 +57,7 @@ pub struct RawLimits {
     pub unidentified_rate: Option<f64>,
     pub unidentified_burst: Option<u32>,
     pub request_timeout: Option<Dur>,
+    pub body_timeout: Option<Dur>,
     pub max_connections: Option<usize>,
     pub max_connections_per_source: Option<usize>,
     pub handshake_timeout: Option<Dur>,

@@ -15,8 +15,12 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 /// The router. Discovery and JWKS live beneath the path of `server.issuer_url`, as OIDC
-/// discovery requires.
-pub fn router(broker: Arc<Broker>, request_timeout: std::time::Duration) -> Router {
+/// discovery requires. A request body must arrive whole within `body_timeout`.
+pub fn router(
+    broker: Arc<Broker>,
+    request_timeout: std::time::Duration,
+    body_timeout: std::time::Duration,
+) -> Router {
     let prefix = reqwest::Url::parse(broker.issuer_url())
         .map(|u| u.path().trim_end_matches('/').to_string())
         .unwrap_or_default();
@@ -39,6 +43,7 @@ pub fn router(broker: Arc<Broker>, request_timeout: std::time::Duration) -> Rout
             Router::new()
                 .route("/v1/token", post(super::oauth::token))
                 .route("/v1/introspect", post(super::oauth::introspect))
+                .route_layer(middleware::from_fn_with_state(body_timeout, read_body))
                 .route_layer(middleware::from_fn_with_state(broker.clone(), limit_source)),
         )
         .route("/healthz", get(healthz))
@@ -75,6 +80,20 @@ async fn limit_source(
             tracing::info!(%peer, "rate limited by source address");
             super::oauth::too_many_requests(e.retry_after_secs())
         }
+    }
+}
+
+/// Reads the whole body within `limit` before the handler sees it: a client that sends
+/// its body a byte at a time holds a connection for `limit`, not the request timeout.
+async fn read_body(State(limit): State<std::time::Duration>, req: Request, next: Next) -> Response {
+    let (parts, body) = req.into_parts();
+    match tokio::time::timeout(limit, axum::body::to_bytes(body, MAX_BODY_BYTES)).await {
+        Ok(Ok(bytes)) => {
+            next.run(Request::from_parts(parts, axum::body::Body::from(bytes)))
+                .await
+        }
+        Ok(Err(_)) => super::oauth::bad_body(false),
+        Err(_) => super::oauth::bad_body(true),
     }
 }
 

@@ -80,6 +80,26 @@ pub fn too_many_requests(retry_after_secs: u64) -> Response {
     .into_response()
 }
 
+/// The answer to a request whose body did not arrive in time, or was too large.
+pub fn bad_body(too_slow: bool) -> Response {
+    OAuthError {
+        status: if too_slow {
+            StatusCode::REQUEST_TIMEOUT
+        } else {
+            StatusCode::PAYLOAD_TOO_LARGE
+        },
+        error: "invalid_request",
+        description: if too_slow {
+            "request body not received in time".into()
+        } else {
+            "request body too large".into()
+        },
+        request_id: String::new(),
+        retry_after: None,
+    }
+    .into_response()
+}
+
 /// The answer to a request that ran past the request timeout.
 pub fn timed_out() -> Response {
     OAuthError {
