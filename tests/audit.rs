@@ -825,3 +825,36 @@ async fn a_failing_or_hung_witness_never_blocks_mint_and_catches_up_in_order() {
     assert!(ids.len() >= 2);
     env.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_redacted_claim_is_in_no_store_file_and_renewal_still_decides_on_it() {
+    let wdir = tempfile::tempdir().unwrap();
+    let env = start(&wdir).await;
+    let mut claims = env.claims("main");
+    claims["pipelineUuid"] = "{pipeline-7f3e9c1d-only-here}".into();
+    let token = env.issuer.sign(&claims);
+    let m = env.mint(&token, "orders-api", &[], None).await.unwrap();
+    let lease = m.lease.unwrap();
+    // Renewal reads the claims back (sealed under the master key) and decides again.
+    let mut c = env.client.clone();
+    let renewed = c
+        .renew(authed(
+            pb::RenewRequest {
+                lease_id: lease.id.clone(),
+                lease_secret: m.lease_secret.clone(),
+                ttl: None,
+            },
+            &token,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(renewed.lease.is_some());
+    env.broker().store().check_writable().await.unwrap();
+    let bytes = common::all_bytes_under(env.dir.path());
+    assert!(
+        !common::contains(&bytes, "pipeline-7f3e9c1d-only-here"),
+        "a redacted claim reached a store file"
+    );
+    env.stop().await;
+}

@@ -188,9 +188,14 @@ impl AuditStatus {
     }
 }
 
+/// What a redacted value is replaced with.
+pub const REDACTED: &str = "[REDACTED]";
+
 /// Replaces the listed claims (top-level names, or JSON pointers starting with `/`)
-/// with `"[REDACTED]"`.
-pub fn redact(claims: &mut Value, paths: &[String]) {
+/// with `"[REDACTED]"`. Answers the values it replaced (strings as they were, anything
+/// else as JSON text), so fields derived from them can be hidden too.
+pub fn redact(claims: &mut Value, paths: &[String]) -> Vec<String> {
+    let mut hidden = Vec::new();
     for p in paths {
         let slot = if p.starts_with('/') {
             claims.pointer_mut(p)
@@ -198,9 +203,14 @@ pub fn redact(claims: &mut Value, paths: &[String]) {
             claims.get_mut(p.as_str())
         };
         if let Some(v) = slot {
-            *v = Value::String("[REDACTED]".into());
+            let old = std::mem::replace(v, Value::String(REDACTED.into()));
+            hidden.push(match old {
+                Value::String(s) => s,
+                other => other.to_string(),
+            });
         }
     }
+    hidden
 }
 
 #[cfg(test)]

@@ -322,8 +322,7 @@ impl Broker {
             ));
             return self.fail(entry, e, started).await;
         }
-        let Ok(claims) = serde_json::from_str::<serde_json::Map<String, Value>>(&l.claims_json)
-        else {
+        let Some(claims) = lease::claims_from_text(&self.master, &l.id, &l.claims_json) else {
             let e = BrokerError::Store(StoreError::Corrupt(format!("lease {}: claims", l.id)));
             return self.fail(entry, e, started).await;
         };

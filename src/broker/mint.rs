@@ -192,8 +192,9 @@ impl Broker {
             id: lease_id.clone(),
             issuer: identity.issuer_name.clone(),
             identity_key: identity.key.clone(),
-            subject: identity.subject.clone(),
-            repository: identity.repository.clone(),
+            // As the audit record has them: a redacted claim shows in neither.
+            subject: entry.subject.clone().unwrap_or_default(),
+            repository: entry.repository.clone(),
             target: req.target.clone(),
             kind: target.minter.kind().to_string(),
             rule: allowed.rule.clone(),
@@ -205,7 +206,12 @@ impl Broker {
             state: LeaseState::Live,
             revoked_at: None,
             secret_hash,
-            claims_json: serde_json::to_string(&*identity.claims).unwrap_or_default(),
+            claims_json: lease::claims_text(
+                &self.master,
+                &lease_id,
+                &identity.claims,
+                !self.audit.redact.is_empty(),
+            ),
             upstream: credential.upstream.as_ref().map(|u| {
                 self.master
                     .seal(u.expose().as_bytes(), &lease::upstream_aad(&lease_id))

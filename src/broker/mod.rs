@@ -412,7 +412,24 @@ impl Broker {
         entry.environment = id.environment.clone();
         entry.pipeline = id.pipeline.clone();
         entry.claims = serde_json::Value::Object((*id.claims).clone());
-        crate::audit::checkpoint::redact(&mut entry.claims, &self.audit.redact);
+        let hidden = crate::audit::checkpoint::redact(&mut entry.claims, &self.audit.redact);
+        // The normalised fields come from the same claims: one that shows a redacted
+        // value is hidden too (the identity key stays, the log is grouped by it).
+        let hidden: Vec<&String> = hidden.iter().filter(|h| !h.is_empty()).collect();
+        for field in [
+            &mut entry.subject,
+            &mut entry.repository,
+            &mut entry.git_ref,
+            &mut entry.environment,
+            &mut entry.pipeline,
+        ] {
+            if field
+                .as_ref()
+                .is_some_and(|v| hidden.iter().any(|h| v.contains(h.as_str())))
+            {
+                *field = Some(crate::audit::checkpoint::REDACTED.into());
+            }
+        }
         // Counted once the caller is known, so the refusal's record says who it was.
         if let Err(e) = self.rate_limits.check_identity(&id.key) {
             self.metrics

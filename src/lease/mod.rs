@@ -320,6 +320,48 @@ pub fn upstream_aad(lease_id: &str) -> Vec<u8> {
     format!("latchkey/lease-upstream/v1/{lease_id}").into_bytes()
 }
 
+/// How a sealed claims text starts (JSON text never does).
+const SEALED_CLAIMS: &str = "sealed:v1:";
+
+/// The text a lease keeps the caller's verified claims in (renewal decides policy on
+/// them again): JSON, or, when `seal` (the audit redacts claims), the JSON sealed under
+/// the master key and bound to the lease, so a copy of the store shows no claim the
+/// audit log hides.
+pub fn claims_text(
+    master: &crate::keys::MasterKey,
+    lease_id: &str,
+    claims: &serde_json::Map<String, serde_json::Value>,
+    seal: bool,
+) -> String {
+    let json = serde_json::to_string(claims).unwrap_or_default();
+    if !seal {
+        return json;
+    }
+    let sealed = master.seal(json.as_bytes(), &claims_aad(lease_id));
+    format!("{SEALED_CLAIMS}{}", crate::jose::b64(sealed))
+}
+
+/// The claims a lease keeps, from [`claims_text`]'s form. `None` when the text is
+/// unreadable or sealed under another master key or for another lease.
+pub fn claims_from_text(
+    master: &crate::keys::MasterKey,
+    lease_id: &str,
+    text: &str,
+) -> Option<serde_json::Map<String, serde_json::Value>> {
+    match text.strip_prefix(SEALED_CLAIMS) {
+        None => serde_json::from_str(text).ok(),
+        Some(b64) => {
+            let sealed = crate::jose::b64_decode(b64)?;
+            let plain = master.open(&sealed, &claims_aad(lease_id)).ok()?;
+            serde_json::from_slice(plain.expose()).ok()
+        }
+    }
+}
+
+fn claims_aad(lease_id: &str) -> Vec<u8> {
+    format!("latchkey/lease-claims/v1/{lease_id}").into_bytes()
+}
+
 /// Checks a lease id's shape (a UUID) before it reaches the store.
 pub fn valid_id(id: &str) -> bool {
     id.len() == 36 && uuid::Uuid::parse_str(id).is_ok()
@@ -343,6 +385,30 @@ pub fn id_from_jti(jti: &str) -> Option<String> {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn claims_are_sealed_when_asked_and_open_only_for_their_lease() {
+        let master = crate::keys::MasterKey::generate();
+        let claims: serde_json::Map<String, serde_json::Value> =
+            serde_json::from_str(r#"{"email":"dev@example.com","ref":"main"}"#).unwrap();
+        let clear = claims_text(&master, "l1", &claims, false);
+        assert!(clear.contains("dev@example.com"));
+        assert_eq!(
+            claims_from_text(&master, "l1", &clear),
+            Some(claims.clone())
+        );
+        let sealed = claims_text(&master, "l1", &claims, true);
+        assert!(!sealed.contains("dev@example") && !sealed.contains("main"));
+        assert_eq!(claims_from_text(&master, "l1", &sealed), Some(claims));
+        assert_eq!(
+            claims_from_text(&master, "l2", &sealed),
+            None,
+            "another lease"
+        );
+        let other = crate::keys::MasterKey::generate();
+        assert_eq!(claims_from_text(&other, "l1", &sealed), None);
+        assert_eq!(claims_from_text(&master, "l1", "sealed:v1:!!"), None);
+    }
 
     #[test]
     fn a_jti_names_its_lease_with_or_without_hyphens() {
