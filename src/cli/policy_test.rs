@@ -78,7 +78,12 @@ pub fn decide(cfg: &Config, args: &Args) -> Result<(bool, String), String> {
         .ok_or(format!("unknown target {:?}", args.target))?;
     let identity = issuer
         .preset
-        .normalise(&issuer.name, claims, "offline".into())
+        .normalise(
+            &issuer.name,
+            claims,
+            "offline".into(),
+            issuer.key_environment,
+        )
         .map_err(|e| format!("claims do not fit preset {}: {e}", issuer.preset.as_str()))?;
     let ex = cfg.policy.explain(
         &issuer.name,

@@ -749,6 +749,7 @@ impl Checker<'_> {
             jwks_max_bytes,
             jwks_max_keys,
             ca_file,
+            key_environment: r.identity_key_environment.unwrap_or(true),
             max_mints_per_token: match r.max_mints_per_token {
                 Some(0) => {
                     return Err(self.err(

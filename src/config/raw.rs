@@ -138,6 +138,7 @@ pub struct RawIssuer {
     pub jwks_max_bytes: Option<usize>,
     pub jwks_max_keys: Option<usize>,
     pub max_mints_per_token: Option<u32>,
+    pub identity_key_environment: Option<bool>,
     pub ca_file: Option<String>,
 }
 

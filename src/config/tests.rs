@@ -297,6 +297,7 @@ fn lease_settings_default_and_are_checked() {
     assert_eq!(t.max_lifetime, t.max_ttl, "lifetime defaults to max_ttl");
     assert_eq!(t.max_live_leases, None);
     assert_eq!(c.issuers[0].max_mints_per_token, None);
+    assert!(c.issuers[0].key_environment);
     assert_eq!(c.leases.reap_interval, Duration::from_secs(30));
     let c = Config::parse(
         &(GOOD
@@ -305,7 +306,11 @@ fn lease_settings_default_and_are_checked() {
                 "max_ttl = \"1h\"\nmax_lifetime = \"8h\"\nmax_live_leases = 5",
                 1,
             )
-            .replacen("audiences = [", "max_mints_per_token = 3\naudiences = [", 1)
+            .replacen(
+                "audiences = [",
+                "max_mints_per_token = 3\nidentity_key_environment = false\naudiences = [",
+                1,
+            )
             + "\n[leases]\nreap_interval = \"10s\"\nstuck_after = 3\n"),
         "good.toml",
     )
@@ -313,6 +318,7 @@ fn lease_settings_default_and_are_checked() {
     assert_eq!(c.targets[0].max_lifetime, Duration::from_secs(8 * 3600));
     assert_eq!(c.targets[0].max_live_leases, Some(5));
     assert_eq!(c.issuers[0].max_mints_per_token, Some(3));
+    assert!(!c.issuers[0].key_environment);
     assert_eq!(c.leases.reap_interval, Duration::from_secs(10));
     assert_eq!(c.leases.stuck_after, 3);
 

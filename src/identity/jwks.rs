@@ -516,6 +516,7 @@ mod tests {
                 jwks_max_bytes: 64 * 1024,
                 jwks_max_keys: 100,
                 max_mints_per_token: None,
+                key_environment: true,
                 ca_file: None,
             })
         };

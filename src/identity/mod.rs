@@ -56,6 +56,10 @@ pub struct IssuerConfig {
     /// Extra CA certificates (PEM) trusted for this issuer's discovery and JWKS, besides
     /// the public roots: a Kubernetes API server's own CA, an internal GitLab's.
     pub ca_file: Option<PathBuf>,
+    /// Whether identity keys include the deployment environment (`:env:…`). Quotas and
+    /// rate limits count per identity key, and on GitHub and GitLab the workflow names its
+    /// environment, so with it a workflow can multiply its own budget by naming more.
+    pub key_environment: bool,
 }
 
 /// A verified caller.

@@ -50,6 +50,7 @@ impl Preset {
         issuer_name: &str,
         claims: Map<String, Value>,
         token_fingerprint: String,
+        key_environment: bool,
     ) -> Result<WorkloadIdentity, IdentityError> {
         let s = |k: &str| claims.get(k).and_then(Value::as_str).map(str::to_string);
         let sub = s("sub").ok_or(IdentityError::Claim("sub"))?;
@@ -66,7 +67,7 @@ impl Preset {
                 let workspace = s("workspaceUuid").unwrap_or_default();
                 let env_uuid = s("deploymentEnvironmentUuid");
                 let mut key = format!("{issuer_name}:{workspace}/{repo}");
-                if let Some(e) = &env_uuid {
+                if let Some(e) = env_uuid.as_ref().filter(|_| key_environment) {
                     key.push_str(&format!(":env:{e}"));
                 }
                 let env = s("deploymentEnvironment").or(env_uuid);
@@ -85,7 +86,7 @@ impl Preset {
                 let owner_id = claim_id(&claims, "repository_owner_id").unwrap_or_default();
                 let env = s("environment");
                 let mut key = format!("{issuer_name}:{owner_id}/{repo_id}");
-                if let Some(e) = &env {
+                if let Some(e) = env.as_ref().filter(|_| key_environment) {
                     key.push_str(&format!(":env:{e}"));
                 }
                 let run = s("run_id").map(|r| match s("run_attempt") {
@@ -99,7 +100,7 @@ impl Preset {
                     claim_id(&claims, "project_id").ok_or(IdentityError::Claim("project_id"))?;
                 let env = s("environment");
                 let mut key = format!("{issuer_name}:{project}");
-                if let Some(e) = &env {
+                if let Some(e) = env.as_ref().filter(|_| key_environment) {
                     key.push_str(&format!(":env:{e}"));
                 }
                 (
@@ -175,7 +176,7 @@ mod tests {
     use serde_json::json;
 
     fn norm(p: Preset, v: Value) -> Result<WorkloadIdentity, IdentityError> {
-        p.normalise("x", v.as_object().unwrap().clone(), "fp".into())
+        p.normalise("x", v.as_object().unwrap().clone(), "fp".into(), true)
     }
 
     #[test]
@@ -229,6 +230,19 @@ mod tests {
         let g = norm(Preset::Gitlab, json!({"iss": "i", "sub": "s", "project_id": "12", "project_path": "g/p", "ref": "main", "environment": "prod", "pipeline_id": 3})).unwrap();
         assert_eq!(g.key, "x:12:env:prod");
         assert_eq!(g.pipeline.as_deref(), Some("3"));
+        // identity_key_environment = false: one key (one quota, one rate budget) however
+        // many environments the pipeline names; the environment stays a field.
+        let claims = json!({"iss": "i", "sub": "s", "project_id": "12", "environment": "prod-2"});
+        let g = Preset::Gitlab
+            .normalise("x", claims.as_object().unwrap().clone(), "fp".into(), false)
+            .unwrap();
+        assert_eq!(g.key, "x:12");
+        assert_eq!(g.environment.as_deref(), Some("prod-2"));
+        let claims = json!({"iss": "i", "sub": "s", "repository_id": "42", "repository_owner_id": "7", "environment": "e"});
+        let g = Preset::Github
+            .normalise("x", claims.as_object().unwrap().clone(), "fp".into(), false)
+            .unwrap();
+        assert_eq!(g.key, "x:7/42");
         let k = norm(Preset::Kubernetes, json!({"iss": "i", "sub": "system:serviceaccount:ci:runner", "kubernetes.io": {"namespace": "ci", "serviceaccount": {"name": "runner"}, "pod": {"name": "p1"}}})).unwrap();
         assert_eq!(k.key, "x:ci/runner");
         assert!(norm(Preset::Kubernetes, json!({"iss": "i", "sub": "s"})).is_err());

@@ -121,10 +121,12 @@ impl Verifier {
             .values()
             .find(|i| i.cfg.name == issuer_name)
             .ok_or(IdentityError::UnknownIssuer)?;
-        issuer
-            .cfg
-            .preset
-            .normalise(&issuer.cfg.name, claims, String::new())
+        issuer.cfg.preset.normalise(
+            &issuer.cfg.name,
+            claims,
+            String::new(),
+            issuer.cfg.key_environment,
+        )
     }
 
     /// Verifies a token: size, structure, header, issuer, key, algorithm, signature, then
@@ -175,9 +177,12 @@ impl Verifier {
         } else {
             String::new()
         };
-        let mut id = cfg
-            .preset
-            .normalise(&cfg.name, parsed.claims, sha256_hex(token))?;
+        let mut id = cfg.preset.normalise(
+            &cfg.name,
+            parsed.claims,
+            sha256_hex(token),
+            cfg.key_environment,
+        )?;
         id.content_fingerprint = content;
         Ok(id)
     }
@@ -285,6 +290,7 @@ mod tests {
             jwks_max_bytes: 256 * 1024,
             jwks_max_keys: 100,
             max_mints_per_token: None,
+            key_environment: true,
             ca_file: None,
         }
     }
