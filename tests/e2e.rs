@@ -670,6 +670,53 @@ async fn callers_without_the_explain_role_learn_names_not_values() {
 }
 
 #[tokio::test]
+async fn a_deny_on_a_branch_name_is_not_escaped_by_case_width_or_invisible_characters() {
+    let env = Env::start().await;
+    // reports-any-branch grants reports to every branch; no-experimental denies
+    // experimental/*. The caller names its branch.
+    for branch in [
+        "experimental/1",
+        "Experimental/1",
+        "EXPERIMENTAL/1",
+        "experimental\u{200b}/1",
+        "exp\u{00ad}erimental/1",
+        "ｅｘｐｅｒｉｍｅｎｔａｌ/1",
+    ] {
+        let e = env
+            .mint(&env.token(branch), "reports", &[], None)
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::PermissionDenied, "{branch:?}");
+        assert!(
+            e.message().contains("no-experimental"),
+            "{branch:?}: {}",
+            e.message()
+        );
+    }
+    env.mint(&env.token("main"), "reports", &[], None)
+        .await
+        .unwrap();
+    env.stop().await;
+
+    // fold = false compares the raw value, as it is written.
+    let env = Env::start_full(
+        "",
+        "",
+        "[[rules]]\nname = \"no-wip\"\nissuer = \"bb\"\neffect = \"deny\"\nfold = false\nclaims = { branchName = { glob = \"wip/*\" } }\n",
+        std::sync::Arc::new(latchkey::clock::SystemClock),
+    )
+    .await;
+    assert!(env
+        .mint(&env.token("wip/1"), "reports", &[], None)
+        .await
+        .is_err());
+    env.mint(&env.token("WIP/1"), "reports", &[], None)
+        .await
+        .unwrap();
+    env.stop().await;
+}
+
+#[tokio::test]
 async fn every_decision_is_audited_in_an_intact_chain_without_secrets() {
     let mut env = Env::start().await;
     let caller = env.token("main");

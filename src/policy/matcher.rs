@@ -152,6 +152,34 @@ impl Matcher {
         Ok(Matcher::AnyOf(items))
     }
 
+    /// The matcher for folded values ([`fold`]): exact strings and globs folded the same
+    /// way, regexes case-insensitive. Fails when a folded glob does not compile.
+    pub fn folded(self) -> Result<Matcher, MatcherError> {
+        Ok(match self {
+            Matcher::Exact(s) => Matcher::Exact(fold(&s)),
+            Matcher::AnyOf(items) => Matcher::AnyOf(
+                items
+                    .into_iter()
+                    .map(Matcher::folded)
+                    .collect::<Result<_, _>>()?,
+            ),
+            Matcher::Glob(p, _) => Matcher::glob(&fold(&p))?,
+            Matcher::Regex(p, _) => {
+                let anchored = format!("^(?:{p})$");
+                let r = regex::RegexBuilder::new(&anchored)
+                    .size_limit(1 << 20)
+                    .case_insensitive(true)
+                    .build()
+                    .map_err(|e| MatcherError::Regex {
+                        pattern: p.clone(),
+                        reason: e.to_string(),
+                    })?;
+                Matcher::Regex(p, r)
+            }
+            Matcher::Not(m) => Matcher::Not(Box::new(m.folded()?)),
+        })
+    }
+
     /// Whether `value` satisfies the matcher.
     pub fn matches(&self, value: &str) -> bool {
         match self {
@@ -183,6 +211,30 @@ impl fmt::Display for Matcher {
             Matcher::Not(m) => write!(f, "not ({m})"),
         }
     }
+}
+
+/// A claim value as a folded rule compares it: Unicode NFKC (full-width and compatibility
+/// forms become plain ones), invisible format characters removed (zero-width spaces and
+/// joiners, bidirectional marks, soft hyphens, variation selectors, tags), lower case.
+/// `Experimental/x`, `experimental\u{200b}/x` and `ｅｘｐｅｒｉｍｅｎｔａｌ/x` all fold to
+/// `experimental/x`.
+pub fn fold(value: &str) -> String {
+    use unicode_normalization::UnicodeNormalization;
+    value
+        .nfkc()
+        .filter(|c| !invisible(*c))
+        .flat_map(char::to_lowercase)
+        .collect()
+}
+
+/// Characters that render as nothing (Unicode's default-ignorable code points and the
+/// format controls among them).
+fn invisible(c: char) -> bool {
+    matches!(c as u32,
+        0x00AD | 0x034F | 0x061C | 0x115F | 0x1160 | 0x17B4 | 0x17B5 | 0x180B..=0x180F
+        | 0x200B..=0x200F | 0x202A..=0x202E | 0x2060..=0x206F | 0x3164 | 0xFE00..=0xFE0F
+        | 0xFEFF | 0xFFA0 | 0xFFF0..=0xFFF8 | 0x1BCA0..=0x1BCA3 | 0x1D173..=0x1D17A
+        | 0xE0000..=0xE0FFF)
 }
 
 #[cfg(test)]
@@ -264,5 +316,30 @@ mod tests {
                 .map(|v| v.is_object()),
             Some(true)
         );
+    }
+
+    #[test]
+    fn folding_sees_through_case_width_and_invisible_characters() {
+        for v in [
+            "Experimental/x",
+            "EXPERIMENTAL/x",
+            "experimental\u{200b}/x",
+            "exper\u{00ad}imental/x",
+            "\u{feff}experimental/x",
+            "ｅｘｐｅｒｉｍｅｎｔａｌ/x",
+            "experimental\u{202e}/x",
+        ] {
+            assert_eq!(fold(v), "experimental/x", "{v:?}");
+        }
+        let g = Matcher::glob("Experimental/*").unwrap().folded().unwrap();
+        assert!(g.matches(&fold("EXPERIMENTAL\u{2060}/1")));
+        let r = Matcher::regex("exp.*").unwrap().folded().unwrap();
+        assert!(r.matches(&fold("Exp-1")));
+        let e = Matcher::any_of(vec![Matcher::Exact("Main".into())])
+            .unwrap()
+            .folded()
+            .unwrap();
+        assert!(e.matches(&fold("MAIN")));
+        assert!(!e.matches(&fold("main2")));
     }
 }

@@ -102,6 +102,9 @@ pub struct Rule {
     /// Targets the roles are limited to, for roles that concern one target's tokens
     /// (`introspect`); empty means every target.
     pub role_targets: Vec<String>,
+    /// Claim values are folded before matching ([`matcher::fold`]): case, width and
+    /// invisible characters do not escape the rule. The default for deny rules.
+    pub fold: bool,
 }
 
 /// What the target itself allows, independent of rules.
@@ -256,7 +259,9 @@ struct Bucket {
 impl Bucket {
     fn push(&mut self, i: usize, rule: &Rule) {
         self.all.push(i);
-        let key = rule.claims.iter().find_map(|(path, m)| {
+        // A folded rule compares folded values: the raw value is no index key.
+        let indexed = if rule.fold { &[][..] } else { &rule.claims[..] };
+        let key = indexed.iter().find_map(|(path, m)| {
             let values: Option<Vec<&str>> = match m {
                 Matcher::Exact(v) => Some(vec![v.as_str()]),
                 Matcher::AnyOf(items) => items
@@ -616,6 +621,7 @@ impl Rule {
         self.claims
             .iter()
             .all(|(path, m)| match path.lookup(claims) {
+                Some(Value::String(v)) if self.fold => m.matches(&matcher::fold(v)),
                 Some(Value::String(v)) => m.matches(v),
                 _ => false,
             })
@@ -626,7 +632,14 @@ impl Rule {
     pub fn matches(&self, claims: &Map<String, Value>) -> Result<Vec<String>, ClauseFailed> {
         let mut held = Vec::with_capacity(self.claims.len());
         for (path, m) in &self.claims {
-            let value = path.lookup(claims);
+            let folded;
+            let value = match path.lookup(claims) {
+                Some(Value::String(v)) if self.fold => {
+                    folded = Value::String(matcher::fold(v));
+                    Some(&folded)
+                }
+                other => other,
+            };
             let why = match value {
                 Some(Value::String(v)) if m.matches(v) => {
                     held.push(format!("{path} {m}"));

@@ -33,6 +33,9 @@ pub struct RawRule {
     /// Targets the granted roles are narrowed to.
     #[serde(default)]
     pub role_targets: Vec<String>,
+    /// Fold claim values (case, width, invisible characters) before matching; default
+    /// true for deny rules, false for allow rules.
+    pub fold: Option<bool>,
     /// Free text for humans; not used by the broker.
     #[allow(dead_code)]
     pub description: Option<String>,
@@ -124,11 +127,16 @@ impl Rule {
                 ))
             }
         };
+        let fold = r.fold.unwrap_or(effect == Effect::Deny);
         let mut claims = Vec::new();
         for (claim, v) in &r.claims {
             let ck = format!("{key}.claims.{claim}");
             let path = ClaimPath::parse(claim).map_err(|e| err(&ck, e.to_string()))?;
-            claims.push((path, matcher(&ck, v)?));
+            let mut m = matcher(&ck, v)?;
+            if fold {
+                m = m.folded().map_err(|e| err(&ck, e.to_string()))?;
+            }
+            claims.push((path, m));
         }
         let mut grants = Vec::new();
         for (j, g) in r.grants.into_iter().enumerate() {
@@ -275,6 +283,7 @@ impl Rule {
             deny_targets: r.targets,
             roles,
             role_targets: r.role_targets,
+            fold,
         })
     }
 }

@@ -36,6 +36,7 @@ fn allow(
         deny_targets: vec![],
         roles: vec![],
         role_targets: vec![],
+        fold: false,
     }
 }
 
@@ -52,6 +53,7 @@ fn deny(name: &str, m: Vec<(&str, Matcher)>, targets: &[&str]) -> Rule {
         deny_targets: targets.iter().map(|s| s.to_string()).collect(),
         roles: vec![],
         role_targets: vec![],
+        fold: false,
     }
 }
 
