@@ -17,6 +17,7 @@ const LAYERS: &[(&str, u8)] = &[
     ("metrics", 0),
     ("telemetry", 0),
     ("net", 0),
+    ("pgtls", 0),
     ("devissuer", 1),
     // models
     ("identity", 1),

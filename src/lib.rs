@@ -43,6 +43,7 @@ pub mod lease;
 pub mod metrics;
 pub mod mint;
 pub mod net;
+pub mod pgtls;
 pub mod policy;
 pub mod ratelimit;
 pub mod rotation;

@@ -603,3 +603,95 @@ async fn debug_logs_never_carry_the_role_password_or_its_verifier() {
     );
     fx.cleanup().await;
 }
+
+/// The server's certificate file, when the server speaks TLS (Debian's default: the
+/// snakeoil certificate, CN and SAN `localhost`).
+async fn server_certificate(fx: &Fixture) -> Option<std::path::PathBuf> {
+    let ssl: String = fx.su.query_one("SHOW ssl", &[]).await.unwrap().get(0);
+    let file: String = fx
+        .su
+        .query_one("SHOW ssl_cert_file", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let path = std::path::PathBuf::from(file);
+    if ssl != "on" || !path.exists() {
+        eprintln!("SKIPPED: the PostgreSQL server does not speak TLS (ssl = {ssl}) or its certificate is not readable here");
+        return None;
+    }
+    Some(path)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_admin_connection_speaks_tls_and_checks_the_certificate_as_sslmode_says() {
+    let Some(url) = pg_url() else { return };
+    let fx = Fixture::new(&url).await;
+    let Some(cert) = server_certificate(&fx).await else {
+        fx.cleanup().await;
+        return;
+    };
+    let other_ca = fx.secrets.path().join("other-ca.pem");
+    let ca = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    std::fs::write(&other_ca, ca.cert.pem()).unwrap();
+    let cert = cert.display().to_string();
+    let other = other_ca.display().to_string();
+    // (host, TLS keys, whether a mint works, what the refusal says)
+    let cases: Vec<(&str, String, bool, &str)> = vec![
+        ("127.0.0.1", "sslmode = \"require\"".into(), true, ""),
+        (
+            "127.0.0.1",
+            format!("sslmode = \"verify-ca\"\nca_file = \"{cert}\""),
+            true,
+            "",
+        ),
+        (
+            "localhost",
+            format!("sslmode = \"verify-full\"\nca_file = \"{cert}\""),
+            true,
+            "",
+        ),
+        // The certificate names localhost, not 127.0.0.1.
+        (
+            "127.0.0.1",
+            format!("sslmode = \"verify-full\"\nca_file = \"{cert}\""),
+            false,
+            "TLS with the server failed",
+        ),
+        // Signed by nobody this CA file trusts.
+        (
+            "localhost",
+            format!("sslmode = \"verify-full\"\nca_file = \"{other}\""),
+            false,
+            "TLS with the server failed",
+        ),
+        (
+            "localhost",
+            format!("sslmode = \"verify-ca\"\nca_file = \"{other}\""),
+            false,
+            "TLS with the server failed",
+        ),
+    ];
+    for (host, tls, works, says) in cases {
+        let config = fx.config(&tls).replace("@127.0.0.1:", &format!("@{host}:"));
+        let env = Env::start_full(
+            "jwks_cooldown = \"0s\"",
+            "busy_timeout = \"300ms\"",
+            &config,
+            Arc::new(SystemClock),
+        )
+        .await;
+        let r = env
+            .mint(&env.token("main"), "warehouse", &["read"], Some(60))
+            .await;
+        match (works, r) {
+            (true, Ok(m)) => assert!(m.credential.unwrap().username.starts_with(&fx.prefix)),
+            (false, Err(e)) => {
+                assert_eq!(e.code(), tonic::Code::Unavailable, "{host} {tls}: {e:?}");
+                assert!(e.message().contains(says), "{host} {tls}: {}", e.message());
+            }
+            (w, r) => panic!("{host} {tls}: expected works={w}, got {r:?}"),
+        }
+        env.stop().await;
+    }
+    fx.cleanup().await;
+}

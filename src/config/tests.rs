@@ -529,6 +529,12 @@ fn target_kinds_refuse_what_their_systems_cannot_take() {
         ("kind = \"postgres\"\nurl = \"postgres://admin@db/app\"\nroles = { r = [\"g\"] }\nroot_rotation = \"720h\"", "root_rotation", "without a password"),
         ("kind = \"postgres\"\nurl = \"postgres://admin@db/app\"\nroles = { r = [\"pg_read_all_data\"] }", "roles.r", "not pg_"),
         ("kind = \"postgres\"\nurl = \"postgres://admin@db/app\"\nroles = { r = [\"g\"] }\nrole_prefix = \"Bad-\"", "role_prefix", "a-z"),
+        ("kind = \"postgres\"\nurl = \"postgres://admin@db.internal/app\"\nroles = { r = [\"g\"] }\nsslmode = \"disable\"", "sslmode", "plaintext to a server on another machine"),
+        ("kind = \"postgres\"\nurl = \"postgres://admin@db.internal/app\"\nroles = { r = [\"g\"] }\nsslmode = \"prefer\"", "sslmode", "allow_plaintext"),
+        ("kind = \"postgres\"\nurl = \"postgres://admin@127.0.0.1.nip.io/app\"\nroles = { r = [\"g\"] }\nsslmode = \"disable\"", "sslmode", "another machine"),
+        ("kind = \"postgres\"\nurl = \"postgres://admin@db/app?sslmode=disable\"\nroles = { r = [\"g\"] }", "url", "sslmode and ca_file keys"),
+        ("kind = \"postgres\"\nurl = \"postgres://admin@db/app\"\nroles = { r = [\"g\"] }\nsslmode = \"require\"\nca_file = \"/ca.pem\"", "ca_file", "checks no certificate"),
+        ("kind = \"postgres\"\nurl = \"postgres://admin@db/app\"\nroles = { r = [\"g\"] }\nsslmode = \"allow\"", "sslmode", "not an sslmode"),
         ("kind = \"oauth2\"\ngrant = \"client_credentials\"\ntoken_url = \"https://idp/token\"", "client_id", "client_credentials needs"),
         ("kind = \"oauth2\"\ngrant = \"password\"\ntoken_url = \"https://idp/token\"", "grant", "not supported"),
         ("kind = \"smtp\"", "kind", "supported: jwt, pulsar"),
@@ -548,6 +554,34 @@ fn target_kinds_refuse_what_their_systems_cannot_take() {
     )
     .unwrap_err();
     assert!(!e.to_string().contains("literal-secret"), "{e}");
+}
+
+#[test]
+fn a_postgres_target_verifies_tls_to_another_machine_unless_told_otherwise() {
+    let pg = |rest: &str| {
+        let text = target(&format!(
+            "kind = \"postgres\"\nroles = {{ r = [\"g\"] }}\n{rest}"
+        ));
+        let c = Config::parse(&text, "t.toml").unwrap_or_else(|e| panic!("{rest}: {e}"));
+        match &c.target("t").unwrap().kind {
+            TargetKind::Postgres(p) => p.sslmode,
+            _ => unreachable!(),
+        }
+    };
+    use crate::pgtls::SslMode;
+    assert_eq!(
+        pg("url = \"postgres://a@db.internal/app\""),
+        SslMode::VerifyFull
+    );
+    assert_eq!(pg("url = \"postgres://a@127.0.0.1/app\""), SslMode::Prefer);
+    assert_eq!(
+        pg("url = \"postgres://a@db.internal/app\"\nsslmode = \"disable\"\nallow_plaintext = true"),
+        SslMode::Disable
+    );
+    assert_eq!(
+        pg("url = \"postgres://a@db.internal/app\"\nsslmode = \"verify-ca\"\nca_file = \"/ca.pem\""),
+        SslMode::VerifyCa
+    );
 }
 
 #[test]

@@ -28,7 +28,6 @@ use async_trait::async_trait;
 use serde::Deserialize;
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::time::Duration;
-use tokio_postgres::NoTls;
 
 /// Roles younger than this are left alone by the reconciler: their lease may not be
 /// committed yet.
@@ -40,6 +39,7 @@ pub struct PostgresMinter {
     target: String,
     cfg: PostgresConfig,
     base: tokio_postgres::Config,
+    tls: crate::pgtls::PgTls,
     password: Option<RootCredential>,
     /// The comment that marks a role as made by this broker for this target.
     marker: String,
@@ -70,6 +70,8 @@ impl PostgresMinter {
             .parse()
             .map_err(|e| format!("url does not parse: {e}"))?;
         base.connect_timeout(cfg.timeout);
+        let tls = crate::pgtls::PgTls::new(cfg.sslmode, cfg.ca_file.as_deref())?;
+        tls.apply(&mut base);
         base.options(format!("-c statement_timeout={}", cfg.timeout.as_millis()));
         base.application_name("latchkey");
         let store_id = deps
@@ -80,6 +82,7 @@ impl PostgresMinter {
         let mut m = PostgresMinter {
             target: target.to_string(),
             base,
+            tls,
             password: None,
             cfg,
             marker: ownership_marker(&store_id, target),
@@ -117,7 +120,10 @@ impl PostgresMinter {
             },
             None => MintError::Upstream {
                 target: self.target.clone(),
-                reason: format!("{what}: cannot reach the server"),
+                reason: match tls_failure(e) {
+                    Some(why) => format!("{what}: TLS with the server failed ({why})"),
+                    None => format!("{what}: cannot reach the server"),
+                },
             },
         }
     }
@@ -135,7 +141,7 @@ impl PostgresMinter {
             c.dbname(db);
         }
         let (client, conn) = c
-            .connect(NoTls)
+            .connect(self.tls.connector())
             .await
             .map_err(|e| self.fail("connect", &e))?;
         tokio::spawn(async move {
@@ -518,6 +524,26 @@ impl Minter for PostgresMinter {
 
 // ---- settings: what the minter is built from --------------------------------------
 
+/// Why a connection failed in TLS, if it did: the rustls error's own words (what the
+/// certificate lacked), never anything the server sent.
+fn tls_failure(e: &tokio_postgres::Error) -> Option<String> {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
+    while let Some(s) = source {
+        if let Some(io) = s.downcast_ref::<std::io::Error>() {
+            if let Some(t) = io.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
+                return Some(t.to_string());
+            }
+        }
+        if let Some(t) = s.downcast_ref::<rustls::Error>() {
+            return Some(t.to_string());
+        }
+        source = s.source();
+    }
+    e.to_string()
+        .contains("does not support TLS")
+        .then(|| "the server does not accept TLS".to_string())
+}
+
 /// Settings of a `postgres` target.
 #[derive(Debug, Clone)]
 pub struct PostgresConfig {
@@ -533,6 +559,10 @@ pub struct PostgresConfig {
     pub databases: Vec<String>,
     /// Connect and statement timeout.
     pub timeout: Duration,
+    /// libpq's `sslmode` for the admin connection.
+    pub sslmode: crate::pgtls::SslMode,
+    /// CA certificates (PEM) trusted for `verify-ca` and `verify-full`; else the system's.
+    pub ca_file: Option<std::path::PathBuf>,
 }
 
 // ---- configuration: the raw form and its checks ----------------------------------
@@ -549,6 +579,9 @@ pub(super) struct RawPostgres {
     #[serde(default)]
     databases: Vec<String>,
     timeout: Option<crate::clock::Dur>,
+    sslmode: Option<String>,
+    ca_file: Option<String>,
+    allow_plaintext: Option<bool>,
 }
 
 impl Check {
@@ -566,6 +599,45 @@ impl Check {
         }
         if u.username().is_empty() {
             return Err(self.err(format!("{key}.url"), "must name the admin user"));
+        }
+        if u.query_pairs()
+            .any(|(k, _)| k.starts_with("ssl") || k == "channel_binding")
+        {
+            return Err(self.err(
+                format!("{key}.url"),
+                "write TLS settings as the target's sslmode and ca_file keys, not in the URL",
+            ));
+        }
+        let parsed: tokio_postgres::Config = r
+            .url
+            .parse()
+            .map_err(|e| self.err(format!("{key}.url"), format!("does not parse: {e}")))?;
+        let local = crate::pgtls::is_local(&parsed);
+        let sslmode = match r.sslmode.as_deref() {
+            None => crate::pgtls::SslMode::default_for(local),
+            Some(m) => crate::pgtls::SslMode::parse(m).ok_or_else(|| {
+                self.err(
+                    format!("{key}.sslmode"),
+                    format!("{m:?} is not an sslmode; use disable, prefer, require, verify-ca or verify-full"),
+                )
+            })?,
+        };
+        if let Some(why) = sslmode.refusal(local, r.allow_plaintext.unwrap_or(false)) {
+            return Err(self.err(format!("{key}.sslmode"), why));
+        }
+        if r.ca_file.is_some()
+            && !matches!(
+                sslmode,
+                crate::pgtls::SslMode::VerifyCa | crate::pgtls::SslMode::VerifyFull
+            )
+        {
+            return Err(self.err(
+                format!("{key}.ca_file"),
+                format!(
+                    "sslmode {} checks no certificate; ca_file applies to verify-ca and verify-full",
+                    sslmode.as_str()
+                ),
+            ));
         }
         let role_prefix = r.role_prefix.unwrap_or_else(|| "lk_".into());
         if role_prefix.len() < 2
@@ -612,6 +684,8 @@ impl Check {
             roles: r.roles,
             databases: r.databases,
             timeout: self.timeout(key, r.timeout)?,
+            sslmode,
+            ca_file: r.ca_file.map(std::path::PathBuf::from),
         })
     }
 }
