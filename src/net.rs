@@ -33,6 +33,45 @@ pub fn source_key(ip: IpAddr) -> IpAddr {
     }
 }
 
+/// The address a request comes from: the peer, or, when the peer is a trusted proxy,
+/// the nearest address in `X-Forwarded-For` (read from the right) that is not itself a
+/// trusted proxy. Addresses a client wrote further left are not believed: only what
+/// trusted proxies appended counts. An unparsable entry ends the walk at the last
+/// trusted hop.
+pub fn client_address(
+    peer: IpAddr,
+    forwarded_for: Option<&str>,
+    trusted: &[ipnet::IpNet],
+) -> IpAddr {
+    let is_trusted = |ip: &IpAddr| trusted.iter().any(|n| n.contains(ip));
+    if !is_trusted(&peer) {
+        return peer;
+    }
+    let Some(list) = forwarded_for else {
+        return peer;
+    };
+    let mut client = peer;
+    for hop in list.rsplit(',') {
+        let hop = hop.trim();
+        let Ok(ip) = hop
+            .parse::<IpAddr>()
+            .or_else(|_| hop.parse::<std::net::SocketAddr>().map(|s| s.ip()))
+        else {
+            break;
+        };
+        client = ip;
+        if !is_trusted(&ip) {
+            break;
+        }
+    }
+    client
+}
+
+/// The client address of a request, set by the transport that accepted it (after
+/// [`client_address`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClientAddr(pub IpAddr);
+
 tokio::task_local! {
     static SOURCE: IpAddr;
 }
@@ -52,6 +91,31 @@ pub fn current_source() -> Option<IpAddr> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn forwarded_addresses_count_only_behind_a_trusted_proxy() {
+        let trusted: Vec<ipnet::IpNet> = vec!["10.0.0.0/8".parse().unwrap()];
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let proxy = ip("10.1.2.3");
+        // Not from a trusted proxy: the header is the client's own word, ignored.
+        assert_eq!(
+            client_address(ip("192.0.2.9"), Some("198.51.100.1"), &trusted),
+            ip("192.0.2.9")
+        );
+        // From the proxy: the nearest untrusted hop, read from the right.
+        assert_eq!(
+            client_address(proxy, Some("203.0.113.7, 198.51.100.1, 10.9.9.9"), &trusted),
+            ip("198.51.100.1"),
+            "a client cannot choose its address by writing one further left"
+        );
+        assert_eq!(client_address(proxy, None, &trusted), proxy);
+        assert_eq!(client_address(proxy, Some("garbage"), &trusted), proxy);
+        assert_eq!(
+            client_address(proxy, Some("[2001:db8::1]:4711"), &trusted),
+            ip("2001:db8::1")
+        );
+        assert_eq!(client_address(proxy, Some("198.51.100.1"), &[]), proxy);
+    }
 
     #[test]
     fn loopback_is_parsed_not_matched_as_text() {

@@ -415,18 +415,27 @@ pub async fn start_with_minters(
         // Headers up to 64 KiB reach the handler, so a token over the 16 KiB limit gets a
         // clean UNAUTHENTICATED instead of a bare HTTP 431; larger ones are still cut off.
         .http2_max_header_list_size(Some(64 * 1024))
+        // Outermost: the client address (behind trusted proxies, the forwarded one) for
+        // everything inside, the source checks and the broker.
+        .layer(crate::transport::SourceLayer::new(
+            cfg.limits.trusted_proxies.clone(),
+        ))
         .layer(tonic::service::InterceptorLayer::new(
             move |req: tonic::Request<()>| {
-                let Some(peer) = req.remote_addr() else {
-                    return Ok(req);
+                let peer = match req.extensions().get::<crate::net::ClientAddr>() {
+                    Some(c) => c.0,
+                    None => match req.remote_addr() {
+                        Some(a) => a.ip(),
+                        None => return Ok(req),
+                    },
                 };
                 let limits = limiter.rate_limits();
                 let checked = limits
-                    .check_source(peer.ip())
+                    .check_source(peer)
                     .map_err(|e| (e, "source_ip"))
                     .and_then(|()| {
                         limits
-                            .check_unidentified(peer.ip())
+                            .check_unidentified(peer)
                             .map_err(|e| (e, "unidentified"))
                     });
                 match checked {
@@ -448,8 +457,7 @@ pub async fn start_with_minters(
                     }
                 }
             },
-        ))
-        .layer(crate::transport::SourceLayer);
+        ));
     let service = CredentialBrokerServer::new(BrokerService::new(broker.clone()))
         .max_decoding_message_size(MAX_REQUEST_BYTES);
     let leases = LeasesServer::new(LeasesService::new(broker.clone()))
@@ -506,6 +514,7 @@ pub async fn start_with_minters(
         broker.clone(),
         cfg.limits.request_timeout,
         cfg.limits.body_timeout,
+        cfg.limits.trusted_proxies.clone(),
     );
     let http_conns = listen::incoming(
         http_listener,

@@ -294,6 +294,28 @@ async fn serve_then_mint_and_explain_with_the_cli_and_logs_hold_no_token() {
         "only the header: nothing live"
     );
 
+    // A remote export ends: every query is audited, so asking once more would always
+    // find the record of the last ask.
+    let out = cli(&["audit", "export"], &[("LATCHKEY_TOKEN", &admin)]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let exported: Vec<serde_json::Value> = text(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(exported.len() > 10, "{}", exported.len());
+    assert_eq!(
+        exported.last().unwrap()["action"],
+        "audit_query",
+        "ends with its own query's record"
+    );
+    assert_eq!(
+        exported
+            .iter()
+            .filter(|r| r["action"] == "audit_query")
+            .count(),
+        1
+    );
+
     // Denied: exit 1, the status on stderr.
     let denied = issuer.sign(&issuer.bitbucket_claims("experimental/z"));
     let out = tokio::task::block_in_place(|| mint("raw", "reports", &denied));
@@ -347,8 +369,8 @@ async fn serve_then_mint_and_explain_with_the_cli_and_logs_hold_no_token() {
         .collect();
     assert_eq!(
         decisions.len(),
-        12,
-        "one structured line per decision: {logs}"
+        13,
+        "one structured line per decision (the export's query included): {logs}"
     );
     assert!(
         !logs.contains(&lease_secret),

@@ -393,3 +393,69 @@ async fn a_body_sent_a_byte_at_a_time_is_cut_off_at_the_body_timeout() {
     );
     env.stop().await;
 }
+
+#[tokio::test]
+async fn behind_a_trusted_proxy_each_forwarded_client_has_its_own_budget() {
+    let env = Env::start_full(
+        "",
+        "",
+        "[limits]\ntrusted_proxies = [\"127.0.0.0/8\"]\nunidentified_rate = 0.01\nunidentified_burst = 2\n",
+        Arc::new(SystemClock),
+    )
+    .await;
+    let junk = |client: &'static str| {
+        let url = format!("{}/v1/token", env.http);
+        async move {
+            reqwest::Client::new()
+                .post(url)
+                .header("x-forwarded-for", client)
+                .form(&[
+                    ("grant_type", EXCHANGE),
+                    ("subject_token", "junk"),
+                    ("subject_token_type", JWT),
+                    ("audience", "orders-api"),
+                ])
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }
+    };
+    // 198.51.100.1 spends its allowance (2, and the one that spends it) and is refused.
+    let statuses = [
+        junk("198.51.100.1").await,
+        junk("198.51.100.1").await,
+        junk("198.51.100.1").await,
+        junk("198.51.100.1").await,
+    ];
+    assert_eq!(statuses[3], 429, "{statuses:?}");
+    assert!(statuses[..3].iter().all(|s| *s != 429), "{statuses:?}");
+    // Another client behind the same proxy is not.
+    assert_ne!(junk("198.51.100.2").await, 429);
+    // A client cannot pick its address by writing one further left: the proxy's hop
+    // (the rightmost untrusted one) is what counts.
+    assert_eq!(junk("203.0.113.9, 198.51.100.1").await, 429);
+    // The same on gRPC.
+    let grpc = |client: &'static str| {
+        let mut c = env.client.clone();
+        async move {
+            let mut req = authed(
+                latchkey::transport::pb::MintRequest {
+                    target: "orders-api".into(),
+                    ..Default::default()
+                },
+                "junk",
+            );
+            req.metadata_mut()
+                .insert("x-forwarded-for", client.parse().unwrap());
+            c.mint(req).await.unwrap_err().code()
+        }
+    };
+    for _ in 0..3 {
+        assert_eq!(grpc("198.51.100.3").await, tonic::Code::Unauthenticated);
+    }
+    assert_eq!(grpc("198.51.100.3").await, tonic::Code::ResourceExhausted);
+    assert_eq!(grpc("198.51.100.4").await, tonic::Code::Unauthenticated);
+    env.stop().await;
+}

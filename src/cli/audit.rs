@@ -345,22 +345,28 @@ async fn export(a: ExportArgs) -> Result<i32, String> {
     let mut filter = a.filter.clone();
     loop {
         let mut stream = c
-            .query(authorized(filter.to_pb(100_000), &token)?)
+            .query(authorized(filter.to_pb(EXPORT_PAGE as u32), &token)?)
             .await
             .map_err(|s| status_line(&s))?
             .into_inner();
-        let mut last = None;
+        let (mut last, mut n) = (None, 0);
         while let Some(r) = stream.next().await {
             let r = AuditRecord::try_from(r.map_err(|s| status_line(&s))?)?;
             print(&r, Format::Jsonl)?;
             last = Some(r.seq);
+            n += 1;
         }
+        // A short page is the end. (Each query is itself audited, so asking again
+        // would always find one more record: the record of the last query.)
         match last {
-            Some(s) => filter.after_seq = Some(s),
-            None => return Ok(0),
+            Some(s) if n == EXPORT_PAGE => filter.after_seq = Some(s),
+            _ => return Ok(0),
         }
     }
 }
+
+/// Records per query of a remote export.
+const EXPORT_PAGE: usize = 100_000;
 
 fn read_keys(p: &Path) -> Result<CheckpointKeys, String> {
     let text = std::fs::read_to_string(p)

@@ -88,6 +88,8 @@ pub struct LimitsConfig {
     pub handshake_timeout: Duration,
     /// Longest an HTTP request body may take to arrive whole.
     pub body_timeout: Duration,
+    /// Proxies whose `X-Forwarded-For` is believed for the source limits.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
 }
 
 impl Default for LimitsConfig {
@@ -99,6 +101,7 @@ impl Default for LimitsConfig {
             max_connections_per_source: 256,
             handshake_timeout: Duration::from_secs(10),
             body_timeout: Duration::from_secs(5),
+            trusted_proxies: Vec::new(),
         }
     }
 }
@@ -474,6 +477,21 @@ impl Checker<'_> {
                 .map(|x| x.0)
                 .unwrap_or(d.handshake_timeout),
             body_timeout: r.body_timeout.map(|x| x.0).unwrap_or(d.body_timeout),
+            trusted_proxies: r
+                .trusted_proxies
+                .iter()
+                .enumerate()
+                .map(|(i, p)| {
+                    p.parse::<ipnet::IpNet>()
+                        .or_else(|_| p.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+                        .map_err(|_| {
+                            self.err(
+                                format!("limits.trusted_proxies[{i}]"),
+                                format!("{p:?} is not an address or a CIDR range"),
+                            )
+                        })
+                })
+                .collect::<Result<_, _>>()?,
         };
         if c.body_timeout < Duration::from_millis(100) || c.body_timeout > Duration::from_secs(60) {
             return Err(self.err("limits.body_timeout", "must be between 100ms and 60s"));

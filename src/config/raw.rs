@@ -58,6 +58,8 @@ pub struct RawLimits {
     pub unidentified_burst: Option<u32>,
     pub request_timeout: Option<Dur>,
     pub body_timeout: Option<Dur>,
+    #[serde(default)]
+    pub trusted_proxies: Vec<String>,
     pub max_connections: Option<usize>,
     pub max_connections_per_source: Option<usize>,
     pub handshake_timeout: Option<Dur>,

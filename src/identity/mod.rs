@@ -12,7 +12,7 @@ mod presets;
 mod verifier;
 
 pub use presets::Preset;
-pub use verifier::{issuer_http_client, Verifier};
+pub use verifier::{issuer_http_client, verify_with_key, Verifier};
 
 use crate::jose::Alg;
 use serde_json::{Map, Value};

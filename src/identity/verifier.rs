@@ -140,52 +140,88 @@ impl Verifier {
         };
         let issuer = self.by_iss.get(iss).ok_or(IdentityError::UnknownIssuer)?;
         let cfg = &issuer.cfg;
-
-        let alg = Alg::parse(&parsed.alg).ok_or_else(|| {
-            IdentityError::Algorithm(format!("{} not supported", sanitize(&parsed.alg)))
-        })?;
-        if !cfg.algorithms.contains(&alg) {
-            return Err(IdentityError::Algorithm(format!(
-                "{alg} not allowed for this issuer"
-            )));
-        }
+        let alg = allowed_alg(&parsed, cfg)?;
         let key = issuer
             .keys
             .key_for(parsed.kid.as_deref(), alg.family())
             .await?;
-        match key.alg {
-            Some(pinned) if pinned != alg => {
-                return Err(IdentityError::Algorithm(format!(
-                    "{alg} does not match the key's {pinned}"
-                )));
-            }
-            None if key.family != alg.family() => {
-                return Err(IdentityError::Algorithm(format!(
-                    "{alg} does not fit the key type"
-                )));
-            }
-            _ => {}
-        }
-        if !key.verify(alg, parsed.signing_input, &parsed.signature) {
-            return Err(IdentityError::BadSignature);
-        }
-
-        check_claims(&parsed.claims, cfg, self.clock.now())?;
-        // Only the replay guard needs it (for tokens without `jti`): not hashed otherwise.
-        let content = if cfg.max_mints_per_token.is_some() {
-            sha256_hex(parsed.signing_input)
-        } else {
-            String::new()
-        };
-        let mut id = cfg.preset.normalise(
-            &cfg.name,
-            parsed.claims,
-            sha256_hex(token),
-            cfg.key_environment,
-        )?;
-        id.content_fingerprint = content;
-        Ok(id)
+        verified(token, parsed, cfg, alg, &key, self.clock.now())
     }
+}
+
+/// The token's algorithm, when it is one this issuer may use.
+fn allowed_alg(parsed: &jwt::Parsed<'_>, cfg: &IssuerConfig) -> Result<Alg, IdentityError> {
+    let alg = Alg::parse(&parsed.alg).ok_or_else(|| {
+        IdentityError::Algorithm(format!("{} not supported", sanitize(&parsed.alg)))
+    })?;
+    if !cfg.algorithms.contains(&alg) {
+        return Err(IdentityError::Algorithm(format!(
+            "{alg} not allowed for this issuer"
+        )));
+    }
+    Ok(alg)
+}
+
+/// Everything [`Verifier::verify`] checks once the issuer's key is found: the key fits
+/// the algorithm, the signature, the claims at `now`; then the identity.
+fn verified(
+    token: &str,
+    parsed: jwt::Parsed<'_>,
+    cfg: &IssuerConfig,
+    alg: Alg,
+    key: &super::jwks::VerifyKey,
+    now: i64,
+) -> Result<WorkloadIdentity, IdentityError> {
+    match key.alg {
+        Some(pinned) if pinned != alg => {
+            return Err(IdentityError::Algorithm(format!(
+                "{alg} does not match the key's {pinned}"
+            )));
+        }
+        None if key.family != alg.family() => {
+            return Err(IdentityError::Algorithm(format!(
+                "{alg} does not fit the key type"
+            )));
+        }
+        _ => {}
+    }
+    if !key.verify(alg, parsed.signing_input, &parsed.signature) {
+        return Err(IdentityError::BadSignature);
+    }
+    check_claims(&parsed.claims, cfg, now)?;
+    // Only the replay guard needs it (for tokens without `jti`): not hashed otherwise.
+    let content = if cfg.max_mints_per_token.is_some() {
+        sha256_hex(parsed.signing_input)
+    } else {
+        String::new()
+    };
+    let mut id = cfg.preset.normalise(
+        &cfg.name,
+        parsed.claims,
+        sha256_hex(token),
+        cfg.key_environment,
+    )?;
+    id.content_fingerprint = content;
+    Ok(id)
+}
+
+/// Verifies `token` as [`Verifier::verify`] does, against one key of the issuer `cfg`
+/// instead of its fetched key set: the whole path from bytes to identity without the
+/// network, for fuzzing and property tests.
+pub fn verify_with_key(
+    token: &str,
+    cfg: &IssuerConfig,
+    key: &super::jwks::VerifyKey,
+    now: i64,
+) -> Result<WorkloadIdentity, IdentityError> {
+    let parsed = jwt::parse(token)?;
+    match parsed.claims.get("iss") {
+        Some(Value::String(s)) if *s == cfg.issuer => {}
+        Some(Value::String(_)) => return Err(IdentityError::UnknownIssuer),
+        _ => return Err(IdentityError::Claim("iss")),
+    }
+    let alg = allowed_alg(&parsed, cfg)?;
+    verified(token, parsed, cfg, alg, key, now)
 }
 
 /// A NumericDate claim (RFC 7519: seconds, possibly fractional) as whole seconds,

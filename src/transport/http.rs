@@ -20,7 +20,12 @@ pub fn router(
     broker: Arc<Broker>,
     request_timeout: std::time::Duration,
     body_timeout: std::time::Duration,
+    trusted_proxies: Vec<ipnet::IpNet>,
 ) -> Router {
+    let sources = Sources {
+        broker: broker.clone(),
+        trusted: Arc::new(trusted_proxies),
+    };
     let prefix = reqwest::Url::parse(broker.issuer_url())
         .map(|u| u.path().trim_end_matches('/').to_string())
         .unwrap_or_default();
@@ -44,7 +49,7 @@ pub fn router(
                 .route("/v1/token", post(super::oauth::token))
                 .route("/v1/introspect", post(super::oauth::introspect))
                 .route_layer(middleware::from_fn_with_state(body_timeout, read_body))
-                .route_layer(middleware::from_fn_with_state(broker.clone(), limit_source)),
+                .route_layer(middleware::from_fn_with_state(sources, limit_source)),
         )
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
@@ -54,30 +59,44 @@ pub fn router(
         .with_state(broker)
 }
 
-/// Refuses a source address over its rate limit before the request is looked at.
+/// What the source check needs.
+#[derive(Clone)]
+struct Sources {
+    broker: Arc<Broker>,
+    trusted: Arc<Vec<ipnet::IpNet>>,
+}
+
+/// Refuses a source address over its rate limit before the request is looked at. The
+/// source is the client: behind a trusted proxy, the forwarded address.
 async fn limit_source(
-    State(b): State<Arc<Broker>>,
+    State(s): State<Sources>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     req: Request,
     next: Next,
 ) -> Response {
+    let b = &s.broker;
+    let forwarded = req
+        .headers()
+        .get("x-forwarded-for")
+        .and_then(|v| v.to_str().ok());
+    let client = crate::net::client_address(peer.ip(), forwarded, &s.trusted);
     let limits = b.rate_limits();
     let checked = limits
-        .check_source(peer.ip())
+        .check_source(client)
         .map_err(|e| (e, "source_ip"))
         .and_then(|()| {
             limits
-                .check_unidentified(peer.ip())
+                .check_unidentified(client)
                 .map_err(|e| (e, "unidentified"))
         });
     match checked {
-        Ok(()) => crate::net::with_source(peer.ip(), next.run(req)).await,
+        Ok(()) => crate::net::with_source(client, next.run(req)).await,
         Err((e, scope)) => {
             b.metrics()
                 .rate_limited
                 .get_or_create(&crate::metrics::LimitScope { scope })
                 .inc();
-            tracing::info!(%peer, "rate limited by source address");
+            tracing::info!(%client, %peer, "rate limited by source address");
             super::oauth::too_many_requests(e.retry_after_secs())
         }
     }

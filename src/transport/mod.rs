@@ -11,22 +11,36 @@ pub mod oauth;
 pub mod rotation;
 pub mod status;
 
-/// Runs each gRPC request with its peer's address as the current source
-/// ([`crate::net::with_source`]), so the broker can charge what it decides to the source.
-#[derive(Debug, Clone, Copy)]
-pub struct SourceLayer;
+/// Runs each gRPC request with its client's address as the current source
+/// ([`crate::net::with_source`]), so the broker can charge what it decides to the source,
+/// and puts it in the request's extensions ([`crate::net::ClientAddr`]) for the checks
+/// inside. Behind a trusted proxy the client is the forwarded address
+/// ([`crate::net::client_address`]).
+#[derive(Debug, Clone)]
+pub struct SourceLayer {
+    trusted: std::sync::Arc<Vec<ipnet::IpNet>>,
+}
+
+impl SourceLayer {
+    /// A layer believing `X-Forwarded-For` from these proxies only.
+    pub fn new(trusted: Vec<ipnet::IpNet>) -> SourceLayer {
+        SourceLayer {
+            trusted: std::sync::Arc::new(trusted),
+        }
+    }
+}
 
 impl<S> tower_layer::Layer<S> for SourceLayer {
     type Service = SourceScope<S>;
 
     fn layer(&self, inner: S) -> SourceScope<S> {
-        SourceScope(inner)
+        SourceScope(inner, self.trusted.clone())
     }
 }
 
 /// The service [`SourceLayer`] makes.
 #[derive(Debug, Clone)]
-pub struct SourceScope<S>(S);
+pub struct SourceScope<S>(S, std::sync::Arc<Vec<ipnet::IpNet>>);
 
 impl<S, B> tower_service::Service<axum::http::Request<B>> for SourceScope<S>
 where
@@ -45,12 +59,21 @@ where
         self.0.poll_ready(cx)
     }
 
-    fn call(&mut self, req: axum::http::Request<B>) -> Self::Future {
+    fn call(&mut self, mut req: axum::http::Request<B>) -> Self::Future {
         let peer = req
             .extensions()
             .get::<tonic::transport::server::TcpConnectInfo>()
             .and_then(|c| c.remote_addr())
-            .map(|a| a.ip());
+            .map(|a| {
+                let forwarded = req
+                    .headers()
+                    .get("x-forwarded-for")
+                    .and_then(|v| v.to_str().ok());
+                crate::net::client_address(a.ip(), forwarded, &self.1)
+            });
+        if let Some(ip) = peer {
+            req.extensions_mut().insert(crate::net::ClientAddr(ip));
+        }
         let fut = self.0.call(req);
         Box::pin(async move {
             match peer {

@@ -204,6 +204,19 @@ impl Form {
     }
 }
 
+/// Parses an RFC 8693 token exchange body as `/v1/token` does: the subject token and the
+/// request in domain form, or the `error_description` refusing it. For fuzzing and
+/// property tests; the handler runs the same two steps.
+pub fn parse_exchange(content_type: &str, body: &[u8]) -> Result<(String, MintRequest), String> {
+    let mut headers = HeaderMap::new();
+    if let Ok(v) = HeaderValue::from_str(content_type) {
+        headers.insert(header::CONTENT_TYPE, v);
+    }
+    let form = Form::parse(&headers, Ok(Bytes::copy_from_slice(body)), "fuzz")
+        .map_err(|e| e.description)?;
+    exchange_request(&form, "fuzz").map_err(|e| e.description)
+}
+
 /// The token exchange request in domain form, or the reason it is malformed.
 fn exchange_request(f: &Form, request_id: &str) -> Result<(String, MintRequest), OAuthError> {
     let bad = |m: &str| OAuthError::invalid_request(m, request_id);
