@@ -108,6 +108,7 @@ pub struct Metrics {
     key_age: Family<TargetLabel, Gauge>,
     audit_head: Gauge,
     witness_lag: Gauge,
+    store_answered: Gauge,
     /// Serialises scrape-time updates (counters are advanced to their source's value).
     scrape: Mutex<()>,
 }
@@ -132,6 +133,8 @@ pub struct Snapshot {
     pub rotation_due: Vec<(String, i64)>,
     /// Per signing target: seconds since its current key started signing.
     pub key_age: Vec<(String, i64)>,
+    /// Whether the store answered this scrape's reads in time.
+    pub store_answered: bool,
 }
 
 impl Default for Metrics {
@@ -241,6 +244,12 @@ impl Metrics {
             "Audit checkpoints not yet taken by the witness",
             witness_lag.clone(),
         );
+        let store_answered = Gauge::default();
+        registry.register(
+            "store_answered",
+            "1 when the store answered this scrape's reads in time (live leases, rotation schedule), 0 when they were left out",
+            store_answered.clone(),
+        );
         Metrics {
             registry,
             mints,
@@ -258,6 +267,7 @@ impl Metrics {
             key_age,
             audit_head,
             witness_lag,
+            store_answered,
             scrape: Mutex::new(()),
         }
     }
@@ -333,6 +343,7 @@ impl Metrics {
         }
         self.audit_head.set(snap.audit_head);
         self.witness_lag.set(snap.witness_lag);
+        self.store_answered.set(i64::from(snap.store_answered));
         let mut out = String::new();
         // Writing to a String does not fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
@@ -369,6 +380,7 @@ mod tests {
             witness_lag: 1,
             rotation_due: vec![("signing-key:orders".into(), 3600)],
             key_age: vec![("orders".into(), 60)],
+            store_answered: true,
         });
         for want in [
             "latchkey_mints_total{target=\"orders\",outcome=\"allowed\"} 2",

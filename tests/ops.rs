@@ -737,3 +737,115 @@ async fn grpc_health_is_serving_as_soon_as_the_broker_is_ready() {
         .unwrap();
     env.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_store_held_by_another_process_keeps_probes_scrapes_and_reads_answering() {
+    let env = Env::start_with("", "busy_timeout = \"2s\"").await;
+    let caller = env.token("main");
+    let minted = env.mint(&caller, "orders-api", &[], None).await.unwrap();
+    let token = minted.credential.unwrap().token;
+    let lease_id = minted.lease.unwrap().id;
+    let within = |d: u64| std::time::Duration::from_millis(d);
+    let ready = |env: &Env| {
+        let url = format!("{}/readyz", env.http);
+        async move {
+            let r = reqwest::get(url).await.unwrap();
+            (
+                r.status().as_u16(),
+                r.json::<serde_json::Value>().await.unwrap(),
+            )
+        }
+    };
+    assert_eq!(ready(&env).await.0, 200);
+
+    // Another process takes the write lock and keeps it.
+    let db = env.dir.path().join("latchkey.db");
+    let (release, hold) = std::sync::mpsc::channel::<()>();
+    let (held, is_held) = std::sync::mpsc::channel::<()>();
+    let holder = std::thread::spawn(move || {
+        let c = rusqlite::Connection::open(&db).unwrap();
+        c.execute_batch("BEGIN EXCLUSIVE; INSERT INTO meta(key, value) VALUES ('held', '1')")
+            .unwrap();
+        held.send(()).unwrap();
+        let _ = hold.recv();
+        c.execute_batch("ROLLBACK").unwrap();
+    });
+    is_held.recv().unwrap();
+    // Writes arrive and wait on the lock in the store's writer (each batch up to the
+    // busy timeout): what probes, scrapes and reads must not queue behind.
+    let mut writes = Vec::new();
+    for _ in 0..3 {
+        let (client, caller) = (env.client.clone(), caller.clone());
+        writes.push(tokio::spawn(async move {
+            let mut c = client;
+            let req = common::authed(
+                latchkey::transport::pb::MintRequest {
+                    target: "orders-api".into(),
+                    ..Default::default()
+                },
+                &caller,
+            );
+            c.mint(req).await.map(|_| ()).map_err(|e| e.code())
+        }));
+    }
+    tokio::time::sleep(within(200)).await;
+
+    // Probes answer within a second, and say why.
+    for _ in 0..3 {
+        let started = std::time::Instant::now();
+        let (status, body) = ready(&env).await;
+        assert!(started.elapsed() < within(1500), "{:?}", started.elapsed());
+        assert_eq!(status, 503, "{body}");
+        let reason = body["checks"]["store"]["reason"].as_str().unwrap_or("");
+        assert!(
+            reason.starts_with("store busy") || reason.contains("locked"),
+            "{body}"
+        );
+    }
+    // Scrapes answer too, from what the broker holds.
+    let started = std::time::Instant::now();
+    let metrics = reqwest::get(format!("{}/metrics", env.http))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(started.elapsed() < within(1500), "{:?}", started.elapsed());
+    assert!(metrics.contains("latchkey_audit_head_seq"), "{metrics}");
+    // Reads do not queue behind the stuck writer.
+    let started = std::time::Instant::now();
+    let lease = env.broker().store().lease(&lease_id).await.unwrap();
+    assert!(lease.is_some());
+    assert!(started.elapsed() < within(1000), "{:?}", started.elapsed());
+    // A mint fails closed within the store's busy timeout, with a clear reason.
+    let started = std::time::Instant::now();
+    let e = env
+        .mint(&caller, "orders-api", &[], None)
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unavailable, "{e:?}");
+    assert!(started.elapsed() < within(4000), "{:?}", started.elapsed());
+    let _ = token;
+
+    for w in writes {
+        assert_eq!(
+            w.await.unwrap(),
+            Err(tonic::Code::Unavailable),
+            "failed closed"
+        );
+    }
+
+    // Released: ready again, without a restart.
+    release.send(()).unwrap();
+    holder.join().unwrap();
+    let start = std::time::Instant::now();
+    loop {
+        if ready(&env).await.0 == 200 {
+            break;
+        }
+        assert!(start.elapsed() < within(5000), "not ready again");
+        tokio::time::sleep(within(100)).await;
+    }
+    env.mint(&caller, "orders-api", &[], None).await.unwrap();
+    env.stop().await;
+}

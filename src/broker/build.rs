@@ -100,6 +100,7 @@ impl Broker {
             },
             stopping: tokio::sync::watch::channel(false).0,
             metrics: Arc::new(crate::metrics::Metrics::new()),
+            store_probe: Arc::default(),
         }
     }
 }

@@ -2,7 +2,25 @@
 
 use super::Broker;
 use serde_json::{json, Value};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// Longest `/readyz` waits for the store to answer before saying it is busy.
+pub const STORE_PROBE_WAIT: Duration = Duration::from_millis(750);
+
+/// At most one "can you commit?" question to the store at a time, however many probes
+/// ask: a store stuck behind another process's lock answers when it can, and meanwhile
+/// readiness says it has not answered, and for how long, instead of hanging.
+#[derive(Debug, Default)]
+pub(super) struct StoreProbe {
+    asking: AtomicBool,
+    /// When the current question was asked.
+    asked_at: Mutex<Option<Instant>>,
+    /// The last answer and when it came.
+    last: Mutex<Option<(Instant, Result<(), String>)>>,
+    answered: tokio::sync::Notify,
+}
 
 /// The outcome of the readiness checks.
 #[derive(Debug, Clone)]
@@ -14,6 +32,52 @@ pub struct Readiness {
 }
 
 impl Broker {
+    /// Whether the store can commit, asked at most once at a time and waited for at most
+    /// `wait`: an answer that came after this call began, or why there is none.
+    pub async fn store_writable(&self, wait: Duration) -> Result<(), String> {
+        let p = self.store_probe.clone();
+        let began = Instant::now();
+        let answered = p.answered.notified();
+        tokio::pin!(answered);
+        answered.as_mut().enable();
+        if !p.asking.swap(true, Ordering::SeqCst) {
+            *p.asked_at.lock().unwrap_or_else(|e| e.into_inner()) = Some(began);
+            let (store, probe) = (self.store.clone(), p.clone());
+            tokio::spawn(async move {
+                let r = store.check_writable().await.map_err(|e| e.to_string());
+                *probe.last.lock().unwrap_or_else(|e| e.into_inner()) = Some((Instant::now(), r));
+                probe.asking.store(false, Ordering::SeqCst);
+                probe.answered.notify_waiters();
+            });
+        }
+        let fresh = || {
+            p.last
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .as_ref()
+                .filter(|(at, _)| *at >= began)
+                .map(|(_, r)| r.clone())
+        };
+        if tokio::time::timeout(wait, answered).await.is_ok() {
+            if let Some(r) = fresh() {
+                return r;
+            }
+        }
+        if let Some(r) = fresh() {
+            return r;
+        }
+        let asked = p
+            .asked_at
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .map(|t| t.elapsed())
+            .unwrap_or_default();
+        Err(format!(
+            "store busy: no answer to a write check for {} ms (another process may hold its lock, or the disk is stuck)",
+            asked.as_millis().max(wait.as_millis())
+        ))
+    }
+
     /// Runs the readiness checks. Ready means: the store can commit (no credential can be
     /// issued otherwise), every signing target has its key loaded, and every issuer has
     /// fetched keys at least once. An issuer whose keys went stale after working is
@@ -21,10 +85,10 @@ impl Broker {
     /// are still served, and its own callers get a clear UNAVAILABLE. Witness delivery
     /// is reported and never makes the broker unready (a hung witness must not stop Mint).
     pub async fn readiness(&self) -> Readiness {
-        let store = self.store.check_writable().await;
+        let store = self.store_writable(STORE_PROBE_WAIT).await;
         let store_check = match &store {
             Ok(()) => json!({"ok": true}),
-            Err(e) => json!({"ok": false, "reason": e.to_string()}),
+            Err(e) => json!({"ok": false, "reason": e}),
         };
         let mut ready = store.is_ok();
 

@@ -166,6 +166,8 @@ pub struct Broker {
     /// Set when the server shuts down: open streams (audit tails) end.
     stopping: tokio::sync::watch::Sender<bool>,
     metrics: Arc<crate::metrics::Metrics>,
+    /// The last answer of the store to "can you commit?", for readiness.
+    store_probe: Arc<health::StoreProbe>,
 }
 
 /// What the audit service needs: the keys checkpoints verify with, live checkpoint and
@@ -251,16 +253,23 @@ impl Broker {
             witness_lag: self.audit.status.witness_lag(),
             ..Default::default()
         };
-        if let Ok(counts) = self.store.live_lease_counts(now).await {
+        // A scrape answers within a second from what the broker holds; store reads that do
+        // not answer in time are left out of this scrape (latchkey_store_answered 0).
+        let bound = std::time::Duration::from_millis(300);
+        let mut answered = true;
+        let counts = tokio::time::timeout(bound, self.store.live_lease_counts(now)).await;
+        answered &= counts.is_ok();
+        if let Ok(Ok(counts)) = counts {
             let mut all: BTreeMap<String, u64> =
                 self.targets.keys().map(|k| (k.clone(), 0)).collect();
             all.extend(counts);
             snap.live_leases = all.into_iter().collect();
         }
-        if let Ok((seq, _)) = self.store.audit_head().await {
-            snap.audit_head = seq;
-        }
-        if let Ok(items) = self.scheduled_items().await {
+        snap.audit_head = *self.store.subscribe_head().borrow();
+        let items = tokio::time::timeout(bound, self.scheduled_items()).await;
+        answered &= items.is_ok();
+        snap.store_answered = answered;
+        if let Ok(Ok(items)) = items {
             for i in items {
                 if let Some(due) = i.next_due {
                     snap.rotation_due.push((i.item.clone(), (due - now).max(0)));

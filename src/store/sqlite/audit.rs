@@ -561,6 +561,8 @@ pub fn open_read_only(path: &Path) -> Result<Connection, StoreError> {
         OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
     )
     .map_err(|e| StoreError::Unavailable(format!("{}: {}", path.display(), unavailable(e))))?;
+    // A reader waits only for the brief WAL index locks, never for a writer.
+    let _ = conn.busy_timeout(std::time::Duration::from_secs(1));
     let has_audit: bool = conn
         .query_row(
             "SELECT COUNT(*) > 0 FROM sqlite_master WHERE type = 'table' AND name = 'audit'",

@@ -169,7 +169,7 @@ impl Leases for SqliteStore {
 
     async fn lease(&self, id: &str) -> Result<Option<LeaseRecord>, StoreError> {
         let id = id.to_string();
-        self.read(move |c| {
+        self.read_only(move |c| {
             Ok(query_leases(
                 c,
                 &format!("SELECT {LEASE_COLUMNS} FROM leases WHERE id = ?"),
@@ -188,7 +188,7 @@ impl Leases for SqliteStore {
         limit: usize,
     ) -> Result<Vec<LeaseRecord>, StoreError> {
         let f = filter.clone();
-        self.read(move |c| read_leases(c, &f, now, after, limit))
+        self.read_only(move |c| read_leases(c, &f, now, after, limit))
             .await
     }
 
@@ -199,7 +199,7 @@ impl Leases for SqliteStore {
         limit: usize,
     ) -> Result<Vec<String>, StoreError> {
         let f = filter.clone();
-        self.read(move |c| {
+        self.read_only(move |c| {
             let (sql, mut args) = filter_sql(&f, now);
             args.push(SqlValue::Integer(limit as i64));
             let mut stmt = c
@@ -218,7 +218,7 @@ impl Leases for SqliteStore {
             return Ok(Vec::new());
         }
         let ids = ids.to_vec();
-        self.read(move |c| {
+        self.read_only(move |c| {
             let marks = vec!["?"; ids.len()].join(", ");
             query_leases(
                 c,

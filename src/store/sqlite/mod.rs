@@ -119,6 +119,7 @@ impl SqliteStore {
                     pending: Vec::new(),
                     pending_from: 0,
                     terms_failing: false,
+                    failures: Default::default(),
                     notify,
                     metrics: writer_metrics,
                 }
@@ -154,7 +155,10 @@ impl SqliteStore {
     }
 
     /// Runs `f` on the read-only connection (opened on first use), off the writer
-    /// thread: for reads that may be slow and need not see the latest uncommitted state.
+    /// thread: it sees everything committed, and it answers while the writer waits on a
+    /// lock (another process's transaction, a stuck disk), which WAL readers never wait
+    /// for. Lease and record lookups go here, so Renew, Introspect and listing keep
+    /// working, or fail on their own bound, whatever the writer is doing.
     async fn read_only<T: Send + 'static>(
         &self,
         f: impl FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
@@ -259,11 +263,11 @@ impl AuditLog for SqliteStore {
     }
 
     async fn records(&self, after: i64, limit: usize) -> Result<Vec<AuditRecord>, StoreError> {
-        self.read(move |c| read_records(c, after, limit)).await
+        self.read_only(move |c| read_records(c, after, limit)).await
     }
 
     async fn audit_head(&self) -> Result<(i64, String), StoreError> {
-        self.read(load_head).await
+        self.read_only(load_head).await
     }
 
     async fn query_audit(
@@ -727,6 +731,24 @@ mod tests {
         let recs = s.records(0, 5000).await.unwrap();
         assert_eq!(recs.len(), 1920);
         assert!(verify_chain(&recs, (0, GENESIS_HASH)).is_ok());
+        // And the file shrinks: when the log next starts over, it is cut back to
+        // journal_size_limit (without it, a WAL file never gets smaller than its peak).
+        assert!(
+            wal > 2 * wal::JOURNAL_SIZE_LIMIT as u64,
+            "the burst grew it: {wal}"
+        );
+        let mut smallest = wal;
+        for i in 0..300 {
+            s.append(entry(10_000 + i)).await.unwrap();
+            let now = std::fs::metadata(dir.path().join("t.db-wal"))
+                .unwrap()
+                .len();
+            smallest = smallest.min(now);
+        }
+        assert!(
+            smallest <= wal::JOURNAL_SIZE_LIMIT as u64 + 16 * 4096,
+            "the WAL file stayed at {smallest} bytes (peak {wal})"
+        );
     }
 
     #[tokio::test]

@@ -114,6 +114,10 @@ pub(super) fn open_conn(path: &Path, busy: Duration) -> Result<Connection, Store
     // folded back into the database beside the writer, not in its commits (`wal`).
     conn.pragma_update(None, "cache_size", -16384)
         .map_err(unavailable)?;
+    // Each time the log starts over, the WAL file is cut back to this size (it peaks at
+    // `wal::RESTART_FRAMES` pages under sustained writes).
+    conn.pragma_update(None, "journal_size_limit", super::wal::JOURNAL_SIZE_LIMIT)
+        .map_err(unavailable)?;
     conn.execute_batch(SCHEMA).map_err(unavailable)?;
     migrate_signing_keys(&conn)?;
     conn.execute_batch(audit::AUDIT_SCHEMA)

@@ -28,6 +28,8 @@ const FOLD_EVERY: Duration = Duration::from_millis(25);
 const FOLD_FRAMES: i64 = if cfg!(test) { 16 } else { 2048 };
 /// Frames (pages) in the log at which the writer makes the log start over (32 MiB).
 const RESTART_FRAMES: i64 = if cfg!(test) { 64 } else { 8192 };
+/// Bytes the WAL file is cut back to whenever the log starts over (`journal_size_limit`).
+pub(super) const JOURNAL_SIZE_LIMIT: i64 = if cfg!(test) { 64 * 1024 } else { 4 << 20 };
 
 thread_local! {
     /// Frames in the log after the last commit on this thread's connection.

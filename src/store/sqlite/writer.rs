@@ -95,6 +95,41 @@ pub(super) struct Writer {
     /// Tells followers (tail, checkpointer) the committed head moved.
     pub(super) notify: Arc<watch::Sender<i64>>,
     pub(super) metrics: Arc<std::sync::OnceLock<crate::metrics::StoreMetrics>>,
+    /// Failed commits, logged at most once per [`FAILURE_LOG_EVERY`].
+    pub(super) failures: FailureLog,
+}
+
+/// How often a run of failed commits is logged (the first at once, then a summary).
+pub(super) const FAILURE_LOG_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Failed commits are logged once per [`FAILURE_LOG_EVERY`], with how many failed
+/// since the last line: a store outage under load fails a batch every few milliseconds,
+/// and one line each would bury everything else in the log.
+#[derive(Debug, Default)]
+pub(super) struct FailureLog {
+    last: Option<std::time::Instant>,
+    since: u64,
+}
+
+impl FailureLog {
+    /// Whether to log this failure now, and how many went unlogged before it.
+    pub(super) fn record(&mut self, now: std::time::Instant) -> Option<u64> {
+        match self.last {
+            Some(t) if now.duration_since(t) < FAILURE_LOG_EVERY => {
+                self.since += 1;
+                None
+            }
+            _ => {
+                self.last = Some(now);
+                Some(std::mem::take(&mut self.since))
+            }
+        }
+    }
+
+    /// A commit worked: the next failure is logged at once.
+    pub(super) fn recovered(&mut self) -> Option<u64> {
+        self.last.take().map(|_| std::mem::take(&mut self.since))
+    }
 }
 
 impl Writer {
@@ -249,6 +284,9 @@ impl Writer {
         }
         match result {
             Ok(done) => {
+                if let Some(unlogged) = self.failures.recovered() {
+                    tracing::warn!(unlogged_failures = unlogged, "store commits work again");
+                }
                 if chain.seq != self.head.0 {
                     self.notify.send_replace(chain.seq);
                 }
@@ -277,7 +315,9 @@ impl Writer {
                 }
             }
             Err(e) => {
-                tracing::error!(error = %e, writes = batch.len(), "store commit failed; requests fail closed");
+                if let Some(unlogged) = self.failures.record(std::time::Instant::now()) {
+                    tracing::error!(error = %e, writes = batch.len(), unlogged_failures = unlogged, "store commit failed; requests fail closed (further failures are summarised every 10 s)");
+                }
                 // The transaction rolled back; re-read the head in case of partial state.
                 if let Ok(h) = load_head(&self.conn) {
                     self.head = h;
@@ -580,4 +620,29 @@ pub(super) fn apply_changes(
         out.push(applied);
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn a_run_of_failures_is_one_line_per_period_with_a_count() {
+        let mut f = FailureLog::default();
+        let t0 = Instant::now();
+        assert_eq!(f.record(t0), Some(0), "the first is logged at once");
+        for i in 1..=500 {
+            assert_eq!(f.record(t0 + Duration::from_millis(i)), None);
+        }
+        assert_eq!(f.record(t0 + FAILURE_LOG_EVERY), Some(500));
+        assert_eq!(f.record(t0 + FAILURE_LOG_EVERY), None);
+        assert_eq!(f.recovered(), Some(1));
+        assert_eq!(f.recovered(), None);
+        assert_eq!(
+            f.record(t0 + FAILURE_LOG_EVERY),
+            Some(0),
+            "after recovery, at once"
+        );
+    }
 }
