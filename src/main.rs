@@ -48,6 +48,7 @@ fn main() {
                 command: PolicyCommand::Test(a),
             } => Ok(cli::policy_test::run(a)),
             Command::Keys { command } => cli::keys::run(command).await,
+            Command::Store { command } => Ok(cli::store::run(command).await),
             Command::Bench(a) => cli::bench::run(a).await,
             Command::Keygen => {
                 println!(

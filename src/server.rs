@@ -554,6 +554,12 @@ pub async fn start_with_minters(
             .run(cfg.leases.reap_interval, stop.subscribe()),
     ));
     refreshers.push(tokio::spawn(checkpointer.clone().run(stop.subscribe())));
+    if !cfg.store.integrity_check_interval.is_zero() {
+        refreshers.push(tokio::spawn(broker.clone().run_integrity_checks(
+            cfg.store.integrity_check_interval,
+            stop.subscribe(),
+        )));
+    }
     let witness = cfg.audit.witness.clone().map(|target| {
         let w = Witness::new(
             store.clone(),

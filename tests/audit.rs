@@ -858,3 +858,43 @@ async fn a_redacted_claim_is_in_no_store_file_and_renewal_still_decides_on_it() 
     );
     env.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_store_damaged_while_serving_makes_the_broker_unready_with_the_reason() {
+    let wdir = tempfile::tempdir().unwrap();
+    let env = start(&wdir).await;
+    for i in 0..300 {
+        let mut e = latchkey::audit::AuditEntry {
+            action: "test".into(),
+            request_id: format!("r{i}"),
+            ..Default::default()
+        };
+        e.claims = serde_json::json!({ "pad": "x".repeat(1500) });
+        env.store.append(e).await.unwrap();
+    }
+    assert!(env.broker().check_store_integrity().await.is_ok());
+    let db = env.dir.path().join("latchkey.db");
+    rusqlite::Connection::open(&db)
+        .unwrap()
+        .execute_batch("PRAGMA wal_checkpoint(TRUNCATE)")
+        .unwrap();
+    let mut bytes = std::fs::read(&db).unwrap();
+    let mid = bytes.len() / 2 / 4096 * 4096;
+    for b in &mut bytes[mid..mid + 8192] {
+        *b = 0x5a;
+    }
+    std::fs::write(&db, &bytes).unwrap();
+    let why = env.broker().check_store_integrity().await.unwrap_err();
+    assert!(why.contains("failed its integrity check"), "{why}");
+    let r = reqwest::get(format!("{}/readyz", env.http)).await.unwrap();
+    assert_eq!(r.status().as_u16(), 503);
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["checks"]["store_integrity"]["ok"], false, "{body}");
+    assert!(
+        body["checks"]["store_integrity"]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("integrity check"),
+        "{body}"
+    );
+}

@@ -714,3 +714,42 @@ fn bench_transport_floor_runs_and_names_its_rpc() {
     assert_eq!(r["errors_total"], 0, "{r}");
     assert!(r["server"]["cpu_us_per_mint"].as_f64().unwrap() > 0.0);
 }
+
+#[test]
+fn serve_refuses_an_empty_store_file_and_store_init_makes_a_new_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("latchkey.db");
+    let cfg = dir.path().join("latchkey.toml");
+    std::fs::write(
+        &cfg,
+        common::config_text(
+            "https://issuer.example.com",
+            "aud",
+            &db.display().to_string(),
+            "",
+            "",
+        ),
+    )
+    .unwrap();
+    let master = latchkey::keys::MasterKey::generate().to_base64();
+    let key = [("LATCHKEY_MASTER_KEY", master.expose().as_str())];
+    // A truncated store: an empty file where the database was.
+    std::fs::write(&db, b"").unwrap();
+    let out = run(&["serve", "--config", cfg.to_str().unwrap()], &key);
+    assert_ne!(out.status.code(), Some(0));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("is empty") && err.contains("latchkey store init"),
+        "{err}"
+    );
+    assert_eq!(std::fs::metadata(&db).unwrap().len(), 0, "nothing written");
+    // The operator says so: a new store.
+    let out = run(&["store", "init", "--config", cfg.to_str().unwrap()], &[]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("made a new, empty store"));
+    assert!(std::fs::metadata(&db).unwrap().len() > 0);
+    // A file that holds anything is left alone.
+    let out = run(&["store", "init", "--db", db.to_str().unwrap()], &[]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stderr).contains("is not empty: nothing done"));
+}

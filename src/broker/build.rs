@@ -101,6 +101,7 @@ impl Broker {
             stopping: tokio::sync::watch::channel(false).0,
             metrics: Arc::new(crate::metrics::Metrics::new()),
             store_probe: Arc::default(),
+            integrity: std::sync::Mutex::new(None),
         }
     }
 }

@@ -78,6 +78,41 @@ impl Broker {
         ))
     }
 
+    /// Checks the store's integrity now ([`crate::store::Coordination::check_integrity`])
+    /// and keeps the finding for readiness: a store found damaged makes the broker unready
+    /// until a later check finds it sound (a damaged chain must not keep growing unseen).
+    pub async fn check_store_integrity(&self) -> Result<(), String> {
+        let r = match self.store.check_integrity().await {
+            Ok(()) => Ok(()),
+            Err(crate::store::StoreError::Corrupt(why)) => Err(why),
+            // Busy or unavailable says nothing about integrity: readiness reports those.
+            Err(e) => {
+                tracing::info!(error = %e, "store integrity check could not run; will retry");
+                return Ok(());
+            }
+        };
+        if let Err(why) = &r {
+            tracing::error!(reason = %why, "store failed its integrity check; not ready");
+        }
+        *self.integrity.lock().unwrap_or_else(|e| e.into_inner()) = r.clone().err();
+        r
+    }
+
+    /// Runs [`Broker::check_store_integrity`] every `every` until `stop`.
+    pub async fn run_integrity_checks(
+        self: std::sync::Arc<Self>,
+        every: Duration,
+        mut stop: tokio::sync::watch::Receiver<bool>,
+    ) {
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(every) => {}
+                _ = stop.changed() => return,
+            }
+            let _ = self.check_store_integrity().await;
+        }
+    }
+
     /// Runs the readiness checks. Ready means: the store can commit (no credential can be
     /// issued otherwise), every signing target has its key loaded, and every issuer has
     /// fetched keys at least once. An issuer whose keys went stale after working is
@@ -91,6 +126,18 @@ impl Broker {
             Err(e) => json!({"ok": false, "reason": e}),
         };
         let mut ready = store.is_ok();
+        let integrity = self
+            .integrity
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let integrity_check = match &integrity {
+            None => json!({"ok": true}),
+            Some(why) => {
+                ready = false;
+                json!({"ok": false, "reason": why})
+            }
+        };
 
         let now = self.clock.now();
         let mut issuers = serde_json::Map::new();
@@ -145,6 +192,7 @@ impl Broker {
             ready,
             checks: json!({
                 "store": store_check,
+                "store_integrity": integrity_check,
                 "issuers": issuers,
                 "signing_keys": keys_check,
                 "audit_witness": witness,

@@ -168,6 +168,8 @@ pub struct Broker {
     metrics: Arc<crate::metrics::Metrics>,
     /// The last answer of the store to "can you commit?", for readiness.
     store_probe: Arc<health::StoreProbe>,
+    /// The last periodic integrity check's finding, when it found something wrong.
+    integrity: std::sync::Mutex<Option<String>>,
 }
 
 /// What the audit service needs: the keys checkpoints verify with, live checkpoint and

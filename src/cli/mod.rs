@@ -13,6 +13,7 @@ pub mod policy_test;
 pub mod revoke;
 pub mod rotate;
 pub mod serve;
+pub mod store;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
@@ -82,6 +83,12 @@ pub enum Command {
     /// Load generator: starts a broker and drives Mint, reporting throughput, latency,
     /// CPU per mint against the cryptography alone, and memory.
     Bench(bench::Args),
+    /// Store tools: make a new, empty store (`store init`).
+    Store {
+        /// What to do.
+        #[command(subcommand)]
+        command: store::Command,
+    },
     /// Signing key tools: export a target's public key (Pulsar's tokenPublicKey, PEM, JWK).
     Keys {
         /// What to do.

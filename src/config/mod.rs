@@ -139,6 +139,8 @@ pub struct StoreConfig {
     pub master_key_file: Option<PathBuf>,
     /// How long a commit waits on a lock held elsewhere before failing closed.
     pub busy_timeout: Duration,
+    /// How often the running broker checks the store's integrity (zero: only at start).
+    pub integrity_check_interval: Duration,
 }
 
 /// Log settings.
@@ -252,7 +254,20 @@ impl Checker<'_> {
                 .busy_timeout
                 .map(|d| d.0)
                 .unwrap_or(Duration::from_secs(5)),
+            integrity_check_interval: raw
+                .store
+                .integrity_check_interval
+                .map(|d| d.0)
+                .unwrap_or(Duration::from_secs(3600)),
         };
+        if !store.integrity_check_interval.is_zero()
+            && store.integrity_check_interval < Duration::from_secs(60)
+        {
+            return Err(self.err(
+                "store.integrity_check_interval",
+                "must be at least 1m (the check reads the whole store), or 0s to check only at start",
+            ));
+        }
         if store.busy_timeout > Duration::from_secs(60) {
             return Err(self.err(
                 "store.busy_timeout",

