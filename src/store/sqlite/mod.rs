@@ -220,11 +220,13 @@ impl SqliteStore {
         let notify = head_tx.clone();
         let metrics: Arc<std::sync::OnceLock<crate::metrics::StoreMetrics>> = Arc::default();
         let writer_metrics = metrics.clone();
+        let busy_timeout = cfg.busy_timeout;
         let path = cfg.path.clone();
         std::thread::Builder::new()
             .name("latchkey-store".into())
             .spawn(move || {
                 Writer {
+                    busy: busy_timeout,
                     wal: wal::WalWatch::start(&conn, &path),
                     conn,
                     head,

@@ -81,6 +81,8 @@ pub(super) enum Cmd {
 }
 pub(super) struct Writer {
     pub(super) conn: Connection,
+    /// How long a commit waits on a lock held elsewhere (`[store] busy_timeout`).
+    pub(super) busy: Duration,
     pub(super) head: (i64, String),
     /// Records up to this sequence number have their search terms indexed.
     pub(super) terms_through: i64,
@@ -179,7 +181,19 @@ impl Writer {
                 }
             }
             if !batch.is_empty() {
-                self.write_batch(batch);
+                if let Some(e) = self.write_batch(batch) {
+                    // The lock is held elsewhere and this batch waited the whole busy
+                    // timeout: the writes that queued meanwhile fail now instead of each
+                    // batch waiting it again, so no write waits more than one timeout.
+                    // Writes arriving from now on try the lock afresh.
+                    loop {
+                        match rx.try_recv() {
+                            Ok(Cmd::Write(w)) => fail_write(w, &e),
+                            Ok(other) => deferred.push(other),
+                            Err(_) => break,
+                        }
+                    }
+                }
             }
             for cmd in deferred.drain(..) {
                 self.handle(cmd);
@@ -248,7 +262,9 @@ impl Writer {
         self.pending.extend(added);
     }
 
-    fn write_batch(&mut self, batch: Vec<Write>) {
+    /// Commits a batch; answers the error when it failed for a lock held elsewhere (the
+    /// busy timeout ran out), so the writes queued meanwhile can be failed at once.
+    fn write_batch(&mut self, batch: Vec<Write>) -> Option<StoreError> {
         let started = std::time::Instant::now();
         let mut chain = Chain {
             seq: self.head.0,
@@ -323,30 +339,19 @@ impl Writer {
                     self.head = h;
                 }
                 for w in batch {
-                    match w {
-                        Write::Append(p, r) => {
-                            drop(p);
-                            let _ = r.send(Err(e.clone()));
-                        }
-                        Write::Mint(m, r) => {
-                            drop(m);
-                            let _ = r.send(Err(CommitError::Store(e.clone())));
-                        }
-                        Write::Changes(_, r) => {
-                            let _ = r.send(Err(e.clone()));
-                        }
-                        Write::Rotation(_, r) => {
-                            let _ = r.send(Err(e.clone()));
-                        }
-                    }
+                    fail_write(w, &e);
                 }
+                return is_locked(&e).then_some(e);
             }
         }
+        None
     }
 
     fn handle(&mut self, cmd: Cmd) {
         match cmd {
-            Cmd::Write(w) => self.write_batch(vec![w]),
+            Cmd::Write(w) => {
+                self.write_batch(vec![w]);
+            }
             Cmd::Read(f) => f(&self.conn),
             Cmd::InsertKey(k, r) => {
                 let res = self
@@ -360,6 +365,9 @@ impl Writer {
                 let _ = r.send(res);
             }
             Cmd::CheckWritable(r) => {
+                // A readiness check must not hold the writer for a whole busy timeout
+                // while another process has the lock: it asks briefly.
+                let _ = self.conn.busy_timeout(Duration::from_millis(100));
                 let res = self
                     .conn
                     .execute_batch("BEGIN IMMEDIATE; INSERT OR REPLACE INTO meta(key, value) VALUES ('last_write_check', strftime('%s','now')); COMMIT;")
@@ -367,6 +375,7 @@ impl Writer {
                         let _ = self.conn.execute_batch("ROLLBACK");
                         unavailable(e)
                     });
+                let _ = self.conn.busy_timeout(self.busy);
                 let _ = r.send(res);
             }
         }
@@ -620,6 +629,31 @@ pub(super) fn apply_changes(
         out.push(applied);
     }
     Ok(out)
+}
+
+/// Answers a write that was not committed with `e`.
+fn fail_write(w: Write, e: &StoreError) {
+    match w {
+        Write::Append(p, r) => {
+            drop(p);
+            let _ = r.send(Err(e.clone()));
+        }
+        Write::Mint(m, r) => {
+            drop(m);
+            let _ = r.send(Err(CommitError::Store(e.clone())));
+        }
+        Write::Changes(_, r) => {
+            let _ = r.send(Err(e.clone()));
+        }
+        Write::Rotation(_, r) => {
+            let _ = r.send(Err(e.clone()));
+        }
+    }
+}
+
+/// Whether a commit failed because another connection holds the database's lock.
+fn is_locked(e: &StoreError) -> bool {
+    matches!(e, StoreError::Unavailable(m) if m.contains("locked") || m.contains("busy"))
 }
 
 #[cfg(test)]
