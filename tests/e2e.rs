@@ -951,3 +951,98 @@ async fn a_malleated_es256_signature_is_the_same_token_to_the_replay_guard() {
     assert!(e.message().contains("already used"), "{e:?}");
     env.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_issuer_that_trickles_its_keys_does_not_slow_other_callers() {
+    use latchkey::clock::Clock;
+    use tokio::io::AsyncWriteExt;
+    // A hostile issuer: accepts, then sends its answer one byte every 200 ms, forever.
+    let slow = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = slow.local_addr().unwrap().port();
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = accepted.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = slow.accept().await else {
+                return;
+            };
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            tokio::spawn(async move {
+                for b in b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+                    .iter()
+                    .cycle()
+                {
+                    if s.write_all(&[*b]).await.is_err() {
+                        return;
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                }
+            });
+        }
+    });
+    let extra = format!(
+        "[[issuers]]\nname = \"slow\"\npreset = \"generic\"\nissuer = \"http://127.0.0.1:{port}\"\naudiences = [\"x\"]\njwks_url = \"http://127.0.0.1:{port}/keys\"\njwks_cooldown = \"0s\"\n"
+    );
+    let env = Env::start_full(
+        "",
+        "",
+        &extra,
+        std::sync::Arc::new(latchkey::clock::SystemClock),
+    )
+    .await;
+    let (bad_key, _) = SigningKey::generate(Alg::ES256).unwrap();
+    let bad_token = latchkey::devissuer::sign_with(
+        &bad_key,
+        &json!({"iss": format!("http://127.0.0.1:{port}"), "sub": "s", "aud": "x",
+                "iat": latchkey::clock::SystemClock.now(), "exp": latchkey::clock::SystemClock.now() + 300}),
+    );
+    // Ten callers of the hostile issuer wait on it ...
+    let started = std::time::Instant::now();
+    let mut bad = Vec::new();
+    for _ in 0..10 {
+        let (mut c, t) = (env.client.clone(), bad_token.clone());
+        bad.push(tokio::spawn(async move {
+            let req = authed(
+                latchkey::transport::pb::MintRequest {
+                    target: "orders-api".into(),
+                    ..Default::default()
+                },
+                &t,
+            );
+            c.mint(req).await.unwrap_err().code()
+        }));
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    // ... while a good caller's mints keep their pace.
+    let good = env.token("main");
+    let mut slowest = std::time::Duration::ZERO;
+    for _ in 0..20 {
+        let t = std::time::Instant::now();
+        env.mint(&good, "orders-api", &[], None).await.unwrap();
+        slowest = slowest.max(t.elapsed());
+    }
+    assert!(
+        slowest < std::time::Duration::from_millis(1000),
+        "a good caller's slowest mint took {slowest:?} while an issuer misbehaved"
+    );
+    // The hostile issuer's callers are answered, not held, once its total deadline (10 s)
+    // runs out; the issuer was asked once, not once per caller.
+    for b in bad {
+        let code = b.await.unwrap();
+        assert!(
+            matches!(code, Code::Unavailable | Code::Unauthenticated),
+            "{code:?}"
+        );
+    }
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(15),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(
+        accepted.load(std::sync::atomic::Ordering::SeqCst) <= 2,
+        "{} fetches",
+        accepted.load(std::sync::atomic::Ordering::SeqCst)
+    );
+    env.stop().await;
+}
