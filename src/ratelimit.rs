@@ -115,6 +115,9 @@ pub struct RateLimits {
     unidentified: RwLock<Arc<Keyed<IpAddr>>>,
     /// Sources over their unidentified allowance, until when they are refused.
     blocked: std::sync::Mutex<std::collections::HashMap<IpAddr, std::time::Instant>>,
+    /// Whether `blocked` may hold anything: every request checks it, and it is almost
+    /// always empty, so the lock is taken only when it is not.
+    any_blocked: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for RateLimits {
@@ -137,6 +140,7 @@ impl RateLimits {
             source_ip: RwLock::new(Arc::new(Keyed::new(limits.source_ip))),
             unidentified: RwLock::new(Arc::new(Keyed::new(limits.unidentified))),
             blocked: std::sync::Mutex::new(std::collections::HashMap::new()),
+            any_blocked: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -172,6 +176,9 @@ impl RateLimits {
     /// Whether a source is refused for now, having spent its allowance of requests whose
     /// caller could not be identified. Costs a map lookup; checked before anything else.
     pub fn check_unidentified(&self, ip: IpAddr) -> Result<(), Exceeded> {
+        if !self.any_blocked.load(std::sync::atomic::Ordering::Acquire) {
+            return Ok(());
+        }
         let key = crate::net::source_key(ip);
         let mut blocked = self.blocked.lock().unwrap_or_else(|e| e.into_inner());
         let Some(until) = blocked.get(&key).copied() else {
@@ -200,6 +207,8 @@ impl RateLimits {
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
                     .insert(key, until);
+                self.any_blocked
+                    .store(true, std::sync::atomic::Ordering::Release);
                 false
             }
         }
@@ -236,6 +245,10 @@ impl RateLimits {
         let mut blocked = self.blocked.lock().unwrap_or_else(|e| e.into_inner());
         blocked.retain(|_, until| *until > now);
         blocked.shrink_to_fit();
+        if blocked.is_empty() {
+            self.any_blocked
+                .store(false, std::sync::atomic::Ordering::Release);
+        }
     }
 }
 

@@ -1034,8 +1034,9 @@ async fn an_issuer_that_trickles_its_keys_does_not_slow_other_callers() {
             "{code:?}"
         );
     }
+    // At most two deadlines: a refresh already in flight when they came, then their own.
     assert!(
-        started.elapsed() < std::time::Duration::from_secs(15),
+        started.elapsed() < std::time::Duration::from_secs(25),
         "{:?}",
         started.elapsed()
     );

@@ -825,7 +825,8 @@ async fn a_store_held_by_another_process_keeps_probes_scrapes_and_reads_answerin
         .await
         .unwrap_err();
     assert_eq!(e.code(), tonic::Code::Unavailable, "{e:?}");
-    assert!(started.elapsed() < within(3000), "{:?}", started.elapsed());
+    // (Two timeouts, what a queued write waited before, measured 5.25 s here.)
+    assert!(started.elapsed() < within(4000), "{:?}", started.elapsed());
     let _ = token;
 
     for w in writes {

@@ -470,6 +470,15 @@ pub(super) fn newest_checkpoint(conn: &Connection) -> Result<Option<Checkpoint>,
     .map_err(unavailable)
 }
 
+/// The hash of audit record `seq`, if the log has it.
+pub(super) fn record_hash_at(conn: &Connection, seq: i64) -> Result<Option<String>, StoreError> {
+    conn.query_row("SELECT hash FROM audit WHERE seq = ?1", params![seq], |r| {
+        r.get(0)
+    })
+    .optional()
+    .map_err(unavailable)
+}
+
 /// Stores a checkpoint. Refused unless it is the next id and attests a record the log
 /// has, with that record's hash.
 pub(super) fn insert_checkpoint(conn: &Connection, c: &Checkpoint) -> Result<(), StoreError> {
@@ -480,14 +489,7 @@ pub(super) fn insert_checkpoint(conn: &Connection, c: &Checkpoint) -> Result<(),
             c.id
         )));
     }
-    let hash: Option<String> = conn
-        .query_row(
-            "SELECT hash FROM audit WHERE seq = ?1",
-            params![c.seq],
-            |r| r.get(0),
-        )
-        .optional()
-        .map_err(unavailable)?;
+    let hash = record_hash_at(conn, c.seq)?;
     if hash.as_deref() != Some(c.hash.as_str()) {
         return Err(StoreError::Corrupt(format!(
             "checkpoint {} does not match record {}",

@@ -172,15 +172,7 @@ fn head_reaches_checkpoint(conn: &Connection, head: &(i64, String)) -> Result<()
     let Some(c) = audit::newest_checkpoint(conn)? else {
         return Ok(());
     };
-    let at: Option<String> = conn
-        .query_row(
-            "SELECT hash FROM audit WHERE seq = ?1",
-            params![c.seq],
-            |r| r.get(0),
-        )
-        .optional()
-        .map_err(unavailable)?;
-    match at {
+    match audit::record_hash_at(conn, c.seq)? {
         Some(h) if h == c.hash && head.0 >= c.seq => Ok(()),
         Some(_) => Err(StoreError::Corrupt(format!(
             "audit record {} does not have the hash checkpoint #{} signed: the log was altered; run latchkey audit verify",
